@@ -1,0 +1,52 @@
+"""Service settings, from `CKPT_*` environment variables or constructor arguments. No module-level instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Tests build `Settings(data_dir=tmp_path)` directly."""
+
+    model_config = SettingsConfigDict(env_prefix="CKPT_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="The artifact directory (created if missing).")
+    config: Path | None = Field(None, description="TOML file with [architectures.NAME] factories.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    max_upload_bytes: int = Field(32 << 30, description="Largest accepted upload; 413 above it.")
+    heavy_concurrency: int = Field(2, ge=1, description="Parses, merges and value diffs run at once.")
+    heavy_queue: int = Field(8, ge=0, description="Heavy jobs that may wait for a slot before 503.")
+    retry_after_seconds: int = 2
+
+    # Bearer tokens, comma separated, each `read:TOKEN` or `write:TOKEN` (a bare TOKEN is a write token).
+    # Unset: the service is open.
+    api_tokens: str | None = None
+
+    # Globals that weights_only unpickling may additionally accept, as "module.qualname" strings.
+    # Applied per load through torch.serialization.safe_globals (scoped), never add_safe_globals.
+    safe_globals: list[str] = Field(default_factory=list)
+
+    archive_max_entries: int = 200_000
+    archive_max_total_bytes: int = 64 << 30
+
+    tmp_grace_seconds: int = Field(3600, description="Age after which crash-left temp files are removed.")
+    gc_interval_seconds: int = 600
+
+    def tokens(self) -> dict[str, str]:
+        """Map each configured token to its scope ("read" or "write")."""
+        out: dict[str, str] = {}
+        for raw in (self.api_tokens or "").split(","):
+            item = raw.strip()
+            if not item:
+                continue
+            scope, sep, token = item.partition(":")
+            if sep and scope in ("read", "write"):
+                out[token] = scope
+            else:
+                out[item] = "write"
+        return out

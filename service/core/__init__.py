@@ -1,0 +1,85 @@
+"""Pure checkpoint operations: torch + stdlib only, no HTTP, no knowledge of the artifact directory.
+
+Everything takes state_dicts (str -> Tensor mappings), manifests or paths and returns frozen dataclasses.
+"""
+
+from service.core.diff import CATEGORIES, ManifestDiff, ValueStats, diff_manifests, diff_values, module_of
+from service.core.formats import DEFAULT_LIMITS, LEGACY_MAGIC_NUMBER, check_archive, detect_format
+from service.core.frozen import FrozenReport, check_frozen, check_frozen_manifests
+from service.core.load import CONTAINER_KEYS, load_checkpoint, resolve_globals
+from service.core.manifest import build_manifest, compute_schema_fingerprint, dtype_name, fingerprint_tensor
+from service.core.merge import BN_STAT_NAMES, KeyProvenance, MergeReport, MergeResult, merge_state_dicts
+from service.core.prefixes import (
+    KNOWN_WRAPPERS,
+    PrefixMatch,
+    StripResult,
+    match_prefixes,
+    strip_key,
+    strip_prefixes,
+)
+from service.core.save import save_checkpoint
+from service.core.types import (
+    ArchiveLimits,
+    CheckpointFormat,
+    LoadedCheckpoint,
+    Manifest,
+    StateDict,
+    TensorEntry,
+)
+from service.core.verify import (
+    ArchitectureSpec,
+    TensorSpec,
+    VerifyReport,
+    build_meta_module,
+    spec_from_manifest,
+    spec_from_module,
+    verify_state_dict,
+)
+
+__all__ = [
+    "BN_STAT_NAMES",
+    "CATEGORIES",
+    "CONTAINER_KEYS",
+    "DEFAULT_LIMITS",
+    "KNOWN_WRAPPERS",
+    "LEGACY_MAGIC_NUMBER",
+    "ArchitectureSpec",
+    "ArchiveLimits",
+    "CheckpointFormat",
+    "FrozenReport",
+    "KeyProvenance",
+    "LoadedCheckpoint",
+    "Manifest",
+    "ManifestDiff",
+    "MergeReport",
+    "MergeResult",
+    "PrefixMatch",
+    "StateDict",
+    "StripResult",
+    "TensorEntry",
+    "TensorSpec",
+    "ValueStats",
+    "VerifyReport",
+    "build_manifest",
+    "build_meta_module",
+    "check_archive",
+    "check_frozen",
+    "check_frozen_manifests",
+    "compute_schema_fingerprint",
+    "detect_format",
+    "diff_manifests",
+    "diff_values",
+    "dtype_name",
+    "fingerprint_tensor",
+    "load_checkpoint",
+    "match_prefixes",
+    "merge_state_dicts",
+    "module_of",
+    "resolve_globals",
+    "save_checkpoint",
+    "spec_from_manifest",
+    "spec_from_module",
+    "strip_key",
+    "strip_prefixes",
+    "verify_state_dict",
+]

@@ -1,0 +1,597 @@
+"""Load untrusted checkpoints safely: weights-only unpickling, zip pre-checks, one domain error each."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import pickletools
+import re
+import struct
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import IO, Any, TypeGuard, cast
+
+import safetensors.torch
+import torch
+
+from service.core.formats import (
+    DEFAULT_LIMITS,
+    SAFETENSORS_MAX_HEADER,
+    check_archive,
+    detect_format,
+    is_pickle_start,
+    safetensors_header_claim,
+)
+from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, StateDict
+from service.errors import (
+    ArchiveLimitExceeded,
+    ContainerKeyError,
+    CorruptCheckpoint,
+    InvalidRequest,
+    UnsafeCheckpoint,
+    UnsupportedFormat,
+    quote_keys,
+)
+
+__all__ = ["CONTAINER_KEYS", "load_checkpoint", "resolve_globals"]
+
+# Where training scripts commonly put the state_dict inside a bigger checkpoint dict, in search order.
+CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state", "model_state_dict", "state_dict_ema",
+                                   "model_ema", "module", "net", "network", "weights", "params")
+
+# Modules whose members are never allowlisted: an allowlisted callable is *called* by the weights-only
+# unpickler (REDUCE), so e.g. `builtins.eval` or `subprocess.Popen` would turn a pickle back into code.
+# torch itself blocks os, sys, posix and nt.
+# This is a seatbelt for operator configuration, not a sandbox: only allowlist classes you have read.
+_DENIED_MODULES = (
+    "builtins", "os", "sys", "posix", "nt", "subprocess", "shutil", "importlib", "runpy", "ctypes", "pickle",
+    "marshal", "socket", "multiprocessing", "pty", "code", "codeop", "webbrowser", "signal", "tempfile", "io",
+    "pathlib", "asyncio", "threading", "_thread", "types", "functools", "operator", "inspect", "gc", "pdb",
+    "pip", "setuptools", "distutils",
+    # torch.load / torch.jit.load / torch.hub.load / torch.package would load (and run) more code.
+    "torch.serialization", "torch.hub", "torch.jit", "torch.package", "torch.utils.cpp_extension",
+    "torch._dynamo", "torch.ops", "torch._ops",
+)
+_GLOBAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+# torch's messages: "Unsupported global: GLOBAL a.b was not ..." / "unsupported GLOBAL posix.system whose ..."
+_TORCH_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL (\S+)")
+_WEIGHTS_ONLY_REJECTIONS = ("GLOBAL", "allowlisted", "add_safe_globals", "unrecognized function",
+                            "Unsupported operand", "persistent_load", "Can only")
+# A pickle scan only needs the opcodes; a few MiB covers data.pkl of models with ~100k tensors.
+_SCAN_BYTES = 64 << 20
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None = None,
+                    safe_globals: Sequence[str] = (),
+                    limits: ArchiveLimits = DEFAULT_LIMITS) -> LoadedCheckpoint:
+    """Load a checkpoint file of any accepted format and find the state_dict inside it.
+
+    The format is detected from the content. torch files are read with ``weights_only=True`` (zip archives
+    after `check_archive`, memory-mapped when ``mmap``); safetensors headers are validated before
+    safetensors reads the file. The state_dict is the top level when that is a dict of tensors, else the
+    first of `CONTAINER_KEYS` (also one level deep, e.g. ``"model.state_dict"``) holding one. Everything
+    next to it, and non-tensor values inside it, are reported in ``extras`` rather than dropped silently.
+
+    Args:
+        path: The checkpoint file.
+        mmap: Memory-map zip archives so tensors are paged in lazily (legacy files cannot be mapped).
+        container_key: Dotted path of the state_dict inside the checkpoint; ``None`` searches for it.
+        safe_globals: Extra ``"module.qualname"`` globals the unpickler may accept, for this load only.
+        limits: Zip pre-check limits.
+
+    Returns:
+        The state_dict (an ``OrderedDict`` of str -> Tensor, keeping ``_metadata`` when present) and what
+        was found around it.
+
+    Raises:
+        UnsafeCheckpoint: The pickle references globals outside the allowlist (``unsafe_globals``).
+        UnsupportedFormat: A TorchScript archive, or a safetensors dtype torch cannot hold.
+        CorruptCheckpoint: Empty, truncated, garbage, or otherwise unreadable content.
+        ArchiveLimitExceeded: The zip archive fails a pre-check.
+        ContainerKeyError: ``container_key`` is absent, or no state_dict was found.
+        InvalidRequest: A ``safe_globals`` name cannot be resolved or is not allowed.
+        OSError: The file cannot be opened.
+    """
+    path = Path(path)
+    allowed = resolve_globals(safe_globals)
+    fmt = detect_format(path)
+    metadata: dict[str, str] = {}
+    mmapped = False
+    if fmt is CheckpointFormat.TORCHSCRIPT:
+        raise UnsupportedFormat(
+            "the file is a TorchScript archive; export a state_dict with torch.save(model.state_dict())"
+        )
+    if fmt is CheckpointFormat.UNKNOWN:
+        raise _unknown_content_error(path, allowed)
+    if fmt is CheckpointFormat.SAFETENSORS:
+        obj: object
+        obj, metadata = _load_safetensors(path, limits)
+    else:
+        if fmt is CheckpointFormat.PTH_ZIP:
+            check_archive(path, limits=limits)
+        mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP and not path.name.endswith(".safetensors")
+        obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
+    state_dict, key, extras, has_metadata = _unwrap(obj, container_key)
+    return LoadedCheckpoint(state_dict=state_dict, format=fmt, container_key=key, extras=extras,
+                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped)
+
+
+def resolve_globals(names: Sequence[str]) -> list[Any]:
+    """Turn ``"module.qualname"`` strings into the objects torch's weights-only allowlist expects.
+
+    Args:
+        names: Dotted names such as ``"argparse.Namespace"``.
+
+    Returns:
+        The classes or functions, in the order given.
+
+    Raises:
+        InvalidRequest: A name is malformed, cannot be imported, is not a class or function, or lives in a
+            module that is never allowed (``builtins``, ``os``, ``subprocess``, ...).
+    """
+    resolved: list[Any] = []
+    for name in names:
+        if not isinstance(name, str) or not _GLOBAL_NAME.fullmatch(name):
+            raise InvalidRequest(f"safe global {name!r} is not a dotted 'module.name'")
+        _refuse_denied(name, name)
+        obj = _import_dotted(name)
+        if obj is None or not callable(obj):
+            raise InvalidRequest(f"safe global {name!r} does not name an importable class or function")
+        _refuse_denied(name, getattr(obj, "__module__", None) or "")
+        resolved.append(obj)
+    return resolved
+
+
+def _refuse_denied(name: str, module: str) -> None:
+    if any(module == denied or module.startswith(denied + ".") for denied in _DENIED_MODULES):
+        raise InvalidRequest(f"safe global {name!r} is from a module that is never allowed")
+
+
+def _import_dotted(name: str) -> object | None:
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+class _AllowlistGate:
+    """Scope torch's safe_globals allowlist to the loads that asked for it, across threads.
+
+    ``torch.serialization.safe_globals`` edits one process-wide set, so a load in another thread would see
+    (and on exit, remove) an allowlist that was not meant for it. Loads with the same allowlist may run
+    together; a load with a different one waits until they are done. New arrivals also wait while a
+    different allowlist is queued, so a steady stream of one kind cannot starve the other.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active: frozenset[Any] = frozenset()
+        self._users = 0
+        self._waiting: dict[frozenset[Any], int] = {}
+        self._context = ExitStack()
+
+    @contextmanager
+    def hold(self, allowed: Sequence[Any]) -> Iterator[None]:
+        key = frozenset(allowed)
+        with self._cond:
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            while self._users and (self._active != key or self._others_waiting(key)):
+                self._cond.wait()
+            self._waiting[key] -= 1
+            if not self._users:
+                self._active = key
+                if key:
+                    self._context.enter_context(torch.serialization.safe_globals(list(key)))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if not self._users:
+                    self._context.close()
+                    self._active = frozenset()
+                    self._cond.notify_all()
+
+    def _others_waiting(self, key: frozenset[Any]) -> bool:
+        return any(count for other, count in self._waiting.items() if other != key)
+
+
+_GATE = _AllowlistGate()
+
+
+def _torch_load(path: Path, fmt: CheckpointFormat, *, mmap: bool, allowed: list[Any]) -> object:
+    try:
+        with _GATE.hold(allowed):
+            if not str(path).endswith(".safetensors"):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            # torch.load hands any *path* ending in .safetensors to safetensors; the content said otherwise,
+            # so pass an open file (which cannot be memory-mapped; load_checkpoint reports mmapped=False).
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        raise _unpickling_error(path, fmt, exc, allowed) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, EOFError, struct.error, ... on damaged files
+        raise CorruptCheckpoint(f"cannot read the {fmt.value} checkpoint: {_short(exc)}") from exc
+
+
+def _unpickling_error(path: Path, fmt: CheckpointFormat, exc: Exception, allowed: list[Any]) -> Exception:
+    message = str(exc)
+    # torch stops at the first rejected global; the opcode scan lists all of them.
+    names = set(_unsafe_globals_in_file(path, fmt, allowed))
+    for found in _TORCH_GLOBAL_IN_MESSAGE.findall(message):
+        found = found.rstrip(".,;:")
+        names.add(found if "." in found else f"builtins.{found}")
+    if names:
+        return UnsafeCheckpoint(
+            f"the checkpoint references globals outside the weights-only allowlist: {quote_keys(names)}",
+            unsafe_globals=sorted(names),
+        )
+    if any(marker in message for marker in _WEIGHTS_ONLY_REJECTIONS):
+        return UnsafeCheckpoint(
+            f"the checkpoint's pickle uses constructs the weights-only loader refuses: {_short(exc)}",
+            unsafe_globals=[],
+        )
+    return CorruptCheckpoint(f"cannot read the {fmt.value} checkpoint: {_short(exc)}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    # torch wraps unpickler errors in long advice; the useful part follows "WeightsUnpickler error: ".
+    _, sep, tail = text.partition("WeightsUnpickler error: ")
+    text = tail if sep else text
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+def _unknown_content_error(path: Path, allowed: list[Any]) -> Exception:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(64)
+        if is_pickle_start(head):
+            # Never unpickled: only parsed, to say which globals it would have imported.
+            unsafe = _unsafe_globals(_scan_pickle_globals(f, pickles=1, start=0), allowed)
+            if unsafe:
+                return UnsafeCheckpoint(
+                    "the file is a plain pickle (not a torch.save checkpoint) referencing globals: "
+                    f"{quote_keys(unsafe)}",
+                    unsafe_globals=unsafe,
+                )
+            return CorruptCheckpoint("the file is a plain pickle, not a torch.save checkpoint")
+    if size == 0:
+        return CorruptCheckpoint("the file is empty")
+    claimed = safetensors_header_claim(head)
+    if claimed is not None:
+        return CorruptCheckpoint(
+            f"the safetensors header claims {claimed} bytes but the file has {size}"
+            if claimed + 8 > size else f"the safetensors header of {claimed} bytes is too large"
+        )
+    if zipfile.is_zipfile(path):
+        if head.startswith(b"PK\x03\x04"):
+            return CorruptCheckpoint("the zip archive is not a torch.save checkpoint (no data.pkl)")
+        return CorruptCheckpoint("data precedes the zip archive")
+    text = _as_text(head)
+    if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return CorruptCheckpoint(f"the file is text, not a checkpoint (starts with {text[:24]!r})")
+    return CorruptCheckpoint(f"unrecognised content, not a checkpoint (starts with {head[:8].hex()})")
+
+
+def _as_text(head: bytes) -> str:
+    # The 64-byte sniff may cut a multi-byte character in half; allow up to 3 trailing bytes of it.
+    for cut in range(4):
+        try:
+            return head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return ""
+
+
+def _unsafe_globals_in_file(path: Path, fmt: CheckpointFormat, allowed: list[Any]) -> list[str]:
+    try:
+        if fmt is CheckpointFormat.PTH_ZIP:
+            with zipfile.ZipFile(path) as zf:
+                data_pkl = next(n for n in zf.namelist() if n.split("/")[1:] == ["data.pkl"])
+                with zf.open(data_pkl) as stream:
+                    found = _scan_pickle_globals(stream, pickles=1)
+        else:
+            # Legacy files are pickles in a row: magic number, protocol, sys info, then the object.
+            with open(path, "rb") as stream:
+                found = _scan_pickle_globals(stream, pickles=4)
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
+        return []
+    return _unsafe_globals(found, allowed)
+
+
+class _ScanLimit(Exception):
+    pass
+
+
+class _CappedReader:
+    def __init__(self, stream: IO[bytes], cap: int) -> None:
+        self._stream = stream
+        self._left = cap
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            raise _ScanLimit
+        data = self._stream.read(n)
+        self._left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self._stream.readline(self._left + 1)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _ScanLimit
+        return line
+
+
+def _scan_pickle_globals(stream: IO[bytes], *, pickles: int, start: int | None = None) -> list[str]:
+    """Every GLOBAL / STACK_GLOBAL name in the next ``pickles`` pickles, parsed and never executed."""
+    if start is not None:
+        stream.seek(start)
+    reader = _CappedReader(stream, _SCAN_BYTES)
+    found: list[str] = []
+    for _ in range(pickles):
+        recent: list[object] = []  # what the last opcodes pushed (strings, else None)
+        memo: dict[int, object] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(cast(IO[bytes], reader)):
+                name = op.name
+                if name == "GLOBAL" and isinstance(arg, str):
+                    module, _, qualname = arg.partition(" ")
+                    found.append(_modern_name(module, qualname))
+                    recent.append(None)
+                elif name == "STACK_GLOBAL":
+                    if len(recent) >= 2 and isinstance(recent[-2], str) and isinstance(recent[-1], str):
+                        found.append(_modern_name(recent[-2], recent[-1]))
+                    recent.append(None)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT") and isinstance(arg, int):
+                    memo[arg] = recent[-1] if recent else None
+                elif name in ("GET", "BINGET", "LONG_BINGET") and isinstance(arg, int):
+                    recent.append(memo.get(arg))
+                elif isinstance(arg, str) and ("UNICODE" in name or "STRING" in name):
+                    recent.append(arg)
+                elif op.stack_after:
+                    recent.append(None)
+                del recent[:-2]
+        except (_ScanLimit, ValueError, EOFError, struct.error, UnicodeDecodeError):
+            break
+    return list(dict.fromkeys(found))
+
+
+def _modern_name(module: str, qualname: str) -> str:
+    # Protocol-2 pickles spell Python 3 names the Python 2 way (`__builtin__`); map them back as
+    # pickle and torch's weights-only unpickler do.
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    if (module, qualname) in NAME_MAPPING:
+        module, qualname = NAME_MAPPING[(module, qualname)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{qualname}"
+
+
+def _unsafe_globals(found: Sequence[str], allowed: list[Any]) -> list[str]:
+    # torch's built-in allowlist (tensor rebuild functions, dtypes, OrderedDict, ...) is private; without it
+    # every ordinary checkpoint would be reported as unsafe, so read it defensively.
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        safe: set[str] = set(wou._get_allowed_globals().keys())
+        safe.update(wou._get_user_allowed_globals().keys())  # type: ignore[no-untyped-call]
+    except (ImportError, AttributeError):
+        safe = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
+    safe.update(f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in allowed)
+    return sorted({name for name in found if name not in safe})
+
+
+def _load_safetensors(path: Path, limits: ArchiveLimits) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    header, metadata = _read_safetensors_header(path, limits)
+    try:
+        tensors = safetensors.torch.load_file(str(path), device="cpu")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpoint(f"cannot read the safetensors file: {_short(exc)}") from exc
+    # Keep the header's order (the writer's), not whatever order the reader returns.
+    ordered = {name: tensors[name] for name in header if name in tensors}
+    ordered.update((name, t) for name, t in tensors.items() if name not in ordered)
+    return ordered, metadata
+
+
+def _read_safetensors_header(path: Path, limits: ArchiveLimits) -> tuple[list[str], dict[str, str]]:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = int.from_bytes(f.read(8), "little")
+        if length >= SAFETENSORS_MAX_HEADER or length + 8 > size:
+            raise CorruptCheckpoint(f"the safetensors header claims {length} bytes but the file has {size}")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"the safetensors header is not valid JSON: {_short(exc)}") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint("the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptCheckpoint("the safetensors __metadata__ is not a map of strings to strings")
+    if len(header) > limits.max_entries:
+        raise ArchiveLimitExceeded(
+            f"the safetensors file has {len(header)} tensors, more than the limit of {limits.max_entries}",
+            limit=limits.max_entries,
+        )
+    data_len = size - 8 - length
+    extents: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        extents.append(_check_safetensors_entry(name, entry, data_len))
+    extents.sort()
+    for (_, end, before), (begin, _, name) in zip(extents, extents[1:], strict=False):
+        if begin < end:
+            raise CorruptCheckpoint(f"safetensors tensors {before!r} and {name!r} overlap")
+    return list(header), metadata
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Readers disagree on which duplicate wins, so a header with duplicates is refused outright.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate keys in the header")
+    return out
+
+
+def _check_safetensors_entry(name: str, entry: object, data_len: int) -> tuple[int, int, str]:
+    if not isinstance(entry, dict):
+        raise CorruptCheckpoint(f"safetensors entry {name!r} is not an object")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype_name, str):
+        raise CorruptCheckpoint(f"safetensors entry {name!r} has no dtype")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+    if dtype is None:
+        raise UnsupportedFormat(f"safetensors entry {name!r} has unsupported dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CorruptCheckpoint(f"safetensors entry {name!r} has an invalid shape")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise CorruptCheckpoint(f"safetensors entry {name!r} has invalid data_offsets")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise CorruptCheckpoint(
+            f"safetensors entry {name!r} has data_offsets [{begin}, {end}] outside the {data_len} data bytes"
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != end - begin:
+        raise CorruptCheckpoint(f"safetensors entry {name!r}: shape and data_offsets disagree")
+    return begin, end, name
+
+
+def _unwrap(obj: object, container_key: str | None) -> tuple[StateDict, str | None, dict[str, str], bool]:
+    if container_key is not None:
+        found, parents = _follow(obj, container_key)
+        if not _is_tensor_dict(found):
+            raise ContainerKeyError(
+                f"{container_key!r} holds a {type(found).__name__}, not a state_dict",
+                container_key=container_key,
+            )
+        key: str | None = container_key
+    elif _is_tensor_dict(obj):
+        found, parents, key = obj, [], None
+    else:
+        found, parents, key = _search(obj)
+    extras: dict[str, str] = {}
+    for prefix, parent, chosen in parents:
+        for name, value in parent.items():
+            if name != chosen:
+                extras[prefix + str(name)] = type(value).__name__
+    state_dict: OrderedDict[str, torch.Tensor] = OrderedDict()
+    inner = f"{key}." if key else ""
+    for name, value in found.items():
+        if isinstance(name, str) and isinstance(value, torch.Tensor):
+            # nn.Parameter -> plain Tensor sharing the same storage (no copy).
+            state_dict[name] = value.detach() if isinstance(value, torch.nn.Parameter) else value
+        else:
+            extras[inner + str(name)] = type(value).__name__
+    metadata = getattr(found, "_metadata", None)
+    if metadata is not None:
+        state_dict._metadata = metadata  # type: ignore[attr-defined]
+    return state_dict, key, extras, metadata is not None
+
+
+def _is_tensor_dict(value: object) -> TypeGuard[Mapping[Any, Any]]:
+    # A state_dict: str keys, at least one tensor, and no nested tensor dict (that would be a container).
+    if not isinstance(value, Mapping) or not value:
+        return False
+    if not all(isinstance(k, str) for k in value):
+        return False
+    tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
+    return tensors > 0 and not any(_holds_tensors(v) for v in value.values())
+
+
+def _holds_tensors(value: object) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+ParentChain = list[tuple[str, Mapping[Any, Any], Any]]  # (extras prefix, mapping, key taken from it)
+
+
+def _search(obj: object) -> tuple[Mapping[Any, Any], ParentChain, str]:
+    if not isinstance(obj, Mapping):
+        raise ContainerKeyError(f"the checkpoint holds a {type(obj).__name__}, not a dict with a state_dict")
+    for key in CONTAINER_KEYS:
+        value = obj.get(key)
+        if _is_tensor_dict(value):
+            return value, [("", obj, key)], key
+        if isinstance(value, Mapping):
+            for inner in CONTAINER_KEYS:
+                nested = value.get(inner)
+                if _is_tensor_dict(nested):
+                    return nested, [("", obj, key), (f"{key}.", value, inner)], f"{key}.{inner}"
+    raise ContainerKeyError(
+        f"no state_dict found; top-level keys: {quote_keys(str(k) for k in obj) or 'none'}",
+        available_keys=sorted(str(k) for k in obj),
+    )
+
+
+def _follow(obj: object, dotted: str) -> tuple[object, ParentChain]:
+    parents: ParentChain = []
+    current, rest, prefix = obj, dotted, ""
+    while True:
+        if not isinstance(current, Mapping):
+            raise ContainerKeyError(
+                f"cannot look up {dotted!r}: {prefix.rstrip('.') or 'the checkpoint'} is a "
+                f"{type(current).__name__}, not a dict",
+                container_key=dotted,
+            )
+        # Prefer the longest key that matches, so keys that themselves contain dots still work.
+        head = rest if rest in current else None
+        if head is None:
+            cut = rest.rfind(".")
+            while cut > 0 and rest[:cut] not in current:
+                cut = rest.rfind(".", 0, cut)
+            head = rest[:cut] if cut > 0 else None
+        if head is None:
+            available = sorted(str(k) for k in current)
+            raise ContainerKeyError(
+                f"container key {dotted!r} not found; available keys"
+                f"{' in ' + repr(prefix.rstrip('.')) if prefix else ''}: {quote_keys(available) or 'none'}",
+                container_key=dotted, available_keys=available,
+            )
+        parents.append((prefix, current, head))
+        current = current[head]
+        if head == rest:
+            return current, parents
+        prefix, rest = f"{prefix}{head}.", rest[len(head) + 1:]
+

@@ -1,0 +1,171 @@
+"""Write state_dicts atomically and deterministically, as torch zip archives or safetensors files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import safetensors.torch
+import torch
+
+from service.errors import InvalidRequest, StorageFull, quote_keys
+
+__all__ = ["save_checkpoint"]
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
+                    format: Literal["pth", "safetensors"] = "pth",
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Save a state_dict so that the file appears complete or not at all.
+
+    The bytes go to a temp file in the destination directory, which is fsynced, renamed over ``path``,
+    and then the directory is fsynced. The same tensors in the same order give the same bytes.
+
+    ``"pth"`` writes torch's zip format (what plain ``torch.load`` reads). The state_dict's ``_metadata``
+    (per-module versions for ``load_state_dict``) is kept. Tensors are written from their storages as they
+    are, so memory-mapped inputs stream out without a second copy. There is no place for ``metadata`` in
+    a plain state_dict file, so passing any is an error rather than being dropped.
+
+    ``"safetensors"`` writes ``metadata`` into the header's ``__metadata__``. safetensors cannot hold
+    ``_metadata`` (it is not written), refuses aliased tensors and needs contiguous ones: tensors that
+    overlap an earlier tensor in memory (tied weights, ``{"a": t, "b": t}``) are saved as copies and
+    non-contiguous ones are made contiguous; everything else is written from memory without a copy.
+
+    Args:
+        state_dict: Ordered str -> Tensor mapping, maybe with a ``_metadata`` attribute.
+        path: Destination file; replaced if it exists.
+        format: ``"pth"`` or ``"safetensors"``.
+        metadata: str -> str header metadata (safetensors only).
+
+    Raises:
+        InvalidRequest: A key is not a str, a value is not a dense CPU tensor, ``metadata`` is not str -> str
+            or is given for ``"pth"``, or ``format`` is unknown.
+        StorageFull: The disk filled up (ENOSPC) while writing.
+        OSError: Any other failure to write; no temp file is left behind.
+    """
+    path = Path(path)
+    tensors = _checked_tensors(state_dict)
+    if format == "pth":
+        if metadata:
+            raise InvalidRequest("metadata can only be stored in safetensors files")
+        _write_atomically(path, lambda tmp: _write_pth(state_dict, tensors, tmp))
+    elif format == "safetensors":
+        header = _checked_metadata(metadata)
+        _write_atomically(path, lambda tmp: _write_safetensors(tensors, header, tmp))
+    else:
+        raise InvalidRequest(f"unknown checkpoint format {format!r}; use 'pth' or 'safetensors'")
+
+
+def _checked_tensors(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    bad_keys = [repr(k) for k in state_dict if not isinstance(k, str)]
+    if bad_keys:
+        raise InvalidRequest(f"state_dict keys must be strings, got {', '.join(sorted(bad_keys)[:8])}")
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise InvalidRequest(f"state_dict values must be tensors: {quote_keys(not_tensors)}")
+    # detach() shares storage: it drops Parameter wrappers and requires_grad without copying data.
+    return OrderedDict((k, v.detach()) for k, v in state_dict.items())
+
+
+def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise InvalidRequest("safetensors metadata must map strings to strings")
+    return dict(metadata)
+
+
+def _write_pth(original: Mapping[str, torch.Tensor], tensors: OrderedDict[str, torch.Tensor],
+               tmp: Path) -> None:
+    metadata = getattr(original, "_metadata", None)
+    if metadata is not None:
+        tensors._metadata = metadata  # type: ignore[attr-defined]
+    # A file object, not a path: torch names the archive's top folder after a path's file name, which
+    # for a random temp name would make identical inputs give different bytes. With a buffer it is
+    # always "archive".
+    with open(tmp, "r+b") as f:
+        torch.save(tensors, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(tensors: OrderedDict[str, torch.Tensor], metadata: dict[str, str] | None,
+                       tmp: Path) -> None:
+    sparse = [k for k, v in tensors.items() if v.layout != torch.strided]
+    if sparse:
+        raise InvalidRequest(f"safetensors cannot hold sparse tensors: {quote_keys(sparse)}")
+    prepared = _unaliased(tensors)
+    safetensors.torch.save_file(prepared, str(tmp), metadata=metadata)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unaliased(tensors: OrderedDict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Byte ranges already claimed per storage; a tensor overlapping one of them is copied. Disjoint
+    # views of one storage are fine for safetensors, so they are left alone.
+    claimed: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        elif tensor.numel():
+            storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+            start = tensor.data_ptr()
+            end = start + tensor.numel() * tensor.element_size()
+            ranges = claimed.setdefault(storage, [])
+            if any(start < e and s < end for s, e in ranges):
+                tensor = tensor.clone()
+            else:
+                ranges.append((start, end))
+        out[name] = tensor
+    return out
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    directory = path.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    except OSError as exc:
+        if _is_enospc(exc):
+            raise StorageFull(f"no space left on the device while writing {path.name!r}") from exc
+        raise
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_enospc(exc):
+            raise StorageFull(f"no space left on the device while writing {path.name!r}") from exc
+        raise
+    _fsync_directory(directory)
+
+
+def _is_enospc(exc: BaseException) -> bool:
+    # torch.save reports a failed write of its buffer as a RuntimeError; look down the chain too.
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "No space left on device" in str(exc)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

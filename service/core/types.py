@@ -1,0 +1,88 @@
+"""Shared result types of the core. Frozen dataclasses; each has `to_dict()` for JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+# A state_dict as torch produces it: ordered str -> Tensor, maybe with a `_metadata` attribute
+# (per-module version info that `load_state_dict` hands to `_load_from_state_dict`).
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointFormat(StrEnum):
+    PTH_ZIP = "pth-zip"  # torch.save since 1.6: a zip of data.pkl + one entry per storage
+    PTH_LEGACY = "pth-legacy"  # torch.save(_use_new_zipfile_serialization=False): magic + pickles
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"  # a zip with code/ and constants.pkl: rejected
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Cheap zip pre-checks applied before torch sees an archive."""
+
+    max_entries: int = 200_000
+    max_total_bytes: int = 64 << 30
+    max_name_length: int = 1024
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    state_dict: StateDict
+    format: CheckpointFormat
+    container_key: str | None  # which top-level key held the state_dict ("state_dict", "model", ...)
+    extras: Mapping[str, str]  # non-tensor entries next to the state_dict: name -> type name
+    has_metadata: bool  # the state_dict carried `_metadata`
+    metadata: Mapping[str, str] = field(default_factory=dict)  # safetensors header metadata
+    mmapped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format.value,
+            "container_key": self.container_key,
+            "extras": dict(self.extras),
+            "has_metadata": self.has_metadata,
+            "metadata": dict(self.metadata),
+            "key_count": len(self.state_dict),
+        }
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix: "float32", "bfloat16", "int64"
+    nbytes: int
+    fingerprint: str  # blake3 of the tensor's bytes, 32 hex digits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "nbytes": self.nbytes,
+                "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    entries: Mapping[str, TensorEntry]
+    schema_fingerprint: str  # sha256 of the sorted (key, shape, dtype) list
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_fingerprint": self.schema_fingerprint,
+            "entries": {k: e.to_dict() for k, e in self.entries.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        entries = {
+            k: TensorEntry(tuple(e["shape"]), e["dtype"], int(e["nbytes"]), e["fingerprint"])
+            for k, e in data["entries"].items()
+        }
+        return cls(entries=entries, schema_fingerprint=data["schema_fingerprint"])

@@ -1,0 +1,168 @@
+"""One exception tree for the whole package. No FastAPI import here: the API maps these in one table.
+
+    CheckpointServiceError
+    ├── InvalidCheckpoint            the bytes are not a checkpoint we accept (4xx at the API)
+    │   ├── UnsafeCheckpoint         pickle references globals outside the allowlist (`unsafe_globals`)
+    │   ├── CorruptCheckpoint        truncated, garbage, empty, inconsistent archive
+    │   ├── UnsupportedFormat        recognised but not accepted (TorchScript, ...)
+    │   ├── ArchiveLimitExceeded     zip pre-checks: too many entries, too large, compressed, bad names
+    │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
+    ├── PrefixCollision              two keys would map to one name (`keys`)
+    ├── VerificationFailed           strict verification failed (`report`)
+    ├── StoreError
+    │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
+    │   ├── ArtifactInUse            names still point to the artifact (`names`)
+    │   ├── NameNotFound             no such name (`name`)
+    │   ├── InvalidReference         not a 64-hex id nor a valid name
+    │   ├── DigestMismatch           the declared sha256 differs from the bytes (`expected`, `actual`)
+    │   ├── PayloadTooLarge          over the configured size limit (`limit`)
+    │   └── StorageFull              ENOSPC while writing
+    ├── ArchitectureError
+    │   ├── ArchitectureNotFound     (`architecture`)
+    │   ├── ArchitectureConflict     the name exists, or is not spec-registered and cannot be deleted
+    │   └── InvalidArchitecture      a spec or factory that cannot be used
+    ├── InvalidRequest               a request option that is inconsistent (e.g. both `trained` and a file)
+    ├── Overloaded                   the bounded work pool is full (`retry_after`)
+    └── AuthError
+        ├── Unauthorized             no or unknown token
+        └── Forbidden                a read token used for a write
+
+Every error carries a short human `detail` and `extensions`, a JSON-serialisable dict of typed fields that the
+API puts into the RFC 9457 problem document (for example `missing_keys`, `unsafe_globals`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def quote_keys(keys: Iterable[str], *, limit: int = 8) -> str:
+    """Render keys sorted and quoted for a short message: 'a', 'b', … (+N more)."""
+    ordered = sorted(keys)
+    shown = ", ".join(repr(k) for k in ordered[:limit])
+    extra = len(ordered) - limit
+    return f"{shown} (+{extra} more)" if extra > 0 else shown
+
+
+class CheckpointServiceError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    title = "Checkpoint service error"
+
+    def __init__(self, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extensions: dict[str, Any] = extensions
+
+
+class InvalidCheckpoint(CheckpointServiceError):
+    title = "Invalid checkpoint"
+
+
+class UnsafeCheckpoint(InvalidCheckpoint):
+    title = "Unsafe checkpoint"
+
+    def __init__(self, detail: str, *, unsafe_globals: list[str]) -> None:
+        super().__init__(detail, unsafe_globals=sorted(unsafe_globals))
+        self.unsafe_globals = sorted(unsafe_globals)
+
+
+class CorruptCheckpoint(InvalidCheckpoint):
+    title = "Corrupt checkpoint"
+
+
+class UnsupportedFormat(InvalidCheckpoint):
+    title = "Unsupported checkpoint format"
+
+
+class ArchiveLimitExceeded(InvalidCheckpoint):
+    title = "Archive limit exceeded"
+
+
+class ContainerKeyError(InvalidCheckpoint):
+    title = "State dict not found in checkpoint"
+
+
+class PrefixCollision(CheckpointServiceError):
+    title = "Prefix collision"
+
+    def __init__(self, detail: str, *, keys: list[str]) -> None:
+        super().__init__(detail, keys=sorted(keys))
+        self.keys = sorted(keys)
+
+
+class VerificationFailed(CheckpointServiceError):
+    title = "Verification failed"
+
+
+class StoreError(CheckpointServiceError):
+    title = "Artifact store error"
+
+
+class ArtifactNotFound(StoreError):
+    title = "Artifact not found"
+
+
+class ArtifactInUse(StoreError):
+    title = "Artifact in use"
+
+
+class NameNotFound(StoreError):
+    title = "Name not found"
+
+
+class InvalidReference(StoreError):
+    title = "Invalid reference"
+
+
+class DigestMismatch(StoreError):
+    title = "Digest mismatch"
+
+
+class PayloadTooLarge(StoreError):
+    title = "Payload too large"
+
+
+class StorageFull(StoreError):
+    title = "Storage full"
+
+
+class ArchitectureError(CheckpointServiceError):
+    title = "Architecture error"
+
+
+class ArchitectureNotFound(ArchitectureError):
+    title = "Architecture not found"
+
+
+class ArchitectureConflict(ArchitectureError):
+    title = "Architecture conflict"
+
+
+class InvalidArchitecture(ArchitectureError):
+    title = "Invalid architecture"
+
+
+class InvalidRequest(CheckpointServiceError):
+    title = "Invalid request"
+
+
+class Overloaded(CheckpointServiceError):
+    title = "Service overloaded"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class AuthError(CheckpointServiceError):
+    title = "Authentication error"
+
+
+class Unauthorized(AuthError):
+    title = "Unauthorized"
+
+
+class Forbidden(AuthError):
+    title = "Forbidden"
