@@ -1,0 +1,35 @@
+"""The artifact store: a content-addressed directory of checkpoints (see LAYOUT.md)."""
+
+from service.store.ids import ID_RE, NAME_RE, is_id, validate_id, validate_name
+from service.store.inspection import inspect_checkpoint
+from service.store.store import ArtifactStore
+from service.store.types import (
+    LINEAGE_OPERATIONS,
+    ArtifactMeta,
+    IngestResult,
+    Inspection,
+    Inspector,
+    Lineage,
+    Page,
+    VerifyBlobResult,
+)
+from service.store.upload import PendingUpload
+
+__all__ = [
+    "ID_RE",
+    "LINEAGE_OPERATIONS",
+    "NAME_RE",
+    "ArtifactMeta",
+    "ArtifactStore",
+    "IngestResult",
+    "Inspection",
+    "Inspector",
+    "Lineage",
+    "Page",
+    "PendingUpload",
+    "VerifyBlobResult",
+    "inspect_checkpoint",
+    "is_id",
+    "validate_id",
+    "validate_name",
+]

@@ -1,0 +1,68 @@
+"""Validation of artifact ids and names. Only what passes here ever becomes part of a path."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from service.errors import InvalidReference
+
+ID_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME = re.compile(NAME_RE)
+# A name must never be mistaken for an id, whatever its case.
+_HEX64 = re.compile(r"^[0-9A-Fa-f]{64}$")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_id(ref: str) -> bool:
+    """Tell whether `ref` is a well-formed artifact id (64 lowercase hex digits).
+
+    Args:
+        ref: Any string.
+
+    Returns:
+        True for a well-formed id; it says nothing about whether the artifact exists.
+    """
+    return isinstance(ref, str) and ID_RE.fullmatch(ref) is not None
+
+
+def validate_id(artifact_id: str) -> str:
+    """Check an artifact id before any path is built from it.
+
+    Args:
+        artifact_id: The sha256 of an artifact's bytes, as 64 lowercase hex digits.
+
+    Returns:
+        The id, unchanged.
+
+    Raises:
+        InvalidReference: It is not 64 lowercase hex digits.
+    """
+    if not is_id(artifact_id):
+        raise InvalidReference(f"not an artifact id (64 lowercase hex digits): {_shown(artifact_id)}",
+                               ref=str(artifact_id)[:200])
+    return artifact_id
+
+
+def validate_name(name: str) -> str:
+    """Check a human name (like a registry tag) before it becomes a file name under names/.
+
+    Args:
+        name: 1 to 128 characters from ``[A-Za-z0-9._-]``, starting with a letter or digit, not 64 hex digits.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        InvalidReference: The name breaks one of those rules.
+    """
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None or _HEX64.fullmatch(name) is not None:
+        raise InvalidReference(
+            f"not a valid name ({NAME_RE}, and not 64 hex digits): {_shown(name)}", ref=str(name)[:200]
+        )
+    return name

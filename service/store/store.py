@@ -1,0 +1,932 @@
+"""The artifact store: a content-addressed directory of checkpoints, safe with several processes on one root.
+
+The layout and the on-disk format are described in LAYOUT.md next to this file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import torch
+
+from service.core.load import load_checkpoint
+from service.core.save import save_checkpoint
+from service.core.types import CheckpointFormat, LoadedCheckpoint, Manifest
+from service.errors import (
+    ArtifactInUse,
+    ArtifactNotFound,
+    DigestMismatch,
+    InvalidReference,
+    InvalidRequest,
+    NameNotFound,
+    StoreError,
+    quote_keys,
+)
+from service.store._fs import (
+    CHUNK,
+    file_lock,
+    fsync_dir,
+    is_no_space,
+    locked_work_dir,
+    publish_bytes,
+    remove_if_unlocked,
+    storage_full,
+    unlink_quietly,
+)
+from service.store.ids import is_id, validate_id, validate_name
+from service.store.inspection import inspect_checkpoint
+from service.store.types import (
+    LINEAGE_OPERATIONS,
+    ArtifactMeta,
+    IngestResult,
+    Inspection,
+    Inspector,
+    Lineage,
+    Page,
+    VerifyBlobResult,
+)
+from service.store.upload import Chunk, PendingUpload
+
+_MARKER = "ckpt-store.json"
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+_MAX_LABELS = 64
+_MAX_LABEL_VALUE = 256
+_MAX_FILENAME = 1024
+_MAX_LIMIT = 1000
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dump(data: Mapping[str, Any]) -> bytes:
+    try:
+        return (json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"not JSON-serialisable: {exc}") from exc
+
+
+def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    out = dict(labels or {})
+    if len(out) > _MAX_LABELS:
+        raise InvalidRequest(f"at most {_MAX_LABELS} labels")
+    bad = [k for k in out if not isinstance(k, str) or _LABEL_KEY.fullmatch(k) is None]
+    if bad:
+        raise InvalidRequest(f"invalid label keys (need {_LABEL_KEY.pattern}): {quote_keys(map(str, bad))}")
+    bad = [k for k, v in out.items() if not isinstance(v, str) or len(v) > _MAX_LABEL_VALUE]
+    if bad:
+        raise InvalidRequest(f"label values must be strings of at most {_MAX_LABEL_VALUE} characters: "
+                             f"{quote_keys(bad)}")
+    return out
+
+
+def _check_filename(filename: str | None) -> str | None:
+    if filename is None:
+        return None
+    if not isinstance(filename, str) or len(filename) > _MAX_FILENAME or any(ord(c) < 32 for c in filename):
+        raise InvalidRequest("filename must be at most 1024 printable characters")
+    return filename
+
+
+def _check_lineage(lineage: Lineage | None) -> Lineage | None:
+    if lineage is None:
+        return None
+    if lineage.operation not in LINEAGE_OPERATIONS:
+        raise InvalidRequest(f"unknown lineage operation {lineage.operation!r}; "
+                             f"expected one of {quote_keys(LINEAGE_OPERATIONS)}")
+    for artifact_id in lineage.inputs.values():
+        validate_id(artifact_id)
+    _dump(lineage.to_dict())
+    return lineage
+
+
+def _encode_cursor(meta: ArtifactMeta) -> str:
+    return base64.urlsafe_b64encode(f"{meta.created}|{meta.id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, artifact_id = raw.split("|")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest("invalid cursor") from exc
+    if not is_id(artifact_id):
+        raise InvalidRequest("invalid cursor")
+    return created, artifact_id
+
+
+def _label_filter(label: str) -> tuple[str, str | None]:
+    key, sep, value = label.partition("=")
+    return key, (value if sep else None)
+
+
+class ArtifactStore:
+    """A content-addressed directory of checkpoints: the id of an artifact is the sha256 of its bytes.
+
+    Publication order is blob, then manifest, then metadata; the metadata file is the publication point, so
+    a reader never sees an artifact whose bytes or manifest are incomplete. A stored blob is read-only and
+    never rewritten or truncated (another process may have it mmapped). Several processes may share one
+    root: writers of one artifact serialise on a flock (striped by the id's first byte), temp files are
+    flock'ed by their writer, and every publication step is a link or a rename.
+    """
+
+    LAYOUT_VERSION = 1
+
+    def __init__(
+        self, root: Path, *, inspector: Inspector | None = None, tmp_grace_seconds: float = 3600
+    ) -> None:
+        """Open (and create if needed) a store.
+
+        Args:
+            root: The store directory.
+            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process.
+            tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
+
+        Raises:
+            StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
+        """
+        self.root = Path(root)
+        self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
+        self.tmp_grace_seconds = float(tmp_grace_seconds)
+        self._blobs = self.root / "blobs"
+        self._manifests = self.root / "manifests"
+        self._meta = self.root / "meta"
+        self._names = self.root / "names"
+        self._tmp = self.root / "tmp"
+        self._locks = self.root / "locks"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._check_marker()
+            for d in (self._blobs, self._manifests, self._meta, self._names, self._tmp, self._locks):
+                d.mkdir(exist_ok=True)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise storage_full(exc) from exc
+            raise StoreError(f"cannot open the artifact store at {str(self.root)!r}: {exc.strerror}") from exc
+
+    # ---- layout -------------------------------------------------------------------------------------------
+
+    def _check_marker(self) -> None:
+        marker = self.root / _MARKER
+        if not marker.exists():
+            data = {"kind": "ckpt-service artifact store", "layout_version": self.LAYOUT_VERSION}
+            tmp = self.root / "tmp"
+            tmp.mkdir(exist_ok=True)
+            publish_bytes(tmp, marker, _dump(data), mode=0o444, replace=False)  # link: a racing creator wins
+        try:
+            version = json.loads(marker.read_bytes())["layout_version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"unreadable store marker {_MARKER!r}") from exc
+        if not isinstance(version, int) or version > self.LAYOUT_VERSION:
+            raise StoreError(
+                f"the store at {str(self.root)!r} has layout version {version!r}; this service supports "
+                f"up to {self.LAYOUT_VERSION}"
+            )
+
+    # Paths: only ever built from a validated id or name.
+    def _blob(self, artifact_id: str) -> Path:
+        return self._blobs / artifact_id[:2] / artifact_id
+
+    def _manifest_file(self, artifact_id: str) -> Path:
+        return self._manifests / artifact_id[:2] / f"{artifact_id}.json"
+
+    def _meta_file(self, artifact_id: str) -> Path:
+        return self._meta / artifact_id[:2] / f"{artifact_id}.json"
+
+    def _name_file(self, name: str) -> Path:
+        return self._names / name
+
+    def _id_lock(self, artifact_id: str) -> AbstractContextManager[None]:
+        # Striped by the first byte: bounded lock files, and writers of one id always meet on the same lock.
+        return file_lock(self._locks / f"{artifact_id[:2]}.lock")
+
+    def _names_lock(self) -> AbstractContextManager[None]:
+        return file_lock(self._locks / "names.lock")
+
+    # ---- reading ------------------------------------------------------------------------------------------
+
+    def _read_meta(self, artifact_id: str) -> ArtifactMeta | None:
+        try:
+            raw = self._meta_file(artifact_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return ArtifactMeta.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"corrupt metadata for artifact {artifact_id}") from exc
+
+    def _require_meta(self, artifact_id: str) -> ArtifactMeta:
+        meta = self._read_meta(validate_id(artifact_id))
+        if meta is None:
+            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+        return meta
+
+    def _read_names(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        try:
+            entries = list(os.scandir(self._names))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            try:
+                validate_name(entry.name)
+            except InvalidReference:
+                continue  # a stray file: never a name we wrote
+            try:
+                target = Path(entry.path).read_text().strip()
+            except FileNotFoundError:
+                continue
+            if is_id(target):
+                out[entry.name] = target
+        return out
+
+    def _with_names(self, meta: ArtifactMeta, names: Mapping[str, str] | None = None) -> ArtifactMeta:
+        names = self._read_names() if names is None else names
+        own = tuple(sorted(n for n, i in names.items() if i == meta.id))
+        return replace(meta, names=own)
+
+    def resolve(self, ref: str) -> str:
+        """Turn an id or a name into the id of an existing artifact.
+
+        Args:
+            ref: A 64-hex id or a name.
+
+        Returns:
+            The artifact id.
+
+        Raises:
+            InvalidReference: `ref` is neither a well-formed id nor a valid name.
+            ArtifactNotFound: No artifact with that id, or the name points to a deleted artifact.
+            NameNotFound: No such name.
+        """
+        if is_id(ref):
+            if not self.exists(ref):
+                raise ArtifactNotFound(f"no artifact {ref}", ref=ref)
+            return ref
+        artifact_id = self.get_name(ref)
+        if not self.exists(artifact_id):
+            raise ArtifactNotFound(f"name {ref!r} points to a missing artifact {artifact_id}", ref=ref)
+        return artifact_id
+
+    def exists(self, artifact_id: str) -> bool:
+        """Tell whether an artifact is published.
+
+        Args:
+            artifact_id: A 64-hex id.
+
+        Returns:
+            True when its metadata (the publication point) exists.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+        """
+        return self._meta_file(validate_id(artifact_id)).exists()
+
+    def metadata(self, artifact_id: str) -> ArtifactMeta:
+        """Read an artifact's metadata, with the names that point to it.
+
+        Args:
+            artifact_id: A 64-hex id.
+
+        Returns:
+            The metadata.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+        """
+        return self._with_names(self._require_meta(artifact_id))
+
+    def manifest(self, artifact_id: str) -> Manifest:
+        """Read the manifest kept beside the blob (the blob is not opened).
+
+        Args:
+            artifact_id: A 64-hex id.
+
+        Returns:
+            The manifest computed at ingest.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+        """
+        self._require_meta(artifact_id)
+        try:
+            return Manifest.from_dict(json.loads(self._manifest_file(artifact_id).read_bytes()))
+        except FileNotFoundError as exc:
+            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
+
+    def blob_path(self, artifact_id: str) -> Path:
+        """The path of an artifact's bytes, for mmap loading. The file is read-only; never write to it.
+
+        Args:
+            artifact_id: A 64-hex id.
+
+        Returns:
+            The blob path.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+        """
+        self._require_meta(artifact_id)
+        return self._blob(artifact_id)
+
+    def open_blob(self, artifact_id: str) -> BinaryIO:
+        """Open an artifact's bytes for streaming. The caller closes the file.
+
+        Args:
+            artifact_id: A 64-hex id.
+
+        Returns:
+            A binary file opened for reading.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact (also when it is deleted concurrently).
+        """
+        path = self.blob_path(artifact_id)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError as exc:
+            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
+
+    def load(
+        self, artifact_id: str, *, mmap: bool = True, safe_globals: Sequence[str] = ()
+    ) -> LoadedCheckpoint:
+        """Load a stored checkpoint with the container key recorded at ingest.
+
+        Args:
+            artifact_id: A 64-hex id.
+            mmap: Map tensors from the blob instead of reading them (ignored for the legacy format).
+            safe_globals: Extra "module.qualname" globals the unpickler may accept for this load only.
+
+        Returns:
+            The loaded checkpoint.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+            InvalidCheckpoint: From the loader.
+        """
+        meta = self._require_meta(artifact_id)
+        path = self._blob(artifact_id)
+        use_mmap = mmap and meta.format is not CheckpointFormat.PTH_LEGACY
+        if not path.exists():
+            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+        return load_checkpoint(
+            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals
+        )
+
+    def verify(self, artifact_id: str) -> VerifyBlobResult:
+        """Re-hash a blob to detect corruption on disk.
+
+        Args:
+            artifact_id: A 64-hex id.
+
+        Returns:
+            Whether the bytes still hash to the id and have the recorded size, with the actual digest.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+        """
+        meta = self._require_meta(artifact_id)
+        digest = hashlib.sha256()
+        size = 0
+        with self.open_blob(artifact_id) as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        actual = digest.hexdigest()
+        return VerifyBlobResult(id=artifact_id, ok=actual == artifact_id and size == meta.size,
+                                actual_sha256=actual, expected_size=meta.size, actual_size=size)
+
+    def list(
+        self,
+        *,
+        name: str | None = None,
+        label: str | None = None,
+        operation: str | None = None,
+        format: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """List artifacts, newest first, with a cursor that stays valid while artifacts come and go.
+
+        Args:
+            name: Only the artifact this name points to.
+            label: "key=value", or "key" for any value.
+            operation: Only derived artifacts made by this lineage operation.
+            format: Only this checkpoint format ("pth-zip", "safetensors", ...).
+            limit: Page size, 1 to 1000.
+            cursor: `next_cursor` of the previous page.
+
+        Returns:
+            One page and the total count of matches.
+
+        Raises:
+            InvalidRequest: Bad limit or cursor.
+            InvalidReference: `name` is not a valid name.
+        """
+        if not 1 <= limit <= _MAX_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {_MAX_LIMIT}")
+        after = _decode_cursor(cursor) if cursor is not None else None
+        names = self._read_names()
+        wanted_id: str | None = None
+        if name is not None:
+            wanted_id = names.get(validate_name(name))
+            if wanted_id is None:
+                return Page(items=[], next_cursor=None, total=0)
+        label_key, label_value = _label_filter(label) if label is not None else ("", None)
+        matches: builtins.list[ArtifactMeta] = []
+        for meta in self._iter_meta(wanted_id):
+            if label is not None and (
+                label_key not in meta.labels
+                or (label_value is not None and meta.labels[label_key] != label_value)
+            ):
+                continue
+            if operation is not None and (meta.lineage is None or meta.lineage.operation != operation):
+                continue
+            if format is not None and meta.format.value != format:
+                continue
+            matches.append(meta)
+        matches.sort(key=lambda m: (m.created, m.id), reverse=True)
+        start = 0
+        if after is not None:
+            start = next((i for i, m in enumerate(matches) if (m.created, m.id) < after), len(matches))
+        page = matches[start:start + limit]
+        more = start + limit < len(matches)
+        return Page(
+            items=[self._with_names(m, names) for m in page],
+            next_cursor=_encode_cursor(page[-1]) if more and page else None,
+            total=len(matches),
+        )
+
+    def _iter_meta(self, only: str | None = None) -> Iterator[ArtifactMeta]:
+        if only is not None:
+            meta = self._read_meta(only)
+            if meta is not None:
+                yield meta
+            return
+        for shard in sorted(os.scandir(self._meta), key=lambda e: e.name):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+                stem, ext = os.path.splitext(entry.name)
+                if ext != ".json" or not is_id(stem):
+                    continue
+                meta = self._read_meta(stem)  # None: deleted meanwhile
+                if meta is not None:
+                    yield meta
+
+    # ---- writing ------------------------------------------------------------------------------------------
+
+    def open_upload(self, *, max_bytes: int | None = None) -> PendingUpload:
+        """Start a streaming upload into a flock'ed temp file inside the root.
+
+        Args:
+            max_bytes: Reject the upload as soon as it grows past this size.
+
+        Returns:
+            The pending upload; write chunks to it, then `commit_upload` (or `abort`).
+
+        Raises:
+            StorageFull: No space for the temp file.
+        """
+        return PendingUpload(self._tmp, max_bytes=max_bytes)
+
+    def commit_upload(
+        self,
+        upload: PendingUpload,
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lineage: Lineage | None = None,
+        inspection: Inspection | None = None,
+    ) -> IngestResult:
+        """Check, inspect and publish a finished upload. The temp file is gone afterwards, whatever happens.
+
+        Args:
+            upload: From `open_upload`, with all bytes written.
+            expected_sha256: The digest the client declared, if any.
+            filename: The client's file name (metadata only).
+            labels: Key/value labels for a new artifact.
+            lineage: How the artifact was derived, for results of operations.
+            inspection: The result of `inspect_upload` on this upload, so that it is not parsed twice.
+
+        Returns:
+            The artifact and whether it was created. For bytes already stored nothing is rewritten, and
+            the new filename, labels and lineage are ignored.
+
+        Raises:
+            DigestMismatch: The bytes do not hash to `expected_sha256`; nothing is kept.
+            InvalidCheckpoint: From the inspector, unchanged; nothing is kept.
+            StorageFull: The disk filled up; nothing is kept.
+            InvalidRequest: Bad labels, filename or lineage.
+        """
+        if upload.path.parent != self._tmp:
+            raise StoreError("the upload belongs to another store")
+        with upload:  # aborted on every path: after a publish only the temp name goes, the blob stays
+            labels_ = _check_labels(labels)
+            filename_ = _check_filename(filename)
+            lineage_ = _check_lineage(lineage)
+            artifact_id = upload.finish()
+            if expected_sha256 is not None:
+                self.check_digest(upload, expected_sha256)
+            existing = self._read_meta(artifact_id)
+            if existing is not None:
+                return IngestResult(self._with_names(existing), created=False)
+            if inspection is None:
+                inspection = self._inspector(upload.path)
+            return self._publish(artifact_id, upload.path, upload.fd, upload.size, inspection,
+                                 filename=filename_, labels=labels_, lineage=lineage_)
+
+    def inspect_upload(self, upload: PendingUpload) -> Inspection:
+        """Finish an upload and parse it with the store's inspector, without publishing it.
+
+        Args:
+            upload: From `open_upload`, with all bytes written.
+
+        Returns:
+            The inspection, to pass to `commit_upload` later.
+
+        Raises:
+            InvalidCheckpoint: From the inspector; the upload stays open for the caller to abort.
+        """
+        upload.finish()
+        return self._inspector(upload.path)
+
+    def check_digest(self, upload: PendingUpload, expected_sha256: str) -> None:
+        """Finish an upload and compare its sha256 with the digest the client declared.
+
+        Args:
+            upload: From `open_upload`, with all bytes written.
+            expected_sha256: The declared digest.
+
+        Raises:
+            DigestMismatch: The bytes hash to something else.
+        """
+        actual = upload.finish()
+        if expected_sha256.strip().lower() != actual:
+            raise DigestMismatch(
+                f"the upload hashes to {actual}, not to the declared {expected_sha256.strip()[:80]}",
+                expected=expected_sha256.strip()[:80],
+                actual=actual,
+            )
+
+    def ingest(
+        self,
+        chunks: Iterable[Chunk],
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lineage: Lineage | None = None,
+        max_bytes: int | None = None,
+    ) -> IngestResult:
+        """Stream chunks into the store and publish them (open_upload + write + commit_upload).
+
+        Args:
+            chunks: The bytes, in pieces.
+            expected_sha256: As for `commit_upload`.
+            filename: As for `commit_upload`.
+            labels: As for `commit_upload`.
+            lineage: As for `commit_upload`.
+            max_bytes: As for `open_upload`.
+
+        Returns:
+            The artifact and whether it was created.
+
+        Raises:
+            PayloadTooLarge: Over `max_bytes`; the rest of `chunks` is not consumed.
+            DigestMismatch, InvalidCheckpoint, StorageFull, InvalidRequest: As for `commit_upload`.
+        """
+        with self.open_upload(max_bytes=max_bytes) as upload:
+            for chunk in chunks:
+                upload.write(chunk)
+            return self.commit_upload(upload, expected_sha256=expected_sha256, filename=filename,
+                                      labels=labels, lineage=lineage)
+
+    def ingest_file(
+        self,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lineage: Lineage | None = None,
+        max_bytes: int | None = None,
+    ) -> IngestResult:
+        """Ingest a file by streaming it in 1 MiB chunks.
+
+        Args:
+            path: The file to copy into the store.
+            expected_sha256: As for `commit_upload`.
+            filename: As for `commit_upload` (not derived from `path`).
+            labels: As for `commit_upload`.
+            lineage: As for `commit_upload`.
+            max_bytes: As for `open_upload`.
+
+        Returns:
+            The artifact and whether it was created.
+
+        Raises:
+            PayloadTooLarge, DigestMismatch, InvalidCheckpoint, StorageFull, InvalidRequest: As for `ingest`.
+        """
+        with open(path, "rb") as f:
+            return self.ingest(iter(lambda: f.read(CHUNK), b""), expected_sha256=expected_sha256,
+                               filename=filename, labels=labels, lineage=lineage, max_bytes=max_bytes)
+
+    def store_state_dict(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        format: Literal["pth", "safetensors"] = "pth",
+        lineage: Lineage | None = None,
+        labels: Mapping[str, str] | None = None,
+        filename: str | None = None,
+        manifest: Manifest | None = None,
+    ) -> IngestResult:
+        """Save a state_dict the service computed (a merge, strip or convert result) as an artifact.
+
+        Args:
+            state_dict: The tensors (mmapped inputs are streamed out, not copied).
+            format: "pth" (torch zip) or "safetensors".
+            lineage: How it was derived.
+            labels: Key/value labels.
+            filename: A suggested download name (metadata only).
+            manifest: Its manifest, when the caller already built it; otherwise the saved file is inspected.
+
+        Returns:
+            The artifact and whether it was created (the same state_dict gives the same id).
+
+        Raises:
+            StorageFull: The disk filled up; nothing is kept.
+            InvalidRequest: Bad labels, filename or lineage.
+        """
+        labels_ = _check_labels(labels)
+        filename_ = _check_filename(filename)
+        lineage_ = _check_lineage(lineage)
+        with locked_work_dir(self._tmp, "work-") as work:
+            path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
+            try:
+                save_checkpoint(state_dict, path, format=format)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise storage_full(exc) from exc
+                raise
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                digest = hashlib.sha256()
+                size = 0
+                while chunk := os.read(fd, CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                artifact_id = digest.hexdigest()
+                existing = self._read_meta(artifact_id)
+                if existing is not None:
+                    return IngestResult(self._with_names(existing), created=False)
+                if manifest is not None:
+                    fmt = (CheckpointFormat.SAFETENSORS if format == "safetensors"
+                           else CheckpointFormat.PTH_ZIP)
+                    # safetensors has no place for `_metadata`; torch.save keeps it
+                    has_md = format == "pth" and getattr(state_dict, "_metadata", None) is not None
+                    inspection = Inspection(format=fmt, container_key=None, extras={}, has_metadata=has_md,
+                                            manifest=manifest)
+                else:
+                    inspection = self._inspector(path)
+                return self._publish(artifact_id, path, fd, size, inspection, filename=filename_,
+                                     labels=labels_, lineage=lineage_)
+            finally:
+                os.close(fd)
+
+    def _publish(
+        self,
+        artifact_id: str,
+        src: Path,
+        src_fd: int,
+        size: int,
+        inspection: Inspection,
+        *,
+        filename: str | None,
+        labels: dict[str, str],
+        lineage: Lineage | None,
+    ) -> IngestResult:
+        blob = self._blob(artifact_id)
+        manifest_file = self._manifest_file(artifact_id)
+        meta_file = self._meta_file(artifact_id)
+        meta = ArtifactMeta(
+            id=artifact_id,
+            size=size,
+            created=_now(),
+            filename=filename,
+            format=inspection.format,
+            container_key=inspection.container_key,
+            key_count=len(inspection.manifest.entries),
+            tensor_bytes=inspection.manifest.tensor_bytes,
+            schema_fingerprint=inspection.manifest.schema_fingerprint,
+            has_metadata=inspection.has_metadata,
+            extras=dict(inspection.extras),
+            labels=labels,
+            lineage=lineage,
+        )
+        record = meta.to_dict()
+        del record["names"]  # names live under names/ and are joined in on read
+        meta_bytes = _dump(record)
+        manifest_bytes = _dump(inspection.manifest.to_dict())
+        with self._id_lock(artifact_id):
+            existing = self._read_meta(artifact_id)
+            if existing is not None:  # another process published the same bytes first
+                return IngestResult(self._with_names(existing), created=False)
+            wrote_blob = False
+            try:
+                for d in (blob.parent, manifest_file.parent, meta_file.parent):
+                    d.mkdir(exist_ok=True)
+                os.fchmod(src_fd, 0o444)  # read-only before it gets its public name
+                os.fsync(src_fd)
+                try:
+                    os.link(src, blob)  # never clobbers
+                except FileExistsError:
+                    # No metadata under our lock: a leftover of a crash or of an interrupted delete. Our bytes
+                    # are durable and hash to the id, so they take its place (a rename leaves readers intact).
+                    os.replace(src, blob)
+                wrote_blob = True
+                fsync_dir(blob.parent)
+                publish_bytes(self._tmp, manifest_file, manifest_bytes, mode=0o444, replace=True)
+                # the publication point: from here on the artifact exists
+                publish_bytes(self._tmp, meta_file, meta_bytes, mode=0o444, replace=False)
+            except BaseException as exc:
+                if wrote_blob:
+                    unlink_quietly(blob)
+                    unlink_quietly(manifest_file)
+                if isinstance(exc, OSError) and is_no_space(exc):
+                    raise storage_full(exc) from exc
+                raise
+        return IngestResult(self._with_names(meta), created=True)
+
+    def delete(self, artifact_id: str, *, force: bool = False) -> builtins.list[str]:
+        """Delete an artifact: metadata first (unpublish), then manifest and blob (unlinked, never truncated).
+
+        Args:
+            artifact_id: A 64-hex id.
+            force: Also delete the names that point to it.
+
+        Returns:
+            The names removed with it (sorted).
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+            ArtifactInUse: Names point to it and `force` is False.
+        """
+        validate_id(artifact_id)
+        with ExitStack() as stack:
+            stack.enter_context(self._id_lock(artifact_id))  # lock order: id stripe, then names
+            stack.enter_context(self._names_lock())
+            if not self._meta_file(artifact_id).exists():
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+            pointing = sorted(n for n, i in self._read_names().items() if i == artifact_id)
+            if pointing and not force:
+                raise ArtifactInUse(f"names point to artifact {artifact_id}: {quote_keys(pointing)}",
+                                    names=pointing)
+            for n in pointing:
+                unlink_quietly(self._name_file(n))
+            if pointing:
+                fsync_dir(self._names)
+            unlink_quietly(self._meta_file(artifact_id))
+            fsync_dir(self._meta_file(artifact_id).parent)
+            unlink_quietly(self._manifest_file(artifact_id))
+            unlink_quietly(self._blob(artifact_id))
+        return pointing
+
+    # ---- names --------------------------------------------------------------------------------------------
+
+    def set_name(self, name: str, artifact_id: str) -> None:
+        """Point a name at an artifact, creating or moving it atomically.
+
+        Args:
+            name: A valid name.
+            artifact_id: An existing artifact's id.
+
+        Raises:
+            InvalidReference: Bad name or id.
+            ArtifactNotFound: No such artifact.
+            StorageFull: No space for the name file.
+        """
+        validate_name(name)
+        validate_id(artifact_id)
+        with self._names_lock():
+            if not self.exists(artifact_id):
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+            publish_bytes(self._tmp, self._name_file(name), f"{artifact_id}\n".encode(), mode=0o644,
+                          replace=True)
+
+    def get_name(self, name: str) -> str:
+        """Read the id a name points to.
+
+        Args:
+            name: A valid name.
+
+        Returns:
+            The artifact id (the artifact may have been deleted since, by force).
+
+        Raises:
+            InvalidReference: Not a valid name (or an id).
+            NameNotFound: No such name.
+        """
+        validate_name(name)
+        try:
+            target = self._name_file(name).read_text().strip()
+        except FileNotFoundError as exc:
+            raise NameNotFound(f"no name {name!r}", name=name) from exc
+        if not is_id(target):
+            raise StoreError(f"corrupt name file for {name!r}")
+        return target
+
+    def delete_name(self, name: str) -> None:
+        """Remove a name; the artifact stays.
+
+        Args:
+            name: A valid name.
+
+        Raises:
+            InvalidReference: Not a valid name.
+            NameNotFound: No such name.
+        """
+        validate_name(name)
+        with self._names_lock():
+            try:
+                os.unlink(self._name_file(name))
+            except FileNotFoundError as exc:
+                raise NameNotFound(f"no name {name!r}", name=name) from exc
+            fsync_dir(self._names)
+
+    def names(self) -> dict[str, str]:
+        """All names.
+
+        Returns:
+            name -> artifact id, sorted by name.
+        """
+        return dict(sorted(self._read_names().items()))
+
+    # ---- maintenance --------------------------------------------------------------------------------------
+
+    def collect_garbage(self, *, grace_seconds: float | None = None) -> int:
+        """Remove crash leftovers: unlocked temp files and orphan blobs/manifests older than the grace period.
+
+        A live upload (its writer holds the flock) is never removed, whatever its age.
+
+        Args:
+            grace_seconds: Minimum age (by mtime); defaults to the store's `tmp_grace_seconds`.
+
+        Returns:
+            How many files or directories were removed.
+        """
+        grace = self.tmp_grace_seconds if grace_seconds is None else float(grace_seconds)
+        cutoff = time.time() - grace
+        removed = 0
+        for entry in list(os.scandir(self._tmp)):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            if remove_if_unlocked(Path(entry.path)):
+                removed += 1
+        for kind_dir, suffix in ((self._blobs, ""), (self._manifests, ".json")):
+            for shard in list(os.scandir(kind_dir)):
+                if not shard.is_dir(follow_symlinks=False):
+                    continue
+                for entry in list(os.scandir(shard.path)):
+                    stem = entry.name[: len(entry.name) - len(suffix)] if suffix else entry.name
+                    if not entry.name.endswith(suffix) or not is_id(stem) or stem[:2] != shard.name:
+                        continue
+                    if self._meta_file(stem).exists():
+                        continue
+                    with self._id_lock(stem):  # a publish in progress holds it and finishes first
+                        try:
+                            if self._meta_file(stem).exists() or os.lstat(entry.path).st_mtime > cutoff:
+                                continue
+                            os.unlink(entry.path)
+                            removed += 1
+                        except FileNotFoundError:
+                            continue
+        return removed
+

@@ -1,0 +1,129 @@
+"""A streaming upload into the store's tmp/ directory: hashed and size-checked as it is written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import TracebackType
+
+from service.errors import PayloadTooLarge, StoreError
+from service.store._fs import create_locked_temp, is_no_space, same_file, storage_full, write_all
+
+Chunk = bytes | bytearray | memoryview
+
+
+class PendingUpload:
+    """Bytes on their way into the store. Obtain one from `ArtifactStore.open_upload`.
+
+    The temp file lives inside the store root (same filesystem, so publication is a link) and is flock'ed
+    for its whole life, so garbage collection never removes it. Used as a context manager it is aborted
+    unless committed.
+    """
+
+    def __init__(self, tmp_dir: Path, *, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise StoreError("max_bytes must not be negative")
+        self.max_bytes = max_bytes
+        self._fd, self.path = create_locked_temp(tmp_dir, "upload-")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._finished = False
+        self._closed = False
+        self._pid = os.getpid()
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the bytes written so far (the artifact id once finished)."""
+        return self._hash.hexdigest()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def write(self, chunk: Chunk) -> None:
+        """Append a chunk, hashing it on the way.
+
+        Args:
+            chunk: The next bytes of the upload.
+
+        Raises:
+            PayloadTooLarge: The running size would pass `max_bytes`; the upload is aborted and nothing of
+                this chunk is written.
+            StorageFull: The disk is full; the upload is aborted.
+            StoreError: The upload is already finished or closed.
+        """
+        if self._closed or self._finished:
+            raise StoreError("the upload is already finished")
+        n = memoryview(chunk).nbytes
+        if self.max_bytes is not None and self._size + n > self.max_bytes:
+            self.abort()
+            raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes", limit=self.max_bytes)
+        try:
+            write_all(self._fd, chunk)
+        except OSError as exc:
+            self.abort()
+            if is_no_space(exc):
+                raise storage_full(exc) from exc
+            raise
+        self._hash.update(chunk)
+        self._size += n
+
+    def finish(self) -> str:
+        """Make the bytes durable (fsync) and return their sha256; no more writes are accepted.
+
+        Returns:
+            The hex sha256 of everything written.
+
+        Raises:
+            StorageFull: fsync reported a full disk; the upload is aborted.
+            StoreError: The upload was aborted.
+        """
+        if self._closed:
+            raise StoreError("the upload was aborted")
+        if not self._finished:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self.abort()
+                if is_no_space(exc):
+                    raise storage_full(exc) from exc
+                raise
+            self._finished = True
+        return self.sha256
+
+    def abort(self) -> None:
+        """Remove the temp file and release it. Safe to call more than once, and after a commit."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if same_file(self.path, self._fd):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self._fd)
+
+    def __enter__(self) -> PendingUpload:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.abort()
+
+    def __del__(self) -> None:
+        # Last resort for a caller that forgot both commit and abort; the collector would get it later anyway.
+        # A forked child holds a copy of this object but must not remove its parent's upload.
+        if not getattr(self, "_closed", True) and self._pid == os.getpid():
+            self.abort()

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.store import ArtifactStore
+from tests.factories import make_original, save_pth, state_dict_of
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root -> (inode, mtime_ns), to prove that nothing was rewritten."""
+    out: dict[str, tuple[int, int]] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def tmp_entries(store: ArtifactStore) -> list[str]:
+    return sorted(os.listdir(store.root / "tmp"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "store")
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Callable[..., Path]:
+    """Write a tiny real checkpoint of TinyConvNet(seed) and return its path."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+
+    def make(seed: int = 0, *, legacy: bool = False, container: bool = False) -> Path:
+        sd = state_dict_of(make_original(seed))
+        obj: object = {"state_dict": sd, "epoch": 3} if container else sd
+        name = f"ckpt-{seed}-{int(legacy)}-{int(container)}.pth"
+        return save_pth(obj, src / name, legacy=legacy)
+
+    return make
+
+
+def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}
