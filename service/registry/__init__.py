@@ -1,0 +1,19 @@
+"""Model architectures: built-ins, TOML-configured factories, entry points and code-free specs."""
+
+from service.registry.registry import (
+    DEFAULT_ENTRY_POINT_GROUP,
+    Architecture,
+    ArchitectureRegistry,
+    ArchitectureSource,
+    RegistryIssue,
+    import_factory,
+)
+
+__all__ = [
+    "DEFAULT_ENTRY_POINT_GROUP",
+    "Architecture",
+    "ArchitectureRegistry",
+    "ArchitectureSource",
+    "RegistryIssue",
+    "import_factory",
+]
