@@ -1,0 +1,111 @@
+"""FastAPI dependencies as `Annotated` aliases, so route bodies hold no lookup, auth or 404 boilerplate."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.api.metrics import Metrics
+from service.api.work import WorkPool
+from service.config import Settings
+from service.errors import Forbidden, Unauthorized
+from service.registry import ArchitectureRegistry
+from service.store import ArtifactMeta, ArtifactStore
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything `create_app` builds once and routes share."""
+
+    settings: Settings
+    store: ArtifactStore
+    registry: ArchitectureRegistry
+    pool: WorkPool
+    metrics: Metrics
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_settings(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+def get_store(services: ServicesDep) -> ArtifactStore:
+    return services.store
+
+
+def get_registry(services: ServicesDep) -> ArchitectureRegistry:
+    return services.registry
+
+
+def get_pool(services: ServicesDep) -> WorkPool:
+    return services.pool
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+RegistryDep = Annotated[ArchitectureRegistry, Depends(get_registry)]
+PoolDep = Annotated[WorkPool, Depends(get_pool)]
+
+
+def get_metrics(services: ServicesDep) -> Metrics:
+    return services.metrics
+
+
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+RefPath = Annotated[str, Path(description="An artifact id (64 lowercase hex) or a name.", max_length=200)]
+
+
+def get_artifact(ref: RefPath, store: StoreDep) -> ArtifactMeta:
+    # A plain def: FastAPI runs it in the threadpool, so the metadata read stays off the event loop.
+    return store.metadata(store.resolve(ref))
+
+
+ArtifactDep = Annotated[ArtifactMeta, Depends(get_artifact)]
+
+_bearer = HTTPBearer(auto_error=False, description="`read:` or `write:` token from CKPT_API_TOKENS")
+
+
+def _scope_of(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    tokens = settings.tokens()
+    if not tokens:
+        return "write"  # no tokens configured: the service is open
+    if credentials is None:
+        raise Unauthorized("this service needs a Bearer token")
+    given = credentials.credentials.encode()
+    scope: str | None = None
+    for token, token_scope in tokens.items():
+        # Compare against every token, without an early exit, in constant time per comparison.
+        if hmac.compare_digest(given, token.encode()):
+            scope = token_scope
+    if scope is None:
+        raise Unauthorized("unknown token")
+    return scope
+
+
+def require_read(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    _scope_of(settings, credentials)
+
+
+def require_write(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    if _scope_of(settings, credentials) != "write":
+        raise Forbidden("this operation needs a write token")
+
+
+ReadAuth = Depends(require_read)
+WriteAuth = Depends(require_write)

@@ -1,0 +1,339 @@
+"""Checkpoints and names: upload, read, download, list, delete."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from service.api.deps import ArtifactDep, ReadAuth, RefPath, ServicesDep, StoreDep, WriteAuth
+from service.api.problems import problem_responses
+from service.api.schemas import ArtifactOut, ArtifactPage, ManifestOut, NameIn, NameOut, TensorEntryOut
+from service.api.uploads import parse_multipart, read_raw_body
+from service.errors import InvalidRequest
+from service.operations import convert_checkpoint
+from service.store import ArtifactMeta, IngestResult, PendingUpload
+
+router = APIRouter()
+
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string", "description": "Point this name at the artifact."},
+                        "labels": {"type": "string", "description": 'JSON object or "k=v,k2=v2".'},
+                        "sha256": {
+                            "type": "string",
+                            "pattern": SHA256_PATTERN,
+                            "description": "The digest the client expects; a mismatch stores nothing.",
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def parse_labels(raw: str | None) -> dict[str, str]:
+    """Labels from a JSON object or `k=v,k2=v2`."""
+    if not raw:
+        return {}
+    if raw.lstrip().startswith("{"):
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"labels is not valid JSON: {exc.msg}") from exc
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise InvalidRequest("labels must be a JSON object of strings")
+        return {str(k): v for k, v in data.items()}
+    out: dict[str, str] = {}
+    for item in raw.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not key or not sep:
+            raise InvalidRequest(f"label {item.strip()!r} is not of the form key=value")
+        out[key] = value
+    return out
+
+
+def artifact_out(request: Request, meta: ArtifactMeta) -> ArtifactOut:
+    data = meta.to_dict()
+    data["names"] = list(meta.names)
+    data["download_url"] = str(request.url_for("download_checkpoint", ref=meta.id))
+    return ArtifactOut.model_validate(data)
+
+
+async def commit_upload(
+    services: Any,
+    upload: PendingUpload,
+    *,
+    expected: str | None,
+    filename: str | None,
+    labels: dict[str, str],
+    name: str | None,
+) -> IngestResult:
+    store = services.store
+    if name is not None:
+        from service.store import validate_name
+
+        validate_name(name)  # refuse a bad name before the heavy work
+    result: IngestResult = await services.pool.run(
+        lambda: store.commit_upload(
+            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels
+        )
+    )
+    if result.created:
+        services.metrics.bytes_ingested.inc(result.artifact.size)
+    if name is not None:
+        await anyio.to_thread.run_sync(store.set_name, name, result.artifact.id)
+        result = IngestResult(
+            await anyio.to_thread.run_sync(store.metadata, result.artifact.id), result.created
+        )
+    return result
+
+
+@router.post(
+    "/checkpoints",
+    status_code=201,
+    response_model=ArtifactOut,
+    operation_id="upload_checkpoint",
+    dependencies=[WriteAuth],
+    openapi_extra=UPLOAD_BODY,
+    responses={
+        200: {"model": ArtifactOut, "description": "Already stored: the existing artifact."},
+        **problem_responses(400, 401, 403, 404, 413, 422, 503, 507),
+    },
+)
+async def upload_checkpoint(
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    labels: Annotated[str | None, Query(max_length=4096)] = None,
+    sha256: Annotated[str | None, Query(pattern=SHA256_PATTERN)] = None,
+    filename: Annotated[str | None, Query(max_length=1024)] = None,
+) -> ArtifactOut:
+    """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
+    limit = services.settings.max_upload_bytes
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await parse_multipart(
+            request,
+            services.store,
+            file_fields=frozenset({"file"}),
+            text_fields=frozenset({"name", "labels", "sha256"}),
+            max_file_bytes=limit,
+        )
+        part = form.files.get("file")
+        if part is None:
+            await form.abort()
+            raise InvalidRequest("the multipart form has no file part 'file'")
+        upload, filename = part.upload, part.filename
+        name = form.fields.get("name", name)
+        labels = form.fields.get("labels", labels)
+        sha256 = form.fields.get("sha256", sha256)
+    elif content_type.startswith("application/octet-stream") or not content_type:
+        upload = await read_raw_body(request, services.store, max_bytes=limit)
+    else:
+        raise InvalidRequest(
+            f"unsupported Content-Type {content_type[:64]!r}; use multipart/form-data or application/octet-stream"
+        )
+    try:
+        result = await commit_upload(
+            services, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name
+        )
+    finally:
+        await anyio.to_thread.run_sync(upload.abort)  # a no-op once committed
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
+    return artifact_out(request, result.artifact)
+
+
+@router.head(
+    "/checkpoints/{ref}",
+    operation_id="checkpoint_exists",
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401, 404),
+)
+def checkpoint_exists(artifact: ArtifactDep) -> Response:
+    """200 when the artifact exists (clients skip uploading bytes the service has), else 404."""
+    return Response(
+        headers={
+            "ETag": f'"{artifact.id}"',
+            "X-Checkpoint-Id": artifact.id,
+            "X-Checkpoint-Size": str(artifact.size),
+        }
+    )
+
+
+@router.get(
+    "/checkpoints/{ref}",
+    response_model=ArtifactOut,
+    operation_id="get_checkpoint",
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401, 404),
+)
+def get_checkpoint(request: Request, artifact: ArtifactDep) -> ArtifactOut:
+    """The artifact's metadata, with lineage."""
+    return artifact_out(request, artifact)
+
+
+@router.get(
+    "/checkpoints/{ref}/manifest",
+    response_model=ManifestOut,
+    operation_id="get_manifest",
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401, 404),
+)
+def get_manifest(artifact: ArtifactDep, store: StoreDep) -> ManifestOut:
+    """Key -> shape, dtype, size and fingerprint."""
+    manifest = store.manifest(artifact.id)
+    return ManifestOut(
+        id=artifact.id,
+        schema_fingerprint=manifest.schema_fingerprint,
+        key_count=len(manifest.entries),
+        tensor_bytes=manifest.tensor_bytes,
+        entries={
+            k: TensorEntryOut(shape=list(e.shape), dtype=e.dtype, nbytes=e.nbytes, fingerprint=e.fingerprint)
+            for k, e in manifest.entries.items()
+        },
+    )
+
+
+def _stored_kind(fmt: str) -> str:
+    return "safetensors" if fmt == "safetensors" else "pth"
+
+
+@router.get(
+    "/checkpoints/{ref}/file",
+    operation_id="download_checkpoint",
+    dependencies=[ReadAuth],
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The blob (Range supported).",
+        },
+        206: {
+            "description": "Partial content",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        304: {"description": "Not modified"},
+        **problem_responses(400, 401, 404, 416, 422, 503),
+    },
+)
+async def download_checkpoint(
+    request: Request,
+    artifact: ArtifactDep,
+    services: ServicesDep,
+    format: Literal["pth", "safetensors"] | None = None,
+) -> Response:
+    """Download the blob, streamed, with ETag and Range; `format=safetensors` converts on the way out."""
+    target = artifact
+    if format is not None and format != _stored_kind(artifact.format):
+        result = await services.pool.run(
+            lambda: convert_checkpoint(
+                services.store, artifact.id, output_format=format, safe_globals=services.settings.safe_globals
+            )
+        )
+        target = result.artifact
+    etag = f'"{target.id}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    suffix = ".safetensors" if target.format == "safetensors" else ".pth"
+    return FileResponse(
+        services.store.blob_path(target.id),
+        media_type="application/octet-stream",
+        filename=f"{target.id[:16]}{suffix}",
+        headers={
+            "ETag": etag,
+            "X-Checkpoint-Id": target.id,
+            "Cache-Control": "public, max-age=31536000, immutable",
+        },
+    )
+
+
+@router.get(
+    "/checkpoints",
+    response_model=ArtifactPage,
+    operation_id="list_checkpoints",
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401),
+)
+def list_checkpoints(
+    request: Request,
+    store: StoreDep,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    label: Annotated[str | None, Query(max_length=512, description='"key" or "key=value"')] = None,
+    operation: Literal["strip", "merge", "convert", "upload"] | None = None,
+    format: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> ArtifactPage:
+    """A paged list of artifacts, newest first, filtered by name, label, operation or format."""
+    page = store.list(name=name, label=label, operation=operation, format=format, limit=limit, cursor=cursor)
+    return ArtifactPage(
+        items=[artifact_out(request, m) for m in page.items], next_cursor=page.next_cursor, total=page.total
+    )
+
+
+@router.delete(
+    "/checkpoints/{ref}",
+    operation_id="delete_checkpoint",
+    dependencies=[WriteAuth],
+    responses=problem_responses(400, 401, 403, 404, 409),
+)
+def delete_checkpoint(artifact: ArtifactDep, store: StoreDep, force: bool = False) -> dict[str, Any]:
+    """Delete an artifact; refused with 409 while names point to it, unless `force`."""
+    removed = store.delete(artifact.id, force=force)
+    return {"deleted": artifact.id, "names_removed": removed}
+
+
+@router.put(
+    "/names/{name}",
+    response_model=NameOut,
+    operation_id="set_name",
+    dependencies=[WriteAuth],
+    responses=problem_responses(400, 401, 403, 404, 422),
+)
+def set_name(name: Annotated[str, RefPath], body: NameIn, store: StoreDep) -> NameOut:
+    """Point a name at an artifact (create or move)."""
+    artifact_id = store.resolve(body.id)
+    store.set_name(name, artifact_id)
+    return NameOut(name=name, id=artifact_id)
+
+
+@router.get(
+    "/names",
+    response_model=list[NameOut],
+    operation_id="list_names",
+    dependencies=[ReadAuth],
+    responses=problem_responses(401),
+)
+def list_names(store: StoreDep) -> list[NameOut]:
+    """All names and the ids they point to."""
+    return [NameOut(name=n, id=i) for n, i in sorted(store.names().items())]
+
+
+@router.delete(
+    "/names/{name}",
+    operation_id="delete_name",
+    dependencies=[WriteAuth],
+    responses=problem_responses(400, 401, 403, 404),
+)
+def delete_name(name: Annotated[str, RefPath], store: StoreDep) -> dict[str, str]:
+    """Remove a name (the artifact stays)."""
+    store.delete_name(name)
+    return {"deleted": name}

@@ -1,0 +1,401 @@
+"""Operations: strip, diff and merge."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request, Response
+
+from service.api.deps import ReadAuth, ServicesDep, WriteAuth
+from service.api.problems import problem_responses
+from service.api.routes.checkpoints import artifact_out, parse_labels
+from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
+from service.api.uploads import ParsedForm, parse_multipart
+from service.core.diff import ManifestDiff
+from service.errors import InvalidRequest, VerificationFailed
+from service.operations import (
+    MergeOptions,
+    OperationResult,
+    Source,
+    diff_checkpoints,
+    merge_checkpoints,
+    strip_checkpoint,
+)
+from service.store import validate_name
+
+router = APIRouter()
+
+
+def _operation_out(request: Request, result: OperationResult) -> OperationOut:
+    art = artifact_out(request, result.artifact)
+    return OperationOut(
+        id=art.id, created=result.created, download_url=art.download_url, artifact=art, report=result.report
+    )
+
+
+@router.post(
+    "/strip",
+    status_code=201,
+    response_model=OperationOut,
+    operation_id="strip_checkpoint",
+    dependencies=[WriteAuth],
+    responses=problem_responses(400, 401, 403, 404, 422, 503, 507),
+)
+async def strip(request: Request, body: StripIn, services: ServicesDep) -> OperationOut:
+    """Remove wrapper prefixes (detected, or the given ones) and store the result."""
+    store = services.store
+    if body.name is not None:
+        validate_name(body.name)
+    artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
+    result = await services.pool.run(
+        lambda: strip_checkpoint(
+            store,
+            artifact_id,
+            prefixes=body.prefixes,
+            output_format=body.output_format,
+            safe_globals=services.settings.safe_globals,
+        )
+    )
+    if body.name is not None:
+        await anyio.to_thread.run_sync(store.set_name, body.name, result.artifact.id)
+        result = OperationResult(
+            await anyio.to_thread.run_sync(store.metadata, result.artifact.id), result.created, result.report
+        )
+    return _operation_out(request, result)
+
+
+def _diff_out(
+    a: str,
+    b: str,
+    diff: ManifestDiff,
+    values: dict[str, Any] | None,
+    frozen: dict[str, Any] | None,
+    categories: list[str] | None,
+    key_prefix: str | None,
+    limit: int,
+) -> DiffOut:
+    keys: dict[str, DiffCategoryKeys] = {}
+    for cat in categories or list(CATEGORIES):
+        all_keys = [k for k in getattr(diff, cat) if key_prefix is None or k.startswith(key_prefix)]
+        keys[cat] = DiffCategoryKeys(
+            keys=all_keys[:limit], total=len(all_keys), truncated=len(all_keys) > limit
+        )
+    data = diff.to_dict()
+    details = {
+        "shape_mismatch": data.get("shape_details", {}),
+        "dtype_mismatch": data.get("dtype_details", {}),
+    }
+    modules = {
+        m: dict(c)
+        for m, c in data.get("modules", {}).items()
+        if key_prefix is None or m.startswith(key_prefix.rstrip("."))
+    }
+    return DiffOut(
+        a=a,
+        b=b,
+        normalized=diff.normalized,
+        summary=dict(diff.summary),
+        keys=keys,
+        details=details,
+        modules=modules,
+        values=values,
+        frozen=frozen,
+    )
+
+
+def _frozen_arg(frozen: str | None) -> list[str] | None:
+    if frozen is None or frozen.strip().lower() in ("", "false", "no", "0", "off"):
+        return None
+    if frozen.strip().lower() in ("true", "yes", "1", "on", "params", "auto"):
+        return []
+    return [p.strip() for p in frozen.split(",") if p.strip()]
+
+
+DIFF_QUERY_DOC = (
+    "`frozen`: 'true' checks the original's (a's) parameters in b, or comma-separated key prefixes; "
+    "`category`, `key_prefix` and `limit` keep a large diff small."
+)
+
+CategoryQuery = Annotated[
+    list[Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]]
+    | None,
+    Query(),
+]
+
+
+@router.get(
+    "/diff",
+    response_model=DiffOut,
+    operation_id="diff_checkpoints",
+    dependencies=[ReadAuth],
+    description=DIFF_QUERY_DOC,
+    responses=problem_responses(400, 401, 404, 422, 503),
+)
+async def diff_get(
+    services: ServicesDep,
+    a: Annotated[str, Query(max_length=200)],
+    b: Annotated[str, Query(max_length=200)],
+    normalize_prefixes: bool = False,
+    values: bool = False,
+    frozen: Annotated[str | None, Query(max_length=2048)] = None,
+    category: CategoryQuery = None,
+    key_prefix: Annotated[str | None, Query(max_length=512)] = None,
+    limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
+) -> DiffOut:
+    """Diff two stored artifacts from their manifests."""
+    store = services.store
+    ida = await anyio.to_thread.run_sync(store.resolve, a)
+    idb = await anyio.to_thread.run_sync(store.resolve, b)
+
+    def run() -> tuple[ManifestDiff, dict[str, Any] | None, dict[str, Any] | None]:
+        return diff_checkpoints(
+            store,
+            Source(artifact_id=ida),
+            Source(artifact_id=idb),
+            normalize_prefixes=normalize_prefixes,
+            values=values,
+            frozen=_frozen_arg(frozen),
+            safe_globals=services.settings.safe_globals,
+        )
+
+    # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
+    diff, stats, frozen_report = await (services.pool.run(run) if values else anyio.to_thread.run_sync(run))
+    return _diff_out(
+        ida, idb, diff, stats, frozen_report, list(category) if category else None, key_prefix, limit
+    )
+
+
+DIFF_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["a", "b"],
+                    "properties": {
+                        "a": {"type": "string", "format": "binary"},
+                        "b": {"type": "string", "format": "binary"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/diff",
+    response_model=DiffOut,
+    operation_id="diff_uploaded",
+    dependencies=[ReadAuth],
+    openapi_extra=DIFF_BODY,
+    description=DIFF_QUERY_DOC,
+    responses=problem_responses(400, 401, 413, 422, 503),
+)
+async def diff_post(
+    request: Request,
+    services: ServicesDep,
+    normalize_prefixes: bool = False,
+    values: bool = False,
+    frozen: Annotated[str | None, Query(max_length=2048)] = None,
+    category: CategoryQuery = None,
+    key_prefix: Annotated[str | None, Query(max_length=512)] = None,
+    limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
+) -> DiffOut:
+    """Diff two uploaded files (parts `a` and `b`); nothing is stored."""
+    form = await parse_multipart(
+        request,
+        services.store,
+        file_fields=frozenset({"a", "b"}),
+        text_fields=frozenset(),
+        max_file_bytes=services.settings.max_upload_bytes,
+    )
+    try:
+        if "a" not in form.files or "b" not in form.files:
+            raise InvalidRequest("POST /diff needs two file parts, 'a' and 'b'")
+        sa = Source(upload=form.files["a"].upload)
+        sb = Source(upload=form.files["b"].upload)
+        diff, stats, frozen_report = await services.pool.run(
+            lambda: diff_checkpoints(
+                services.store,
+                sa,
+                sb,
+                normalize_prefixes=normalize_prefixes,
+                values=values,
+                frozen=_frozen_arg(frozen),
+                safe_globals=services.settings.safe_globals,
+            )
+        )
+    finally:
+        await form.abort()
+    return _diff_out(
+        form.files["a"].upload.sha256,
+        form.files["b"].upload.sha256,
+        diff,
+        stats,
+        frozen_report,
+        list(category) if category else None,
+        key_prefix,
+        limit,
+    )
+
+
+MERGE_FIELDS = frozenset(
+    {
+        "original",
+        "trained",
+        "architecture",
+        "strip_prefixes",
+        "drop_unexpected",
+        "output_format",
+        "name",
+        "labels",
+        "frozen_prefixes",
+        "original_sha256",
+        "trained_sha256",
+    }
+)
+
+MERGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["architecture"],
+                    "properties": {
+                        "original": {"type": "string", "description": "The original's id or name."},
+                        "original_file": {"type": "string", "format": "binary"},
+                        "trained": {"type": "string", "description": "The trained checkpoint's id or name."},
+                        "trained_file": {"type": "string", "format": "binary"},
+                        "architecture": {"type": "string", "description": "A registered architecture name."},
+                        "strip_prefixes": {
+                            "type": "string",
+                            "default": "auto",
+                            "description": "'auto' (match the architecture), 'known', 'none', or a "
+                            "comma-separated list of prefixes.",
+                        },
+                        "drop_unexpected": {"type": "boolean", "default": False},
+                        "output_format": {"type": "string", "enum": ["pth", "safetensors"], "default": "pth"},
+                        "name": {"type": "string", "description": "Point this name at the result."},
+                        "labels": {"type": "string"},
+                        "frozen_prefixes": {
+                            "type": "string",
+                            "description": "Comma-separated key prefixes of the frozen part "
+                            "(default: the original's parameters).",
+                        },
+                        "original_sha256": {"type": "string"},
+                        "trained_sha256": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _bool(value: str | None, field: str) -> bool:
+    if value is None:
+        return False
+    low = value.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off", ""):
+        return False
+    raise InvalidRequest(f"{field} must be true or false, not {value[:32]!r}")
+
+
+async def _source(services: Any, form: ParsedForm, role: str) -> Source:
+    ref = form.fields.get(role)
+    part = form.files.get(f"{role}_file")
+    if (ref is None) == (part is None):
+        raise InvalidRequest(f"give exactly one of '{role}' (a ref) and '{role}_file' (an upload)")
+    if ref is not None:
+        return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref))
+    assert part is not None
+    expected = form.fields.get(f"{role}_sha256")
+    if expected:
+        await anyio.to_thread.run_sync(lambda: services.store.check_digest(part.upload, expected.lower()))
+    return Source(upload=part.upload, filename=part.filename)
+
+
+@router.post(
+    "/merge",
+    status_code=201,
+    response_model=OperationOut,
+    operation_id="merge_checkpoints",
+    dependencies=[WriteAuth],
+    openapi_extra=MERGE_BODY,
+    responses={
+        200: {"model": OperationOut, "description": "The same result existed already."},
+        **problem_responses(400, 401, 403, 404, 413, 422, 503, 507),
+    },
+)
+async def merge(request: Request, response: Response, services: ServicesDep) -> OperationOut:
+    """Strip, merge, verify strictly against the architecture, and only then store (422 stores nothing)."""
+    settings = services.settings
+    form = await parse_multipart(
+        request,
+        services.store,
+        file_fields=frozenset({"original_file", "trained_file"}),
+        text_fields=MERGE_FIELDS,
+        max_file_bytes=settings.max_upload_bytes,
+    )
+    try:
+        architecture = form.fields.get("architecture")
+        if not architecture:
+            raise InvalidRequest("the form field 'architecture' is required")
+        await anyio.to_thread.run_sync(services.registry.get, architecture)  # 404 before any heavy work
+        name = form.fields.get("name")
+        if name is not None:
+            validate_name(name)
+        strip_raw = form.fields.get("strip_prefixes", "auto").strip() or "auto"
+        strip_mode: str | list[str] = strip_raw
+        if strip_raw not in ("auto", "known", "none"):
+            strip_mode = [p.strip() for p in strip_raw.split(",") if p.strip()]
+        output_format = form.fields.get("output_format", "pth")
+        if output_format not in ("pth", "safetensors"):
+            raise InvalidRequest(f"output_format must be 'pth' or 'safetensors', not {output_format[:32]!r}")
+        frozen_raw = form.fields.get("frozen_prefixes")
+        options = MergeOptions(
+            architecture=architecture,
+            strip=strip_mode,
+            drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
+            output_format=output_format,  # type: ignore[arg-type]
+            frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip())
+            if frozen_raw
+            else None,
+            labels=parse_labels(form.fields.get("labels")),
+        )
+        original = await _source(services, form, "original")
+        trained = await _source(services, form, "trained")
+        try:
+            result = await services.pool.run(
+                lambda: merge_checkpoints(
+                    services.store,
+                    services.registry,
+                    original=original,
+                    trained=trained,
+                    options=options,
+                    safe_globals=settings.safe_globals,
+                )
+            )
+        except VerificationFailed:
+            services.metrics.verification_failures.inc()
+            services.metrics.merges.labels("verification_failed").inc()
+            raise
+        services.metrics.merges.labels("ok").inc()
+        if name is not None:
+            await anyio.to_thread.run_sync(services.store.set_name, name, result.artifact.id)
+            result = OperationResult(
+                await anyio.to_thread.run_sync(services.store.metadata, result.artifact.id),
+                result.created,
+                result.report,
+            )
+    finally:
+        await form.abort()  # committed uploads are unaffected; the rest leaves no temp file
+    response.status_code = 201 if result.created else 200
+    return _operation_out(request, result)

@@ -1,0 +1,163 @@
+"""Pydantic models of the HTTP API. Imports pydantic only, so the client can share them without torch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Category = Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]
+CATEGORIES: tuple[Category, ...] = (
+    "only_in_a",
+    "only_in_b",
+    "shape_mismatch",
+    "dtype_mismatch",
+    "changed",
+    "unchanged",
+)
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with the typed extension fields this service uses."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    missing_keys: list[str] | None = None
+    unexpected_keys: list[str] | None = None
+    unsafe_globals: list[str] | None = None
+    keys: list[str] | None = None
+    names: list[str] | None = None
+    expected: str | None = None
+    actual: str | None = None
+    limit: int | None = None
+    retry_after: int | None = None
+    report: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class LineageOut(BaseModel):
+    operation: str
+    inputs: dict[str, str]
+    params: dict[str, Any]
+    report: dict[str, Any]
+
+
+class ArtifactOut(BaseModel):
+    id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int
+    created: str
+    filename: str | None = None
+    format: str
+    container_key: str | None = None
+    key_count: int
+    tensor_bytes: int
+    schema_fingerprint: str
+    has_metadata: bool
+    extras: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    names: list[str] = []
+    lineage: LineageOut | None = None
+    download_url: str
+
+
+class ArtifactPage(BaseModel):
+    items: list[ArtifactOut]
+    next_cursor: str | None
+    total: int
+
+
+class TensorEntryOut(BaseModel):
+    shape: list[int]
+    dtype: str
+    nbytes: int
+    fingerprint: str
+
+
+class ManifestOut(BaseModel):
+    id: str
+    schema_fingerprint: str
+    key_count: int
+    tensor_bytes: int
+    entries: dict[str, TensorEntryOut]
+
+
+class NameIn(BaseModel):
+    id: str = Field(description="An artifact id (64 hex) or another name.")
+
+
+class NameOut(BaseModel):
+    name: str
+    id: str
+
+
+class StripIn(BaseModel):
+    checkpoint: str = Field(description="An artifact id or name.")
+    prefixes: list[str] | None = Field(
+        None, description="Prefixes to remove; omitted: detect known wrappers."
+    )
+    output_format: Literal["pth", "safetensors"] = "pth"
+    name: str | None = None
+
+
+class OperationOut(BaseModel):
+    id: str
+    created: bool
+    download_url: str
+    artifact: ArtifactOut
+    report: dict[str, Any]
+
+
+class DiffCategoryKeys(BaseModel):
+    keys: list[str]
+    total: int
+    truncated: bool
+
+
+class DiffOut(BaseModel):
+    a: str
+    b: str
+    normalized: bool
+    summary: dict[str, int]
+    keys: dict[str, DiffCategoryKeys]
+    details: dict[str, dict[str, Any]]
+    modules: dict[str, dict[str, int]]
+    values: dict[str, dict[str, Any]] | None = None
+    frozen: dict[str, Any] | None = None
+
+
+class TensorSpecIO(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class ArchitectureOut(BaseModel):
+    name: str
+    source: str
+    key_count: int
+    schema_fingerprint: str
+    description: str | None = None
+    keys: dict[str, TensorSpecIO] | None = None
+
+
+class ArchitectureList(BaseModel):
+    items: list[ArchitectureOut]
+    issues: list[dict[str, str]]
+
+
+class ArchitectureIn(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    from_checkpoint: str | None = Field(
+        None, description="Take keys, shapes and dtypes from a stored artifact."
+    )
+    keys: dict[str, TensorSpecIO] | None = None
+    description: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] = {}

@@ -1,0 +1,310 @@
+"""Stream request bodies straight into the store's temp files while hashing: no spooling, no second copy.
+
+python-multipart does the parsing (push parser, fed chunk by chunk); file parts go into `PendingUpload`s of the
+store, whose write (sha256 + file write) runs in a worker thread, one block in flight, so receiving the next block
+overlaps hashing and writing the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio.to_thread
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import InvalidRequest, PayloadTooLarge
+from service.store import ArtifactStore, PendingUpload
+
+BLOCK_BYTES = 2 << 20
+MAX_PARTS = 16
+MAX_FIELD_BYTES = 64 << 10
+MAX_HEADER_BYTES = 16 << 10
+MULTIPART_OVERHEAD = 1 << 20  # boundaries, headers and text fields on top of the file parts
+
+
+class _AsyncSink:
+    def __init__(self, upload: PendingUpload) -> None:
+        self.upload = upload
+        self._buf = bytearray()
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= BLOCK_BYTES:
+            await self._flush()
+
+    async def _write_block(self, block: bytes) -> None:
+        await anyio.to_thread.run_sync(self.upload.write, block)
+
+    async def _flush(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+        if self._buf:
+            block = bytes(self._buf)
+            self._buf.clear()
+            self._task = asyncio.create_task(self._write_block(block))
+
+    async def close(self) -> None:
+        await self._flush()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+    async def abort(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            with contextlib.suppress(BaseException):
+                await task
+        await anyio.to_thread.run_sync(self.upload.abort)
+
+
+@dataclass
+class FilePart:
+    field: str
+    filename: str | None
+    upload: PendingUpload
+
+
+@dataclass
+class ParsedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, FilePart] = field(default_factory=dict)
+
+    async def abort(self) -> None:
+        for part in self.files.values():
+            await anyio.to_thread.run_sync(part.upload.abort)
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """Refuse with 413 before reading the body when Content-Length already says it is too large."""
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return
+    try:
+        length = int(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid Content-Length {raw[:32]!r}") from exc
+    if length > limit:
+        raise PayloadTooLarge(
+            f"request body of {length} bytes exceeds the limit of {limit} bytes", limit=limit
+        )
+
+
+class _FormState:
+    """The parser's synchronous callbacks record events here; the async loop acts on them after each chunk."""
+
+    def __init__(self, file_fields: frozenset[str], text_fields: frozenset[str]) -> None:
+        self.file_fields = file_fields
+        self.text_fields = text_fields
+        self.parts = 0
+        self.header_bytes = 0
+        self.header_name = b""
+        self.header_value = b""
+        self.disposition: bytes | None = None
+        self.current_name = ""
+        self.current_filename: str | None = None
+        self.current_is_file = False
+        self.text = bytearray()
+        self.fields: dict[str, str] = {}
+        self.seen: set[str] = set()
+        self.events: list[
+            tuple[str, Any]
+        ] = []  # ("begin_file", (name, filename)), ("data", bytes), ("end_file", None)
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise InvalidRequest(f"too many multipart parts (more than {MAX_PARTS})")
+        self.header_bytes = 0
+        self.disposition = None
+        self.text = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self.header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self.header_value += data[start:end]
+
+    def _count_header(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise InvalidRequest(f"multipart part headers exceed {MAX_HEADER_BYTES} bytes")
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = self.header_value
+        self.header_name = b""
+        self.header_value = b""
+
+    def on_headers_finished(self) -> None:
+        if self.disposition is None:
+            raise InvalidRequest("a multipart part has no Content-Disposition header")
+        _, options = parse_options_header(self.disposition)
+        raw_name = options.get(b"name")
+        if raw_name is None:
+            raise InvalidRequest("a multipart part has no name")
+        name = raw_name.decode("utf-8", "replace")
+        if name in self.seen:
+            raise InvalidRequest(f"multipart field {name!r} is given twice")
+        self.seen.add(name)
+        self.current_name = name
+        raw_filename = options.get(b"filename")
+        is_file = name in self.file_fields
+        if not is_file and name not in self.text_fields:
+            allowed = sorted(self.file_fields | self.text_fields)
+            raise InvalidRequest(f"unknown multipart field {name!r}; expected one of {allowed}")
+        self.current_is_file = is_file
+        if is_file:
+            filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
+            self.events.append(("begin_file", (name, filename)))
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.current_is_file:
+            self.events.append(("data", data[start:end]))
+        else:
+            if len(self.text) + (end - start) > MAX_FIELD_BYTES:
+                raise InvalidRequest(f"multipart field {self.current_name!r} exceeds {MAX_FIELD_BYTES} bytes")
+            self.text += data[start:end]
+
+    def on_part_end(self) -> None:
+        if self.current_is_file:
+            self.events.append(("end_file", None))
+        else:
+            try:
+                self.fields[self.current_name] = self.text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequest(f"multipart field {self.current_name!r} is not UTF-8") from exc
+
+
+async def parse_multipart(
+    request: Request,
+    store: ArtifactStore,
+    *,
+    file_fields: frozenset[str],
+    text_fields: frozenset[str],
+    max_file_bytes: int,
+) -> ParsedForm:
+    """Parse a multipart body, streaming each file part into a store upload. Aborts every upload on failure."""
+    content_type = request.headers.get("content-type", "")
+    ctype, params = parse_options_header(content_type)
+    if ctype == b"application/x-www-form-urlencoded":
+        return await _parse_urlencoded(request, file_fields | text_fields)
+    if ctype != b"multipart/form-data":
+        raise InvalidRequest(f"expected multipart/form-data, got {content_type[:64]!r}")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart/form-data without a boundary")
+    body_limit = max_file_bytes * max(1, len(file_fields)) + MULTIPART_OVERHEAD
+    check_content_length(request, body_limit)
+
+    state = _FormState(file_fields, text_fields)
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": state.on_part_begin,
+            "on_part_data": state.on_part_data,
+            "on_part_end": state.on_part_end,
+            "on_header_field": state.on_header_field,
+            "on_header_value": state.on_header_value,
+            "on_header_end": state.on_header_end,
+            "on_headers_finished": state.on_headers_finished,
+        },
+    )
+    form = ParsedForm()
+    sink: _AsyncSink | None = None
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise PayloadTooLarge(
+                    f"request body exceeds the limit of {body_limit} bytes", limit=body_limit
+                )
+            parser.write(chunk)
+            for kind, payload in state.events:
+                if kind == "begin_file":
+                    name, filename = payload
+                    upload = await anyio.to_thread.run_sync(
+                        lambda: store.open_upload(max_bytes=max_file_bytes)
+                    )
+                    form.files[name] = FilePart(name, filename, upload)
+                    sink = _AsyncSink(upload)
+                elif kind == "data":
+                    assert sink is not None
+                    await sink.write(payload)
+                else:
+                    assert sink is not None
+                    await sink.close()
+                    sink = None
+            state.events.clear()
+        parser.finalize()
+        if sink is not None:
+            raise InvalidRequest("the multipart body ended inside a file part")
+    except ClientDisconnect as exc:
+        await _abort(sink, form)
+        raise InvalidRequest("the client disconnected before the upload finished") from exc
+    except MultipartParseError as exc:
+        await _abort(sink, form)
+        raise InvalidRequest(f"malformed multipart body: {exc}") from exc
+    except BaseException:
+        await _abort(sink, form)
+        raise
+    form.fields.update(state.fields)
+    return form
+
+
+async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> ParsedForm:
+    # Ref-only requests (no file parts) may come as a plain form, as `curl -d` and httpx send them.
+    check_content_length(request, MULTIPART_OVERHEAD)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MULTIPART_OVERHEAD:
+            raise PayloadTooLarge(f"form body exceeds {MULTIPART_OVERHEAD} bytes", limit=MULTIPART_OVERHEAD)
+    try:
+        pairs = parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARTS
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"malformed form body: {exc}") from exc
+    form = ParsedForm()
+    for name, value in pairs:
+        if name not in allowed:
+            raise InvalidRequest(f"unknown form field {name!r}; expected one of {sorted(allowed)}")
+        if name in form.fields:
+            raise InvalidRequest(f"form field {name!r} is given twice")
+        form.fields[name] = value
+    return form
+
+
+async def _abort(sink: _AsyncSink | None, form: ParsedForm) -> None:
+    if sink is not None:
+        await sink.abort()
+    await form.abort()
+
+
+async def read_raw_body(request: Request, store: ArtifactStore, *, max_bytes: int) -> PendingUpload:
+    """Stream an application/octet-stream body into a store upload."""
+    check_content_length(request, max_bytes)
+    upload = await anyio.to_thread.run_sync(lambda: store.open_upload(max_bytes=max_bytes))
+    sink = _AsyncSink(upload)
+    try:
+        async for chunk in request.stream():
+            await sink.write(chunk)
+        await sink.close()
+    except ClientDisconnect as exc:
+        await sink.abort()
+        raise InvalidRequest("the client disconnected before the upload finished") from exc
+    except BaseException:
+        await sink.abort()
+        raise
+    return upload

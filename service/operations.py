@@ -1,0 +1,412 @@
+"""Application operations: strip, merge, diff and convert over stored artifacts.
+
+This layer sits between the API and store/core/registry: it composes core functions over artifacts and decides
+what gets stored. It is synchronous and CPU/IO-heavy; the API runs it in its bounded work pool, and a script can
+call it directly on an `ArtifactStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from service.core.diff import ManifestDiff, diff_manifests, diff_values
+from service.core.formats import DEFAULT_LIMITS
+from service.core.frozen import check_frozen_manifests
+from service.core.load import load_checkpoint
+from service.core.manifest import compute_schema_fingerprint
+from service.core.merge import merge_state_dicts
+from service.core.prefixes import match_prefixes, strip_prefixes
+from service.core.types import ArchiveLimits, Manifest, TensorEntry
+from service.core.verify import verify_state_dict
+from service.errors import InvalidRequest, VerificationFailed, quote_keys
+from service.registry import ArchitectureRegistry
+from service.store import ArtifactMeta, ArtifactStore, Inspection, Lineage, PendingUpload
+
+OutputFormat = Literal["pth", "safetensors"]
+
+
+@dataclass
+class Source:
+    """One input of an operation: a stored artifact, or an upload that is not committed yet."""
+
+    artifact_id: str | None = None
+    upload: PendingUpload | None = None
+    filename: str | None = None
+    inspection: Inspection | None = None
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    artifact: ArtifactMeta
+    created: bool
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    architecture: str
+    strip: str | Sequence[str] = (
+        "auto"  # "auto" (match the architecture), "known", "none", or explicit prefixes
+    )
+    drop_unexpected: bool = False
+    output_format: OutputFormat = "pth"
+    frozen_prefixes: tuple[str, ...] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "strip_prefixes": self.strip if isinstance(self.strip, str) else list(self.strip),
+            "drop_unexpected": self.drop_unexpected,
+            "output_format": self.output_format,
+            "frozen_prefixes": list(self.frozen_prefixes) if self.frozen_prefixes is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class _Opened:
+    state_dict: dict[str, torch.Tensor]
+    manifest: Manifest
+    artifact_id: str
+
+
+def _open(
+    store: ArtifactStore, source: Source, *, safe_globals: Sequence[str], limits: ArchiveLimits
+) -> _Opened:
+    if source.artifact_id is not None:
+        loaded = store.load(source.artifact_id, safe_globals=safe_globals)
+        return _Opened(dict(loaded.state_dict), store.manifest(source.artifact_id), source.artifact_id)
+    assert source.upload is not None
+    upload = source.upload
+    if source.inspection is None:
+        source.inspection = store.inspect_upload(upload)
+    loaded = load_checkpoint(
+        upload.path,
+        mmap=True,
+        container_key=source.inspection.container_key,
+        safe_globals=safe_globals,
+        limits=limits,
+    )
+    sd = loaded.state_dict
+    opened = _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256)
+    return opened
+
+
+def _with_metadata(
+    target: dict[str, torch.Tensor], source: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    meta = getattr(source, "_metadata", None)
+    if meta is not None:
+        from collections import OrderedDict
+
+        out: OrderedDict[str, torch.Tensor] = OrderedDict(target)
+        out._metadata = meta  # type: ignore[attr-defined]
+        return out
+    return target
+
+
+def _carry_manifest(
+    renamed: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor], manifest: Manifest
+) -> dict[str, TensorEntry]:
+    # Stripping and merging keep tensor objects, so each output key's entry is its input key's entry: the
+    # fingerprints are reused instead of hashing gigabytes again.
+    by_tensor = {id(t): manifest.entries[k] for k, t in original.items() if k in manifest.entries}
+    return {k: by_tensor[id(t)] for k, t in renamed.items() if id(t) in by_tensor}
+
+
+def _strip(
+    sd: dict[str, torch.Tensor], mode: str | Sequence[str], expected: Iterable[str] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if isinstance(mode, str):
+        if mode == "none":
+            return sd, {"mode": "none", "applied": {}}
+        if mode == "known" or (mode == "auto" and expected is None):
+            result = strip_prefixes(sd)
+            return _with_metadata(dict(result.state_dict), result.state_dict), {
+                "mode": "known",
+                "applied": dict(result.applied),
+            }
+        if mode != "auto":
+            raise InvalidRequest(
+                f"strip_prefixes must be 'auto', 'known', 'none' or a prefix list, not {mode!r}"
+            )
+        assert expected is not None
+        match = match_prefixes(sd.keys(), expected)
+        if match.prefixes == ():
+            return sd, {"mode": "auto", "applied": {}, "match": match.to_dict()}
+        result = strip_prefixes(sd, match.prefixes)
+        return _with_metadata(dict(result.state_dict), result.state_dict), {
+            "mode": "auto",
+            "applied": dict(result.applied),
+            "match": match.to_dict(),
+        }
+    result = strip_prefixes(sd, list(mode))
+    return _with_metadata(dict(result.state_dict), result.state_dict), {
+        "mode": "explicit",
+        "applied": dict(result.applied),
+    }
+
+
+def _commit_inputs(store: ArtifactStore, sources: Iterable[Source]) -> None:
+    for source in sources:
+        if source.upload is not None and source.artifact_id is None:
+            meta = store.commit_upload(
+                source.upload, filename=source.filename, inspection=source.inspection
+            ).artifact
+            source.artifact_id = meta.id
+
+
+def merge_checkpoints(
+    store: ArtifactStore,
+    registry: ArchitectureRegistry,
+    *,
+    original: Source,
+    trained: Source,
+    options: MergeOptions,
+    safe_globals: Sequence[str] = (),
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+) -> OperationResult:
+    """Strip, merge, verify strictly against the architecture, and only then store.
+
+    Args:
+        store: The artifact store.
+        registry: Where `options.architecture` is looked up.
+        original: The pretrained checkpoint that fills what the trained one lacks.
+        trained: The fine-tuned checkpoint; its values win.
+        options: Architecture and merge options.
+        safe_globals: Extra globals allowed while unpickling.
+        limits: Zip pre-check limits for uploads.
+
+    Returns:
+        The stored result and the merge report.
+
+    Raises:
+        VerificationFailed: The merged state_dict does not load strictly; nothing is stored.
+    """
+    arch = registry.get(options.architecture)
+    expected = list(arch.spec.keys)
+    o = _open(store, original, safe_globals=safe_globals, limits=limits)
+    t = _open(store, trained, safe_globals=safe_globals, limits=limits)
+    o_sd, o_strip = _strip(o.state_dict, options.strip, expected)
+    t_sd, t_strip = _strip(t.state_dict, options.strip, expected)
+    merged = merge_state_dicts(o_sd, t_sd, expected_keys=expected, drop_unexpected=options.drop_unexpected)
+    verification = verify_state_dict(merged.state_dict, arch.verify_target())
+    o_entries = _carry_manifest(o_sd, o.state_dict, o.manifest)
+    t_entries = _carry_manifest(t_sd, t.state_dict, t.manifest)
+    frozen = check_frozen_manifests(
+        Manifest(o_entries, o.manifest.schema_fingerprint),
+        Manifest(t_entries, t.manifest.schema_fingerprint),
+        prefixes=options.frozen_prefixes,
+    )
+    mr = merged.report
+    report: dict[str, Any] = {
+        "architecture": arch.name,
+        "provenance_counts": dict(mr.counts),
+        "filled": list(mr.filled),
+        "filled_modules": list(mr.filled_modules),
+        "partial_bn_modules": {k: list(v) for k, v in mr.partial_bn_modules.items()},
+        "unexpected": list(mr.unexpected),
+        "dropped": list(mr.dropped),
+        "metadata": mr.metadata,
+        "prefixes": {"original": o_strip, "trained": t_strip},
+        "verification": verification.to_dict(),
+        "frozen": frozen.to_dict(),
+        "warnings": _warnings(mr.metadata_warning, frozen.to_dict(), mr.partial_bn_modules),
+    }
+    if not verification.ok:
+        raise VerificationFailed(
+            _verification_detail(
+                verification.missing,
+                verification.unexpected,
+                verification.shape_mismatches,
+                verification.dtype_mismatches,
+                arch.name,
+            ),
+            missing_keys=sorted(verification.missing),
+            unexpected_keys=sorted(verification.unexpected),
+            report=report,
+        )
+    _commit_inputs(store, (original, trained))
+    assert original.artifact_id is not None and trained.artifact_id is not None
+    entries = {**o_entries, **t_entries}
+    out_entries = {k: entries[k] for k in merged.state_dict if k in entries}
+    lineage = Lineage(
+        operation="merge",
+        inputs={"original": original.artifact_id, "trained": trained.artifact_id},
+        params=options.params(),
+        report={**report, "provenance": {k: v.to_dict() for k, v in mr.provenance.items()}},
+    )
+    out_manifest = _manifest_or_none(out_entries, merged.state_dict)
+    stored = store.store_state_dict(
+        merged.state_dict,
+        format=options.output_format,
+        lineage=lineage,
+        labels=dict(options.labels),
+        manifest=out_manifest,
+    )
+    return OperationResult(stored.artifact, stored.created, report)
+
+
+def _manifest_or_none(entries: dict[str, TensorEntry], sd: Mapping[str, torch.Tensor]) -> Manifest | None:
+    if len(entries) != len(sd):
+        return None  # the store builds it from the tensors
+    return Manifest(entries, compute_schema_fingerprint((k, e.shape, e.dtype) for k, e in entries.items()))
+
+
+def _warnings(
+    metadata_warning: str | None, frozen: Mapping[str, Any], partial: Mapping[str, Sequence[str]]
+) -> list[str]:
+    out: list[str] = []
+    if metadata_warning:
+        out.append(metadata_warning)
+    changed = frozen.get("changed") or []
+    if changed:
+        out.append(f"{len(changed)} frozen tensors changed during training: {quote_keys(changed, limit=5)}")
+    if partial:
+        out.append(
+            f"BatchNorm modules with partial running stats, refilled from the original: "
+            f"{quote_keys(partial.keys(), limit=5)}"
+        )
+    return out
+
+
+def _verification_detail(
+    missing: Sequence[str],
+    unexpected: Sequence[str],
+    shapes: Mapping[str, Any],
+    dtypes: Mapping[str, Any],
+    arch: str,
+) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {quote_keys(missing, limit=5)}")
+    if unexpected:
+        parts.append(f"unexpected {quote_keys(unexpected, limit=5)}")
+    if shapes:
+        parts.append(f"shape mismatch {quote_keys(shapes.keys(), limit=5)}")
+    if dtypes:
+        parts.append(f"dtype mismatch {quote_keys(dtypes.keys(), limit=5)}")
+    return f"the merged state_dict does not load strictly into {arch!r}: " + "; ".join(
+        parts or ["load failed"]
+    )
+
+
+def strip_checkpoint(
+    store: ArtifactStore,
+    artifact_id: str,
+    *,
+    prefixes: Sequence[str] | None = None,
+    output_format: OutputFormat = "pth",
+    safe_globals: Sequence[str] = (),
+) -> OperationResult:
+    """Remove wrapper prefixes from a stored checkpoint and store the result with its lineage.
+
+    Args:
+        store: The artifact store.
+        artifact_id: The stored input.
+        prefixes: Prefixes to remove from the start of keys; None strips known wrappers anywhere.
+        output_format: "pth" or "safetensors".
+        safe_globals: Extra globals allowed while unpickling.
+
+    Returns:
+        The stored result and a report of what was stripped.
+    """
+    loaded = store.load(artifact_id, safe_globals=safe_globals)
+    sd = loaded.state_dict
+    result = strip_prefixes(sd, prefixes)
+    out = _with_metadata(dict(result.state_dict), result.state_dict)
+    report = result.to_dict()
+    report.pop("state_dict", None)
+    entries = _carry_manifest(out, sd, store.manifest(artifact_id))
+    lineage = Lineage(
+        operation="strip",
+        inputs={"checkpoint": artifact_id},
+        params={"prefixes": list(prefixes) if prefixes is not None else None, "output_format": output_format},
+        report=report,
+    )
+    stored = store.store_state_dict(
+        out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out)
+    )
+    return OperationResult(stored.artifact, stored.created, report)
+
+
+def convert_checkpoint(
+    store: ArtifactStore, artifact_id: str, *, output_format: OutputFormat, safe_globals: Sequence[str] = ()
+) -> OperationResult:
+    """Store `artifact_id`'s state_dict in another format (lineage `convert`)."""
+    loaded = store.load(artifact_id, safe_globals=safe_globals)
+    sd = loaded.state_dict
+    entries = _carry_manifest(sd, sd, store.manifest(artifact_id))
+    lineage = Lineage(
+        operation="convert",
+        inputs={"checkpoint": artifact_id},
+        params={"output_format": output_format},
+        report={},
+    )
+    stored = store.store_state_dict(
+        sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd)
+    )
+    return OperationResult(stored.artifact, stored.created, {})
+
+
+def diff_checkpoints(
+    store: ArtifactStore,
+    a: Source,
+    b: Source,
+    *,
+    normalize_prefixes: bool = False,
+    values: bool = False,
+    frozen: Sequence[str] | None = None,
+    safe_globals: Sequence[str] = (),
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+) -> tuple[ManifestDiff, dict[str, Any] | None, dict[str, Any] | None]:
+    """Diff two checkpoints from their manifests; optionally value statistics and the frozen-part check.
+
+    Args:
+        store: The artifact store.
+        a: The first checkpoint (for the frozen check: the original).
+        b: The second checkpoint (for the frozen check: the trained one).
+        normalize_prefixes: Strip known wrapper prefixes from both sides first.
+        values: Also compute numeric statistics of changed keys (opens the blobs).
+        frozen: None for no frozen check; [] for the original's parameters; else key prefixes to check.
+        safe_globals: Extra globals allowed while unpickling.
+        limits: Zip pre-check limits for uploads.
+
+    Returns:
+        The manifest diff, value statistics (or None), and the frozen report (or None).
+    """
+    ma = _manifest_of(store, a)
+    mb = _manifest_of(store, b)
+    diff = diff_manifests(ma, mb, normalize_prefixes=normalize_prefixes)
+    frozen_report = None
+    if frozen is not None:
+        fa, fb = (_normalized(ma), _normalized(mb)) if normalize_prefixes else (ma, mb)
+        frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None).to_dict()
+    value_stats = None
+    if values:
+        oa = _open(store, a, safe_globals=safe_globals, limits=limits)
+        ob = _open(store, b, safe_globals=safe_globals, limits=limits)
+        sa, sb = oa.state_dict, ob.state_dict
+        if normalize_prefixes:
+            sa, sb = dict(strip_prefixes(sa).state_dict), dict(strip_prefixes(sb).state_dict)
+        value_stats = {k: v.to_dict() for k, v in diff_values(sa, sb, keys=diff.changed).items()}
+    return diff, value_stats, frozen_report
+
+
+def _manifest_of(store: ArtifactStore, source: Source) -> Manifest:
+    if source.artifact_id is not None:
+        return store.manifest(source.artifact_id)
+    assert source.upload is not None
+    if source.inspection is None:
+        source.inspection = store.inspect_upload(source.upload)
+    return source.inspection.manifest
+
+
+def _normalized(manifest: Manifest) -> Manifest:
+    renamed = strip_prefixes(manifest.entries)  # type: ignore[arg-type]
+    entries: dict[str, TensorEntry] = dict(renamed.state_dict)  # type: ignore[arg-type]
+    return Manifest(entries, manifest.schema_fingerprint)

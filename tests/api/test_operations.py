@@ -1,0 +1,170 @@
+"""POST /merge, POST /strip and GET/POST /diff through the real app in-process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from fastapi.testclient import TestClient
+
+from tests.factories import TinyConvNet
+
+
+def _upload(client: TestClient, path: Path, name: str | None = None) -> str:
+    data = {"name": name} if name else {}
+    with path.open("rb") as fh:
+        r = client.post("/checkpoints", files={"file": (path.name, fh)}, data=data)
+    assert r.status_code in (200, 201), r.text
+    return str(r.json()["id"])
+
+
+def _merge(client: TestClient, files: dict[str, Path], **fields: str):  # type: ignore[no-untyped-def]
+    with files["trained"].open("rb") as fh:
+        return client.post(
+            "/merge",
+            data={"architecture": "tiny-convnet", **fields},
+            files={"trained_file": ("trained.pth", fh)},
+        )
+
+
+def test_merge_recipe_by_name_and_upload(
+    client: TestClient, recipe_files: dict[str, Path], tmp_path: Path
+) -> None:
+    _upload(client, recipe_files["original"], name="tiny-orig")
+    r = _merge(client, recipe_files, original="tiny-orig", frozen_prefixes="features.")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    report = body["report"]
+    assert report["prefixes"]["trained"]["applied"] == {"module.": 8}
+    assert report["verification"]["ok"] is True
+    assert "features.1.running_mean" in report["filled"]
+    assert report["provenance_counts"]["original"] == len(report["filled"])
+    assert report["frozen"]["changed"] == [] and report["frozen"]["checked"] == 6
+
+    blob = client.get(body["download_url"])
+    out = tmp_path / "final.pth"
+    out.write_bytes(blob.content)
+    final = torch.load(out)  # plain torch.load: the file is a directly usable model file
+    model = TinyConvNet()
+    model.load_state_dict(final, strict=True)
+    original = torch.load(recipe_files["original"], weights_only=True)
+    trained = torch.load(recipe_files["trained"], weights_only=True)
+    assert torch.equal(final["features.0.weight"], original["features.0.weight"])
+    assert torch.equal(final["features.1.running_var"], original["features.1.running_var"])
+    assert torch.equal(final["head.weight"], trained["module.head.weight"])
+    assert not torch.equal(final["head.weight"], original["head.weight"])
+
+    meta = client.get(f"/checkpoints/{body['id']}").json()
+    lineage = meta["lineage"]
+    assert lineage["operation"] == "merge"
+    assert lineage["inputs"]["original"] == client.get("/checkpoints/tiny-orig").json()["id"]
+    assert lineage["report"]["provenance"]["head.weight"]["source"] == "trained"
+    assert lineage["report"]["provenance"]["features.1.running_mean"]["source"] == "original"
+    # The uploaded trained file became an artifact too, so the lineage points at something real.
+    assert client.head(f"/checkpoints/{lineage['inputs']['trained']}").status_code == 200
+
+
+def test_merge_is_deterministic(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    orig = _upload(client, recipe_files["original"])
+    first = _merge(client, recipe_files, original=orig)
+    second = _merge(client, recipe_files, original=orig)
+    assert first.status_code == 201 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    # Default frozen set: the original's parameters, so the trained head shows up as a warning.
+    assert set(first.json()["report"]["frozen"]["changed"]) == {"head.weight", "head.bias"}
+    assert any("frozen tensors changed" in w for w in first.json()["report"]["warnings"])
+    st = _merge(client, recipe_files, original=orig, output_format="safetensors", name="final-st")
+    assert st.status_code == 201 and st.json()["id"] != first.json()["id"]
+    assert st.json()["artifact"]["format"] == "safetensors"
+    assert st.json()["artifact"]["names"] == ["final-st"]
+
+
+def test_merge_verification_failure_is_422_with_keys_and_stores_nothing(
+    client: TestClient, recipe_files: dict[str, Path]
+) -> None:
+    orig = _upload(client, recipe_files["original"])
+    before = client.get("/checkpoints").json()["total"]
+    bad = {k: v for k, v in torch.load(recipe_files["trained"], weights_only=True).items()}
+    bad["module.head.weight"] = torch.zeros(3, 16)  # wrong shape
+    bad["module.extra.weight"] = torch.zeros(1)
+    buf = io.BytesIO()
+    torch.save(bad, buf)
+    r = client.post(
+        "/merge",
+        data={"architecture": "tiny-convnet", "original": orig},
+        files={"trained_file": ("bad.pth", buf.getvalue())},
+    )
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["title"] == "Verification failed"
+    assert problem["unexpected_keys"] == ["extra.weight"]
+    assert "head.weight" in problem["report"]["verification"]["shape_mismatches"]
+    assert "'head.weight'" in problem["detail"]
+    assert client.get("/checkpoints").json()["total"] == before
+    # drop_unexpected removes the extra key, the shape mismatch still fails
+    r2 = client.post(
+        "/merge",
+        data={"architecture": "tiny-convnet", "original": orig, "drop_unexpected": "true"},
+        files={"trained_file": ("bad.pth", buf.getvalue())},
+    )
+    assert r2.status_code == 422 and r2.json()["unexpected_keys"] == []
+
+
+def test_merge_input_errors(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    orig = _upload(client, recipe_files["original"])
+    r = client.post("/merge", data={"architecture": "nope", "original": orig, "trained": orig})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    r = client.post("/merge", data={"architecture": "tiny-convnet", "trained": orig})
+    assert r.status_code == 400 and "original" in r.json()["detail"]
+    r = client.post(
+        "/merge", data={"architecture": "tiny-convnet", "original": orig, "trained": orig, "trianed": "typo"}
+    )
+    assert r.status_code == 400 and "trianed" in r.json()["detail"]
+
+
+def test_strip_endpoint(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    tid = _upload(client, recipe_files["trained"])
+    r = client.post("/strip", json={"checkpoint": tid, "name": "stripped"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["report"]["applied"] == {"module.": 8}
+    manifest = client.get(f"/checkpoints/{body['id']}/manifest").json()
+    assert all(not k.startswith("module.") for k in manifest["entries"])
+    assert body["artifact"]["lineage"]["inputs"] == {"checkpoint": tid}
+
+
+def test_diff_get_with_frozen_and_values(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    a = _upload(client, recipe_files["original"])
+    b = _upload(client, recipe_files["trained"])
+    raw = client.get("/diff", params={"a": a, "b": b}).json()
+    assert raw["summary"]["only_in_b"] == 8 and raw["summary"]["unchanged"] == 0
+    r = client.get(
+        "/diff", params={"a": a, "b": b, "normalize_prefixes": True, "frozen": "features.", "values": True}
+    )
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["summary"]["changed"] == 2  # the head
+    assert set(d["keys"]["changed"]["keys"]) == {"head.weight", "head.bias"}
+    assert d["summary"]["only_in_a"] == 6  # two BatchNorms' running stats
+    assert d["frozen"]["changed"] == [] and d["frozen"]["checked"] == 6
+    everything = client.get(
+        "/diff", params={"a": a, "b": b, "normalize_prefixes": True, "frozen": "true"}
+    ).json()
+    assert set(everything["frozen"]["changed"]) == {"head.weight", "head.bias"}
+    assert d["values"]["head.weight"]["max_abs"] > 0
+    small = client.get(
+        "/diff", params={"a": a, "b": b, "normalize_prefixes": True, "category": "only_in_a", "limit": 2}
+    ).json()
+    assert list(small["keys"]) == ["only_in_a"]
+    assert small["keys"]["only_in_a"]["truncated"] is True and len(small["keys"]["only_in_a"]["keys"]) == 2
+
+
+def test_diff_post_two_files(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    with recipe_files["original"].open("rb") as fa, recipe_files["trained"].open("rb") as fb:
+        r = client.post(
+            "/diff", params={"normalize_prefixes": True}, files={"a": ("a.pth", fa), "b": ("b.pth", fb)}
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["summary"]["changed"] == 2
+    assert client.get("/checkpoints").json()["total"] == 0  # nothing stored
