@@ -1,6 +1,6 @@
 """The artifact store: a content-addressed directory of checkpoints, safe with several processes on one root.
 
-The layout and the on-disk format are described in LAYOUT.md next to this file.
+The layout and the on-disk format are described in the README, section "The artifact directory".
 """
 
 from __future__ import annotations
