@@ -79,7 +79,8 @@ def _open(
 ) -> _Opened:
     if source.artifact_id is not None:
         loaded = store.load(source.artifact_id, safe_globals=safe_globals)
-        return _Opened(dict(loaded.state_dict), store.manifest(source.artifact_id), source.artifact_id)
+        sd = loaded.state_dict
+        return _Opened(_with_metadata(dict(sd), sd), store.manifest(source.artifact_id), source.artifact_id)
     assert source.upload is not None
     upload = source.upload
     if source.inspection is None:

@@ -43,18 +43,10 @@ _STATIC = Path(fastapi_offline.__file__).parent / "static"
 
 def build_services(settings: Settings) -> Services:
     """Build the long-lived objects of one app from its settings."""
-    limits = ArchiveLimits(
-        max_entries=settings.archive_max_entries, max_total_bytes=settings.archive_max_total_bytes
-    )
-    inspector = functools.partial(
-        inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits
-    )
-    store = ArtifactStore(
-        settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds
-    )
-    registry = ArchitectureRegistry(
-        specs_dir=settings.data_dir / "architectures", config_path=settings.config
-    )
+    limits = ArchiveLimits(max_entries=settings.archive_max_entries, max_total_bytes=settings.archive_max_total_bytes)
+    inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
+    store = ArtifactStore(settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds)
+    registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)
     pool = WorkPool(

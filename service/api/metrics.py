@@ -24,9 +24,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
-        self.bytes_ingested = Counter(
-            "ckpt_bytes_ingested", "Bytes of newly stored artifacts", registry=self.registry
-        )
+        self.bytes_ingested = Counter("ckpt_bytes_ingested", "Bytes of newly stored artifacts", registry=self.registry)
         self.merges = Counter("ckpt_merges", "Merge requests by outcome", ["outcome"], registry=self.registry)
         self.verification_failures = Counter(
             "ckpt_verification_failures", "Failed strict verifications", registry=self.registry

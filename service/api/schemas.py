@@ -95,11 +95,14 @@ class NameOut(BaseModel):
     id: str
 
 
+class DeletedOut(BaseModel):
+    deleted: str
+    names_removed: list[str] = []
+
+
 class StripIn(BaseModel):
     checkpoint: str = Field(description="An artifact id or name.")
-    prefixes: list[str] | None = Field(
-        None, description="Prefixes to remove; omitted: detect known wrappers."
-    )
+    prefixes: list[str] | None = Field(None, description="Prefixes to remove; omitted: detect known wrappers.")
     output_format: Literal["pth", "safetensors"] = "pth"
     name: str | None = None
 
@@ -151,9 +154,7 @@ class ArchitectureList(BaseModel):
 
 class ArchitectureIn(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    from_checkpoint: str | None = Field(
-        None, description="Take keys, shapes and dtypes from a stored artifact."
-    )
+    from_checkpoint: str | None = Field(None, description="Take keys, shapes and dtypes from a stored artifact.")
     keys: dict[str, TensorSpecIO] | None = None
     description: str | None = None
 

@@ -92,9 +92,7 @@ def check_content_length(request: Request, limit: int) -> None:
     except ValueError as exc:
         raise InvalidRequest(f"invalid Content-Length {raw[:32]!r}") from exc
     if length > limit:
-        raise PayloadTooLarge(
-            f"request body of {length} bytes exceeds the limit of {limit} bytes", limit=limit
-        )
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit} bytes", limit=limit)
 
 
 class _FormState:
@@ -114,9 +112,7 @@ class _FormState:
         self.text = bytearray()
         self.fields: dict[str, str] = {}
         self.seen: set[str] = set()
-        self.events: list[
-            tuple[str, Any]
-        ] = []  # ("begin_file", (name, filename)), ("data", bytes), ("end_file", None)
+        self.events: list[tuple[str, Any]] = []  # ("begin_file", (name, filename)), ("data", bytes), ("end_file", None)
 
     def on_part_begin(self) -> None:
         self.parts += 1
@@ -158,7 +154,8 @@ class _FormState:
         self.seen.add(name)
         self.current_name = name
         raw_filename = options.get(b"filename")
-        is_file = name in self.file_fields
+        # A name that may be either (POST /diff's `a`, `b`) is a file part only when it carries a filename.
+        is_file = name in self.file_fields and (raw_filename is not None or name not in self.text_fields)
         if not is_file and name not in self.text_fields:
             allowed = sorted(self.file_fields | self.text_fields)
             raise InvalidRequest(f"unknown multipart field {name!r}; expected one of {allowed}")
@@ -226,16 +223,12 @@ async def parse_multipart(
         async for chunk in request.stream():
             received += len(chunk)
             if received > body_limit:
-                raise PayloadTooLarge(
-                    f"request body exceeds the limit of {body_limit} bytes", limit=body_limit
-                )
+                raise PayloadTooLarge(f"request body exceeds the limit of {body_limit} bytes", limit=body_limit)
             parser.write(chunk)
             for kind, payload in state.events:
                 if kind == "begin_file":
                     name, filename = payload
-                    upload = await anyio.to_thread.run_sync(
-                        lambda: store.open_upload(max_bytes=max_file_bytes)
-                    )
+                    upload = await anyio.to_thread.run_sync(lambda: store.open_upload(max_bytes=max_file_bytes))
                     form.files[name] = FilePart(name, filename, upload)
                     sink = _AsyncSink(upload)
                 elif kind == "data":
@@ -271,9 +264,7 @@ async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> Parsed
         if len(body) > MULTIPART_OVERHEAD:
             raise PayloadTooLarge(f"form body exceeds {MULTIPART_OVERHEAD} bytes", limit=MULTIPART_OVERHEAD)
     try:
-        pairs = parse_qsl(
-            body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARTS
-        )
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARTS)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"malformed form body: {exc}") from exc
     form = ParsedForm()

@@ -168,3 +168,16 @@ def test_diff_post_two_files(client: TestClient, recipe_files: dict[str, Path]) 
     assert r.status_code == 200, r.text
     assert r.json()["summary"]["changed"] == 2
     assert client.get("/checkpoints").json()["total"] == 0  # nothing stored
+
+
+def test_diff_post_file_against_stored_ref(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    a = _upload(client, recipe_files["original"])
+    with recipe_files["trained"].open("rb") as fb:
+        r = client.post(
+            "/diff", params={"normalize_prefixes": True}, data={"a": a}, files={"b": ("b.pth", fb)}
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["a"] == a and r.json()["summary"]["changed"] == 2
+    assert client.get("/checkpoints").json()["total"] == 1
+    missing = client.post("/diff", data={"a": a}, files={"x": ("b.pth", b"123")})
+    assert missing.status_code == 400

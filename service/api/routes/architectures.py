@@ -56,9 +56,7 @@ def get_architecture(registry: RegistryDep, name: str = ArchName) -> Architectur
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 409, 422),
 )
-async def register_architecture(
-    body: ArchitectureIn, registry: RegistryDep, store: StoreDep
-) -> ArchitectureOut:
+async def register_architecture(body: ArchitectureIn, registry: RegistryDep, store: StoreDep) -> ArchitectureOut:
     """Register a code-free spec, from a stored checkpoint or from explicit keys."""
     if (body.from_checkpoint is None) == (body.keys is None):
         raise InvalidArchitecture("give exactly one of 'from_checkpoint' and 'keys'")
@@ -68,9 +66,7 @@ async def register_architecture(
     else:
         assert body.keys is not None
         spec = ArchitectureSpec(keys={k: TensorSpec(tuple(v.shape), v.dtype) for k, v in body.keys.items()})
-    arch = await anyio.to_thread.run_sync(
-        lambda: registry.register_spec(body.name, spec, description=body.description)
-    )
+    arch = await anyio.to_thread.run_sync(lambda: registry.register_spec(body.name, spec, description=body.description))
     return _out(arch, with_keys=True)
 
 

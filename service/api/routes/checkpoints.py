@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 
 from service.api.deps import ArtifactDep, ReadAuth, RefPath, ServicesDep, StoreDep, WriteAuth
 from service.api.problems import problem_responses
-from service.api.schemas import ArtifactOut, ArtifactPage, ManifestOut, NameIn, NameOut, TensorEntryOut
+from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestOut, NameIn, NameOut, TensorEntryOut
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
 from service.operations import convert_checkpoint
@@ -98,9 +98,7 @@ async def commit_upload(
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
         await anyio.to_thread.run_sync(store.set_name, name, result.artifact.id)
-        result = IngestResult(
-            await anyio.to_thread.run_sync(store.metadata, result.artifact.id), result.created
-        )
+        result = IngestResult(await anyio.to_thread.run_sync(store.metadata, result.artifact.id), result.created)
     return result
 
 
@@ -291,14 +289,15 @@ def list_checkpoints(
 
 @router.delete(
     "/checkpoints/{ref}",
+    response_model=DeletedOut,
     operation_id="delete_checkpoint",
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 409),
 )
-def delete_checkpoint(artifact: ArtifactDep, store: StoreDep, force: bool = False) -> dict[str, Any]:
+def delete_checkpoint(artifact: ArtifactDep, store: StoreDep, force: bool = False) -> DeletedOut:
     """Delete an artifact; refused with 409 while names point to it, unless `force`."""
     removed = store.delete(artifact.id, force=force)
-    return {"deleted": artifact.id, "names_removed": removed}
+    return DeletedOut(deleted=artifact.id, names_removed=removed)
 
 
 @router.put(
@@ -329,11 +328,12 @@ def list_names(store: StoreDep) -> list[NameOut]:
 
 @router.delete(
     "/names/{name}",
+    response_model=DeletedOut,
     operation_id="delete_name",
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404),
 )
-def delete_name(name: Annotated[str, RefPath], store: StoreDep) -> dict[str, str]:
+def delete_name(name: Annotated[str, RefPath], store: StoreDep) -> DeletedOut:
     """Remove a name (the artifact stays)."""
     store.delete_name(name)
-    return {"deleted": name}
+    return DeletedOut(deleted=name)

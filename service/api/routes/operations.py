@@ -78,9 +78,7 @@ def _diff_out(
     keys: dict[str, DiffCategoryKeys] = {}
     for cat in categories or list(CATEGORIES):
         all_keys = [k for k in getattr(diff, cat) if key_prefix is None or k.startswith(key_prefix)]
-        keys[cat] = DiffCategoryKeys(
-            keys=all_keys[:limit], total=len(all_keys), truncated=len(all_keys) > limit
-        )
+        keys[cat] = DiffCategoryKeys(keys=all_keys[:limit], total=len(all_keys), truncated=len(all_keys) > limit)
     data = diff.to_dict()
     details = {
         "shape_mismatch": data.get("shape_details", {}),
@@ -118,8 +116,7 @@ DIFF_QUERY_DOC = (
 )
 
 CategoryQuery = Annotated[
-    list[Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]]
-    | None,
+    list[Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]] | None,
     Query(),
 ]
 
@@ -161,9 +158,7 @@ async def diff_get(
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
     diff, stats, frozen_report = await (services.pool.run(run) if values else anyio.to_thread.run_sync(run))
-    return _diff_out(
-        ida, idb, diff, stats, frozen_report, list(category) if category else None, key_prefix, limit
-    )
+    return _diff_out(ida, idb, diff, stats, frozen_report, list(category) if category else None, key_prefix, limit)
 
 
 DIFF_BODY: dict[str, Any] = {
@@ -175,14 +170,24 @@ DIFF_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["a", "b"],
                     "properties": {
-                        "a": {"type": "string", "format": "binary"},
-                        "b": {"type": "string", "format": "binary"},
+                        "a": {"type": "string", "format": "binary", "description": "A file, or a ref as a text field."},
+                        "b": {"type": "string", "format": "binary", "description": "A file, or a ref as a text field."},
                     },
                 }
             }
         },
     }
 }
+
+
+async def _diff_side(services: Any, form: ParsedForm, role: str) -> Source:
+    part = form.files.get(role)
+    if part is not None:
+        return Source(upload=part.upload)
+    ref = form.fields.get(role)
+    if ref is None:
+        raise InvalidRequest(f"POST /diff needs '{role}' as a file part or as a ref")
+    return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref))
 
 
 @router.post(
@@ -192,7 +197,7 @@ DIFF_BODY: dict[str, Any] = {
     dependencies=[ReadAuth],
     openapi_extra=DIFF_BODY,
     description=DIFF_QUERY_DOC,
-    responses=problem_responses(400, 401, 413, 422, 503),
+    responses=problem_responses(400, 401, 404, 413, 422, 503),
 )
 async def diff_post(
     request: Request,
@@ -204,19 +209,17 @@ async def diff_post(
     key_prefix: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
 ) -> DiffOut:
-    """Diff two uploaded files (parts `a` and `b`); nothing is stored."""
+    """Diff two checkpoints given as uploaded files (parts `a`, `b`) or refs; nothing is stored."""
     form = await parse_multipart(
         request,
         services.store,
         file_fields=frozenset({"a", "b"}),
-        text_fields=frozenset(),
+        text_fields=frozenset({"a", "b"}),
         max_file_bytes=services.settings.max_upload_bytes,
     )
     try:
-        if "a" not in form.files or "b" not in form.files:
-            raise InvalidRequest("POST /diff needs two file parts, 'a' and 'b'")
-        sa = Source(upload=form.files["a"].upload)
-        sb = Source(upload=form.files["b"].upload)
+        sa = await _diff_side(services, form, "a")
+        sb = await _diff_side(services, form, "b")
         diff, stats, frozen_report = await services.pool.run(
             lambda: diff_checkpoints(
                 services.store,
@@ -228,18 +231,11 @@ async def diff_post(
                 safe_globals=services.settings.safe_globals,
             )
         )
+        ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
+        idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
     finally:
         await form.abort()
-    return _diff_out(
-        form.files["a"].upload.sha256,
-        form.files["b"].upload.sha256,
-        diff,
-        stats,
-        frozen_report,
-        list(category) if category else None,
-        key_prefix,
-        limit,
-    )
+    return _diff_out(ida, idb, diff, stats, frozen_report, list(category) if category else None, key_prefix, limit)
 
 
 MERGE_FIELDS = frozenset(
@@ -365,9 +361,7 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
             strip=strip_mode,
             drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
             output_format=output_format,  # type: ignore[arg-type]
-            frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip())
-            if frozen_raw
-            else None,
+            frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip()) if frozen_raw else None,
             labels=parse_labels(form.fields.get("labels")),
         )
         original = await _source(services, form, "original")

@@ -1,0 +1,578 @@
+"""The `ckpt` command line. Imports no torch, and no httpx or pydantic until a command runs, so
+`ckpt --help` starts instantly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.client.serve import add_serve_parser
+
+if TYPE_CHECKING:
+    from service.client.client import CheckpointClient, Progress, Source
+
+DEFAULT_URL = "http://127.0.0.1:8000"  # service.client.client.DEFAULT_URL, without importing httpx
+
+EPILOG = """\
+references:
+  REF is an artifact id (64 hex) or a name. Where a command also takes a FILE (diff, merge), an argument
+  that names an existing local file is sent as a file (or as its id when the service already has its
+  bytes); anything else is a REF.
+
+environment:
+  CKPT_URL     service URL (default http://127.0.0.1:8000); --url overrides it
+  CKPT_TOKEN   bearer token; --token overrides it
+
+exit codes:
+  0  ok
+  1  the operation failed: the service refused it (a failed verification prints the missing and
+     unexpected keys), a download did not verify, or the service could not be reached
+  2  usage error (bad arguments, a missing local file)
+"""
+
+Handler = Callable[["CheckpointClient", argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A problem with the command line found after parsing (exit code 2)."""
+
+
+# -- output helpers --------------------------------------------------------------------------------
+
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers], *[[("-" if c is None else str(c)) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _print_keys(label: str, keys: Sequence[str], *, limit: int = 20, file: Any = None) -> None:
+    out = file or sys.stdout
+    print(f"{label} ({len(keys)}):", file=out)
+    for key in keys[:limit]:
+        print(f"  {key}", file=out)
+    if len(keys) > limit:
+        print(f"  ... {len(keys) - limit} more (use --json for all)", file=out)
+
+
+@contextlib.contextmanager
+def _progress(desc: str) -> Iterator[Progress | None]:
+    # No bar when stderr is not a terminal: logs of cluster jobs stay clean.
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int | None) -> None:
+        if done < bar.n or (total is not None and bar.total != total):
+            bar.reset(total=total)  # a new transfer (the download after a merge's uploads)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _source(arg: str) -> Source:
+    return Path(arg) if os.path.isfile(arg) else arg
+
+
+def _existing_file(arg: str) -> Path:
+    path = Path(arg)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {arg!r}")
+    return path
+
+
+def _split(raw: str) -> list[str]:
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _labels(items: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not key or not sep:
+            raise UsageError(f"label {item!r} is not of the form key=value")
+        out[key] = value
+    return out
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
+    with _progress(f"push {args.file.name}") as progress:
+        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress)
+    if args.json:
+        _emit_json(result.to_dict())
+        return 0
+    art = result.artifact
+    verb = "uploaded" if result.uploaded else "already stored, nothing sent:"
+    if result.uploaded and not result.created:
+        verb = "uploaded (existing artifact):"
+    names = f"  names: {', '.join(art.names)}" if art.names else ""
+    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}")
+    return 0
+
+
+def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
+    dest = Path(args.output) if args.output else Path.cwd()
+    with _progress(f"pull {args.ref}") as progress:
+        result = client.pull(args.ref, dest, format=args.format, progress=progress)
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(f"wrote {result.path}  ({result.id}, {_human_bytes(result.size)}, sha256 verified)")
+    return 0
+
+
+def _cmd_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
+    filters = {"name": args.name, "label": args.label, "operation": args.operation, "format": args.format}
+    if args.all:
+        items = list(client.iter_checkpoints(**filters))
+        total, next_cursor = len(items), None
+    else:
+        page = client.list_checkpoints(**filters, limit=args.limit, cursor=args.cursor)
+        items, total, next_cursor = page.items, page.total, page.next_cursor
+    if args.json:
+        _emit_json({"items": [a.model_dump(mode="json") for a in items], "total": total,
+                    "next_cursor": next_cursor})
+        return 0
+    rows = [[a.id[:12], ",".join(a.names) or "-", a.format, a.key_count, _human_bytes(a.size),
+             a.lineage.operation if a.lineage else "upload", a.created[:19].replace("T", " ")] for a in items]
+    print(_table(["ID", "NAMES", "FORMAT", "KEYS", "SIZE", "FROM", "CREATED"], rows))
+    more = f"; next page: --cursor {next_cursor}" if next_cursor else ""
+    print(f"{len(items)} of {total}{more}")
+    return 0
+
+
+def _cmd_show(client: CheckpointClient, args: argparse.Namespace) -> int:
+    art = client.get(args.ref)
+    manifest = client.manifest(art.id) if args.manifest else None
+    if args.json:
+        data: dict[str, Any] = art.model_dump(mode="json")
+        if manifest is not None:
+            data["manifest"] = manifest.model_dump(mode="json")
+        _emit_json(data)
+        return 0
+    rows: list[tuple[str, Any]] = [
+        ("id", art.id), ("names", ", ".join(art.names) or "-"), ("format", art.format),
+        ("size", f"{_human_bytes(art.size)} ({art.size} bytes)"), ("keys", art.key_count),
+        ("tensor bytes", _human_bytes(art.tensor_bytes)), ("schema", art.schema_fingerprint[:16]),
+        ("created", art.created), ("filename", art.filename or "-"),
+        ("container key", art.container_key or "-"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(art.labels.items())) or "-"),
+    ]
+    if art.lineage is not None:
+        inputs = ", ".join(f"{k}={v[:12]}" for k, v in sorted(art.lineage.inputs.items()))
+        rows.append(("lineage", f"{art.lineage.operation} ({inputs})"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    if manifest is not None:
+        print()
+        print(_table(["KEY", "SHAPE", "DTYPE", "BYTES"],
+                     [[k, "x".join(map(str, e.shape)) or "scalar", e.dtype, e.nbytes]
+                      for k, e in manifest.entries.items()]))
+    return 0
+
+
+def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
+    frozen: bool | list[str] = False
+    if args.frozen is not None:
+        frozen = True if args.frozen == "true" else _split(args.frozen)
+    diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=args.normalize_prefixes,
+                       values=args.values, frozen=frozen, categories=args.category,
+                       key_prefix=args.key_prefix, limit=args.limit)
+    if args.json:
+        _emit_json(diff.model_dump(mode="json"))
+        return 0
+    print(f"a: {diff.a}\nb: {diff.b}" + ("  (prefixes normalized)" if diff.normalized else ""))
+    print(_table(["CATEGORY", "KEYS"], [[cat, n] for cat, n in diff.summary.items()]))
+    for cat, listed in diff.keys.items():
+        if cat != "unchanged" and listed.total:
+            print()
+            _print_keys(cat, listed.keys)
+            for key in listed.keys[:20]:
+                detail = diff.details.get(cat, {}).get(key)
+                if detail is not None:
+                    print(f"    {key}: {detail}")
+    if diff.frozen is not None:
+        changed = list(diff.frozen.get("changed") or [])
+        print()
+        checked = diff.frozen.get("checked", "?")
+        print(f"frozen check ({checked} tensors): " + ("ok, unchanged" if not changed else
+                                                        f"{len(changed)} changed"))
+        if changed:
+            _print_keys("changed frozen tensors", changed)
+    return 0
+
+
+def _print_verification_failure(exc: Any) -> None:
+    print(f"error: {exc.detail or exc.title}", file=sys.stderr)
+    _print_keys("missing keys", exc.missing_keys, limit=50, file=sys.stderr)
+    _print_keys("unexpected keys", exc.unexpected_keys, limit=50, file=sys.stderr)
+
+
+def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
+    raw_strip: str = args.strip_prefixes
+    strip: Any = raw_strip if raw_strip in ("auto", "known", "none") else _split(raw_strip)
+    frozen = _split(args.frozen_prefixes) if args.frozen_prefixes else None
+    with _progress("merge") as progress:
+        result = client.merge(
+            _source(args.original), _source(args.trained), architecture=args.architecture,
+            strip_prefixes=strip,
+            drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
+            labels=_labels(args.label), frozen_prefixes=frozen, output=args.output, progress=progress)
+    if args.json:
+        data = result.model_dump(mode="json")
+        if args.output:
+            data["output"] = str(args.output)
+        _emit_json(data)
+        return 0
+    report = result.report
+    verification = report.get("verification") or {}
+    state = "stored" if result.created else "already stored"
+    print(f"merged against {report.get('architecture', args.architecture)!r}: {state} {result.id}")
+    print(f"  verification: {'ok (strict)' if verification.get('ok') else 'FAILED'}")
+    filled = list(report.get("filled") or [])
+    print(f"  filled from the original: {len(filled)} keys"
+          + (f" in {len(report.get('filled_modules') or [])} modules" if filled else ""))
+    for warning in report.get("warnings") or []:
+        print(f"  warning: {warning}")
+    if args.output:
+        print(f"wrote {args.output}  (sha256 verified)")
+    return 0
+
+
+def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
+    result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name)
+    if args.json:
+        _emit_json(result.model_dump(mode="json"))
+    else:
+        state = "stored" if result.created else "already stored"
+        applied = result.report.get("applied") or {}
+        removed = ", ".join(f"{p!r} x{n}" for p, n in sorted(applied.items())) or "none"
+        print(f"stripped: {state} {result.id}  (removed: {removed})")
+    return 0
+
+
+def _cmd_rm(client: CheckpointClient, args: argparse.Namespace) -> int:
+    result = client.delete(args.ref, force=args.force)
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        names = f"; names removed: {', '.join(result.names_removed)}" if result.names_removed else ""
+        print(f"deleted {result.id}{names}")
+    return 0
+
+
+def _cmd_arch_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
+    archs = client.list_architectures()
+    if args.json:
+        _emit_json(archs.model_dump(mode="json"))
+        return 0
+    print(_table(["NAME", "SOURCE", "KEYS", "SCHEMA", "DESCRIPTION"],
+                 [[a.name, a.source, a.key_count, a.schema_fingerprint[:12], a.description or "-"]
+                  for a in archs.items]))
+    for issue in archs.issues:
+        print(f"unavailable: {issue.get('name', '?')} ({issue.get('source', '?')}): {issue.get('error', '')}",
+              file=sys.stderr)
+    return 0
+
+
+def _print_architecture(arch: Any) -> None:
+    print(f"{arch.name}  ({arch.source}, {arch.key_count} keys, schema {arch.schema_fingerprint[:16]})")
+    if arch.description:
+        print(arch.description)
+    if arch.keys:
+        print(_table(["KEY", "SHAPE", "DTYPE"],
+                     [[k, "x".join(map(str, s.shape)) or "scalar", s.dtype] for k, s in arch.keys.items()]))
+
+
+def _cmd_arch_show(client: CheckpointClient, args: argparse.Namespace) -> int:
+    arch = client.get_architecture(args.name)
+    if args.json:
+        _emit_json(arch.model_dump(mode="json"))
+    else:
+        _print_architecture(arch)
+    return 0
+
+
+def _cmd_arch_register(client: CheckpointClient, args: argparse.Namespace) -> int:
+    keys = None
+    if args.keys_file is not None:
+        try:
+            keys = json.loads(args.keys_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read keys from {str(args.keys_file)!r}: {exc}") from exc
+        if not isinstance(keys, dict):
+            raise UsageError("the keys file must hold a JSON object: key -> {shape, dtype}")
+    arch = client.register_architecture(args.name, from_checkpoint=args.from_checkpoint, keys=keys,
+                                        description=args.description)
+    if args.json:
+        _emit_json(arch.model_dump(mode="json"))
+    else:
+        print(f"registered {arch.name!r}: {arch.key_count} keys, schema {arch.schema_fingerprint[:16]}")
+    return 0
+
+
+def _cmd_arch_rm(client: CheckpointClient, args: argparse.Namespace) -> int:
+    client.delete_architecture(args.name)
+    if args.json:
+        _emit_json({"deleted": args.name})
+    else:
+        print(f"deleted architecture {args.name!r}")
+    return 0
+
+
+def _cmd_name_set(client: CheckpointClient, args: argparse.Namespace) -> int:
+    out = client.set_name(args.name, args.ref)
+    if args.json:
+        _emit_json(out.model_dump(mode="json"))
+    else:
+        print(f"{out.name} -> {out.id}")
+    return 0
+
+
+def _cmd_name_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
+    names = client.list_names()
+    if args.json:
+        _emit_json([n.model_dump(mode="json") for n in names])
+    else:
+        print(_table(["NAME", "ID"], [[n.name, n.id] for n in names]))
+    return 0
+
+
+def _cmd_name_rm(client: CheckpointClient, args: argparse.Namespace) -> int:
+    client.delete_name(args.name)
+    if args.json:
+        _emit_json({"deleted": args.name})
+    else:
+        print(f"deleted name {args.name!r}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS defaults: the options work before and after the command without one overwriting the other.
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("service")
+    group.add_argument("--url", default=argparse.SUPPRESS,
+                       help=f"service URL (CKPT_URL, default {DEFAULT_URL})")
+    group.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (CKPT_TOKEN)")
+    group.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per network read")
+    group.add_argument("--retries", type=int, default=argparse.SUPPRESS,
+                       help="attempts of idempotent calls on connection errors and 503 (default 4)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON for scripts instead of tables")
+    return common
+
+
+def _add(sub: Any, name: str, handler: Handler, common: argparse.ArgumentParser, **kwargs: Any) -> Any:
+    parser = sub.add_parser(name, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                            **kwargs)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the `ckpt` argument parser.
+
+    Returns:
+        The parser; each client command sets `handler`, `serve` sets `func`.
+    """
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="ckpt", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Checkpoint post-processing service and client: strip, diff, merge and strictly verify "
+                    "PyTorch checkpoints of frozen-backbone fine-tunes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)")
+    p.add_argument("file", type=_existing_file, metavar="FILE")
+    p.add_argument("--name", help="point this name at the artifact")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
+
+    p = _add(sub, "pull", _cmd_pull, common, help="download a checkpoint, verified against its sha256")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("-o", "--output", help="file or directory to write (default: the current directory)")
+    p.add_argument("--format", choices=["pth", "safetensors"], help="convert on the way out")
+
+    p = _add(sub, "ls", _cmd_ls, common, help="list checkpoints, newest first")
+    p.add_argument("--name", help="only the artifact this name points to")
+    p.add_argument("--label", metavar="KEY[=VALUE]", help="only artifacts with this label")
+    p.add_argument("--operation", choices=["strip", "merge", "convert", "upload"])
+    p.add_argument("--format", help="only this format (pth-zip, pth-legacy, safetensors, ...)")
+    p.add_argument("--limit", type=int, default=50, help="page size (default 50)")
+    p.add_argument("--cursor", help="continue after a previous page")
+    p.add_argument("--all", action="store_true", help="follow the pages to the end")
+
+    p = _add(sub, "show", _cmd_show, common, help="show a checkpoint's metadata and lineage")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--manifest", action="store_true", help="also list every key, shape and dtype")
+
+    p = _add(sub, "diff", _cmd_diff, common, help="diff two checkpoints (stored or local files)")
+    p.add_argument("a", metavar="A", help="REF or FILE (the original, for --frozen)")
+    p.add_argument("b", metavar="B", help="REF or FILE")
+    p.add_argument("-n", "--normalize-prefixes", action="store_true", help="strip wrapper prefixes first")
+    p.add_argument("--values", action="store_true", help="value statistics of changed tensors")
+    p.add_argument("--frozen", nargs="?", const="true", metavar="PREFIXES",
+                   help="check that A's parameters (or the comma-separated key prefixes) are unchanged in B")
+    p.add_argument("--category", action="append", help="only this category (repeatable)",
+                   choices=["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed",
+                            "unchanged"])
+    p.add_argument("--key-prefix", help="only keys under this prefix")
+    p.add_argument("--limit", type=int, default=1000, help="keys per category (default 1000)")
+
+    p = _add(sub, "merge", _cmd_merge, common,
+             help="merge a trained checkpoint with its original and verify it strictly",
+             description="Fill what the trained state_dict lacks (BatchNorm running stats dropped by "
+                         "track_running_stats=False) from the original, verify with "
+                         "load_state_dict(strict=True) against the architecture, store the result.")
+    p.add_argument("original", metavar="ORIGINAL", help="REF or FILE: the pretrained checkpoint")
+    p.add_argument("trained", metavar="TRAINED", help="REF or FILE: the fine-tuned checkpoint")
+    p.add_argument("-a", "--arch", "--architecture", dest="architecture", required=True,
+                   help="registered architecture name (see `ckpt arch ls`)")
+    p.add_argument("-o", "--output", type=Path, help="write the verified result to this file")
+    p.add_argument("--name", help="point this name at the result")
+    p.add_argument("--strip-prefixes", default="auto",
+                   help="auto (match the architecture), known, none, or comma-separated prefixes")
+    p.add_argument("--drop-unexpected", action="store_true", help="drop keys the architecture does not have")
+    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--frozen-prefixes", help="comma-separated key prefixes of the frozen part")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
+
+    p = _add(sub, "strip", _cmd_strip, common, help="remove wrapper prefixes (module., _orig_mod., ...)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--prefix", action="append", help="a prefix to remove (repeatable; default: detect)")
+    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--name", help="point this name at the result")
+
+    p = _add(sub, "rm", _cmd_rm, common, help="delete a checkpoint")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--force", action="store_true", help="also remove the names pointing to it")
+
+    arch = sub.add_parser("arch", help="architectures: ls, show, register, rm")
+    arch_sub = arch.add_subparsers(dest="arch_command", required=True, metavar="ACTION")
+    _add(arch_sub, "ls", _cmd_arch_ls, common, help="list architectures")
+    p = _add(arch_sub, "show", _cmd_arch_show, common, help="expected keys, shapes and dtypes")
+    p.add_argument("name", metavar="NAME")
+    p = _add(arch_sub, "register", _cmd_arch_register, common, help="register a code-free spec")
+    p.add_argument("name", metavar="NAME")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-checkpoint", metavar="REF", help="take the keys from a stored checkpoint")
+    source.add_argument("--keys-file", type=_existing_file, metavar="JSON",
+                        help='JSON object: key -> {"shape": [...], "dtype": "float32"}')
+    p.add_argument("--description")
+    p = _add(arch_sub, "rm", _cmd_arch_rm, common, help="remove a spec-registered architecture")
+    p.add_argument("name", metavar="NAME")
+
+    name = sub.add_parser("name", help="names: set, ls, rm")
+    name_sub = name.add_subparsers(dest="name_command", required=True, metavar="ACTION")
+    p = _add(name_sub, "set", _cmd_name_set, common, help="point a name at a checkpoint")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("ref", metavar="REF")
+    _add(name_sub, "ls", _cmd_name_ls, common, help="list names")
+    p = _add(name_sub, "rm", _cmd_name_rm, common, help="remove a name (the checkpoint stays)")
+    p.add_argument("name", metavar="NAME")
+
+    add_serve_parser(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from service.client.client import CheckpointClient, RetryPolicy
+    from service.client.errors import ClientError, ServiceError, VerificationError
+
+    url = getattr(args, "url", None) or os.environ.get("CKPT_URL") or DEFAULT_URL
+    token = getattr(args, "token", None) or os.environ.get("CKPT_TOKEN") or None
+    timeout = getattr(args, "timeout", None)
+    retries = getattr(args, "retries", None)
+    args.json = getattr(args, "json", False)
+    handler: Handler = args.handler
+    kwargs: dict[str, Any] = {"token": token}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    if retries is not None:
+        kwargs["retry"] = RetryPolicy(attempts=max(1, retries))
+    try:
+        with CheckpointClient(url, **kwargs) as client:
+            return handler(client, args)
+    except VerificationError as exc:
+        _print_verification_failure(exc)
+        if args.json:
+            _emit_json({"error": exc.problem})
+        return 1
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.json:
+            _emit_json({"error": exc.problem})
+        return 1
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.json:
+            _emit_json({"error": {"title": exc.title, "detail": str(exc), **exc.extensions}})
+        return 1
+    except (UsageError, ValueError) as exc:
+        print(f"ckpt: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ckpt` console script.
+
+    Args:
+        argv: The arguments (default `sys.argv[1:]`).
+
+    Returns:
+        The exit code: 0 ok, 1 failed operation, 2 usage.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on a usage error, 0 after --help
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "handler", None) is None:
+        code: int = args.func(args)  # `serve`
+        return code
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

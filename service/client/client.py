@@ -1,0 +1,953 @@
+"""`CheckpointClient`: a typed httpx client for the checkpoint service. Imports no torch.
+
+Transfers stream from and to disk: an upload is read in chunks while it is sent, a download is written to a
+temp file next to its destination, verified against the artifact id (the sha256 of the bytes) and only then
+renamed into place.
+
+Retries. Connection errors and 502/503/504 answers are retried with exponential backoff, honouring
+Retry-After, for idempotent calls only: GET, HEAD, PUT and DELETE, `POST /diff` (it stores nothing), and
+`push`, because the client always sends the sha256 of the bytes: the service stores content by digest, so
+repeating a push can only store the same artifact again (an existing one is returned unchanged). `merge`,
+`strip` and `register_architecture` are never retried: a 503 there (`OverloadedError`) is the caller's
+decision, since the work is heavy and the service asked to back off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Literal, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from service import __version__
+from service.api.schemas import (
+    ArchitectureList,
+    ArchitectureOut,
+    ArtifactOut,
+    ArtifactPage,
+    DiffOut,
+    Health,
+    ManifestOut,
+    NameOut,
+    OperationOut,
+)
+from service.client.errors import (
+    ClientError,
+    IntegrityError,
+    ServiceError,
+    TransportError,
+    error_from_problem,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "CheckpointClient",
+    "DeleteResult",
+    "Progress",
+    "PullResult",
+    "PushResult",
+    "RetryPolicy",
+    "Source",
+    "sha256_file",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+CHUNK_BYTES = 1 << 20
+# Reads wait for a whole merge or a large hash on the service; connecting should fail fast.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+Progress = Callable[[int, int | None], None]
+"""`progress(done_bytes, total_bytes)`; total is None when the service does not announce a length."""
+
+Source = str | os.PathLike[str]
+"""A stored artifact (an id or a name, given as `str`) or a local file (given as a `Path`)."""
+
+OutputFormat = Literal["pth", "safetensors"]
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hash a file in chunks, without reading it into memory.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The lowercase hex sha256 of its bytes: the artifact id the service would give it.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How idempotent calls are retried.
+
+    Attributes:
+        attempts: Tries in all, the first included (1 disables retries).
+        backoff: Delay before the first retry, in seconds; doubled on each further retry (with jitter).
+        max_delay: Upper bound of one delay, Retry-After included.
+        statuses: Answers that are retried.
+    """
+
+    attempts: int = 4
+    backoff: float = 0.5
+    max_delay: float = 30.0
+    statuses: frozenset[int] = field(default_factory=lambda: frozenset({502, 503, 504}))
+
+    def delay(self, retry: int, retry_after: float | None) -> float:
+        """Seconds to wait before retry number `retry` (0-based); the service's Retry-After wins."""
+        if retry_after is not None:
+            return max(0.0, min(retry_after, self.max_delay))
+        # Jitter keeps many clients that failed together from coming back together.
+        return min(self.backoff * (2.0**retry) * random.uniform(0.5, 1.0), self.max_delay)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "backoff": self.backoff, "max_delay": self.max_delay,
+                "statuses": sorted(self.statuses)}
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What `push` did.
+
+    Attributes:
+        artifact: The stored artifact.
+        uploaded: False when the service already had the bytes and none were sent.
+        created: True when this push stored a new artifact.
+    """
+
+    artifact: ArtifactOut
+    uploaded: bool
+    created: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact.model_dump(mode="json"), "uploaded": self.uploaded,
+                "created": self.created}
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """A verified download: the file written, the artifact id its bytes hash to, and its size."""
+
+    path: Path
+    id: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "id": self.id, "size": self.size}
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """What `delete` removed: the artifact id and the names that pointed to it (with `force`)."""
+
+    id: str
+    names_removed: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "names_removed": list(self.names_removed)}
+
+
+class _Counter:
+    def __init__(self, total: int | None, callback: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self.callback = callback
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None and n:
+            self.callback(self.done, self.total)
+
+
+class _ProgressReader(io.RawIOBase):
+    # A file object (httpx's multipart encoder reads, seeks and sizes it) that counts the bytes read.
+    def __init__(self, fh: io.BufferedReader, counter: _Counter) -> None:
+        super().__init__()
+        self._fh = fh
+        self._counter = counter
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._fh.readinto(buffer)
+        self._counter.add(n or 0)
+        return int(n or 0)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+
+def _iter_file(fh: IO[bytes], counter: _Counter) -> Iterator[bytes]:
+    while chunk := fh.read(CHUNK_BYTES):
+        counter.add(len(chunk))
+        yield chunk
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _error(response: httpx.Response) -> ServiceError:
+    problem: Any = None
+    if response.content:
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = None
+    if not isinstance(problem, dict):
+        problem = {"title": response.reason_phrase or "Error", "status": response.status_code}
+        text = response.text.strip() if response.content else ""
+        if text:
+            problem["detail"] = text[:300]
+    return error_from_problem(response.status_code, problem, retry_after=_retry_after(response))
+
+
+def _parse(model: type[_M], response: httpx.Response) -> _M:
+    try:
+        return model.model_validate(response.json())
+    except (ValueError, ValidationError) as exc:
+        raise ClientError(f"unexpected {model.__name__} response from {response.request.url.path}: "
+                          f"{str(exc)[:200]}") from exc
+
+
+def _bool_field(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _labels_field(labels: Mapping[str, str] | None) -> str | None:
+    return json.dumps(dict(labels), sort_keys=True) if labels else None
+
+
+def _quote(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+BodyFactory = Callable[[contextlib.ExitStack], dict[str, Any]]
+
+
+class CheckpointClient:
+    """A client for one checkpoint service.
+
+    Example:
+        >>> with CheckpointClient("http://ckpt:8000", token="...") as ckpt:
+        ...     ckpt.push(Path("original.pth"), name="resnet-pretrained")
+        ...     ckpt.merge("resnet-pretrained", Path("trained.pth"), architecture="resnet18",
+        ...                output=Path("final.pth"))
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        token: str | None = None,
+        http: httpx.Client | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """Create a client.
+
+        Args:
+            base_url: The service's URL. Default: the injected client's `base_url`, else `DEFAULT_URL`.
+            token: A bearer token (`read:` or `write:` scope on the service).
+            http: An `httpx.Client` to use (a Starlette `TestClient` in tests); the caller closes it.
+            timeout: The timeout of the client built when `http` is not given.
+            retry: The retry policy for idempotent calls; default `RetryPolicy()`.
+            sleep: What waits between retries (injected by tests and by callers with their own scheduler).
+        """
+        self._owns_http = http is None
+        if http is None:
+            http = httpx.Client(base_url=(base_url or DEFAULT_URL).rstrip("/"), timeout=timeout)
+            base_url = None  # the client's base_url is used for relative paths
+        self._http = http
+        self._base = base_url.rstrip("/") if base_url else None
+        self._headers = {"User-Agent": f"ckpt-client/{__version__}"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+
+    @property
+    def base_url(self) -> str:
+        """The URL requests go to."""
+        return self._base or str(self._http.base_url).rstrip("/")
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> CheckpointClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ------------------------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self._base}{path}" if self._base else path
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        body: BodyFactory | None = None,
+        stream: bool = False,
+        ok_statuses: Sequence[int] = (),
+    ) -> httpx.Response:
+        # Each attempt rebuilds its body (files reopened), so a retried upload sends the bytes from the start.
+        attempts = max(1, self.retry.attempts) if idempotent else 1
+        clean_params = {k: v for k, v in (params or {}).items() if v is not None}
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            with contextlib.ExitStack() as stack:
+                extra = body(stack) if body is not None else {}
+                headers = {**self._headers, **extra.pop("headers", {})}
+                request = self._http.build_request(method, self._url(path), params=clean_params,
+                                                   json=json_body, headers=headers, **extra)
+                try:
+                    response = self._http.send(request, stream=stream)
+                except httpx.TransportError as exc:
+                    if last:
+                        raise TransportError(f"{method} {path} failed: {type(exc).__name__}: {exc}") from exc
+                    self._sleep(self.retry.delay(attempt, None))
+                    continue
+            if response.status_code in ok_statuses or response.status_code < 400:
+                return response
+            if not last and response.status_code in self.retry.statuses:
+                delay = self.retry.delay(attempt, _retry_after(response))
+                response.close()
+                self._sleep(delay)
+                continue
+            if stream:
+                response.read()
+                response.close()
+            raise _error(response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def exists(self, ref: str) -> bool:
+        """Tell whether the service has an artifact (`HEAD /checkpoints/{ref}`).
+
+        Args:
+            ref: An artifact id or a name.
+
+        Returns:
+            True when it exists.
+
+        Raises:
+            ServiceError: Any answer but 200 and 404 (e.g. `BadRequestError` for an invalid reference).
+        """
+        response = self._send("HEAD", f"/checkpoints/{_quote(ref)}", idempotent=True, ok_statuses=(404,))
+        return response.status_code != 404
+
+    def get(self, ref: str) -> ArtifactOut:
+        """Read an artifact's metadata, with lineage (`GET /checkpoints/{ref}`).
+
+        Args:
+            ref: An artifact id or a name.
+
+        Returns:
+            The metadata.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+        """
+        return _parse(ArtifactOut, self._send("GET", f"/checkpoints/{_quote(ref)}", idempotent=True))
+
+    def manifest(self, ref: str) -> ManifestOut:
+        """Read an artifact's manifest: key -> shape, dtype, byte size, fingerprint.
+
+        Args:
+            ref: An artifact id or a name.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+        """
+        return _parse(ManifestOut, self._send("GET", f"/checkpoints/{_quote(ref)}/manifest", idempotent=True))
+
+    def push(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        filename: str | None = None,
+        progress: Progress | None = None,
+    ) -> PushResult:
+        """Upload a checkpoint file, streamed from disk, unless the service already has its bytes.
+
+        The file is hashed locally first; `HEAD /checkpoints/{sha256}` tells whether to send it. When it is
+        sent, the digest goes along, and the service stores nothing if the bytes it received differ. For an
+        artifact that exists, `name` is still pointed at it, while `labels` and `filename` are kept as they
+        were (the service does the same for a repeated upload).
+
+        Args:
+            path: The local file.
+            name: Point this name at the artifact.
+            labels: Key/value labels for a new artifact.
+            filename: The filename to record; default the file's name.
+            progress: Called with (bytes sent, file size) while uploading.
+
+        Returns:
+            The artifact, and whether bytes were sent and a new artifact stored.
+
+        Raises:
+            OSError: The file cannot be read.
+            BadRequestError: The bytes changed while uploading (digest mismatch) or the name is invalid.
+            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
+            PayloadTooLargeError: The file is over the service's limit.
+        """
+        path = Path(path)
+        size = path.stat().st_size
+        digest = sha256_file(path)
+        if self.exists(digest):
+            if name is not None:
+                self.set_name(name, digest)
+            return PushResult(self.get(digest), uploaded=False, created=False)
+
+        def body(stack: contextlib.ExitStack) -> dict[str, Any]:
+            fh = stack.enter_context(path.open("rb"))
+            return {"content": _iter_file(fh, _Counter(size, progress)),
+                    "headers": {"Content-Type": "application/octet-stream", "Content-Length": str(size)}}
+
+        params = {"sha256": digest, "filename": filename or path.name, "name": name,
+                  "labels": _labels_field(labels)}
+        response = self._send("POST", "/checkpoints", idempotent=True, params=params, body=body)
+        return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
+
+    def pull(
+        self,
+        ref: str,
+        dest: str | os.PathLike[str],
+        *,
+        format: OutputFormat | None = None,
+        progress: Progress | None = None,
+    ) -> PullResult:
+        """Download an artifact, verified, to a file.
+
+        The bytes stream into a temp file in the destination's directory while they are hashed; the file is
+        renamed into place only when its sha256 equals the artifact id (the `X-Checkpoint-Id` header, and
+        `ref` itself when it is an id). On any failure no file is left at the destination or beside it.
+
+        Args:
+            ref: An artifact id or a name.
+            dest: The file to write, or an existing directory (the service's filename is used).
+            format: Convert on the way out (`"safetensors"` or `"pth"`); default the stored format.
+            progress: Called with (bytes received, total or None) while downloading.
+
+        Returns:
+            The path written, with the artifact id and size.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+            IntegrityError: The bytes do not hash to the artifact id.
+            TransportError: The connection failed on every attempt.
+            OSError: The destination cannot be written.
+        """
+        dest = Path(dest)
+        expected = ref.lower() if format is None and _HEX64.match(ref.lower()) else None
+        attempts = max(1, self.retry.attempts)
+        for attempt in range(attempts):
+            try:
+                return self._download_once(ref, dest, format=format, expected=expected, progress=progress)
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                # Broke mid-body: the partial file is gone already; start over (downloads are idempotent).
+                if attempt == attempts - 1:
+                    raise TransportError(f"download of {ref!r} failed: {type(exc).__name__}: {exc}") from exc
+                self._sleep(self.retry.delay(attempt, None))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _download_once(self, ref: str, dest: Path, *, format: OutputFormat | None, expected: str | None,
+                       progress: Progress | None) -> PullResult:
+        response = self._send("GET", f"/checkpoints/{_quote(ref)}/file", idempotent=True,
+                              params={"format": format}, stream=True)
+        try:
+            announced = response.headers.get("x-checkpoint-id") or response.headers.get("etag", "").strip('"')
+            announced = announced.lower()
+            if not _HEX64.match(announced):
+                raise ClientError(f"the service sent no artifact id for {ref!r}; cannot verify the download")
+            if expected is not None and announced != expected:
+                raise IntegrityError(f"asked for {expected}, the service sent {announced}",
+                                     expected=expected, actual=announced)
+            target = dest / self._download_name(response, announced) if dest.is_dir() else dest
+            length = response.headers.get("content-length")
+            counter = _Counter(int(length) if length and length.isdigit() else None, progress)
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            tmp = Path(tmp_name)
+            size = 0
+            try:
+                digest = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in response.iter_bytes(CHUNK_BYTES):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                        counter.add(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+                actual = digest.hexdigest()
+                if actual != announced:
+                    raise IntegrityError(
+                        f"the download of {ref!r} hashes to {actual}, not to its id {announced}",
+                        expected=announced, actual=actual)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            return PullResult(path=target, id=announced, size=size)
+        finally:
+            response.close()
+
+    @staticmethod
+    def _download_name(response: httpx.Response, artifact_id: str) -> str:
+        disposition = response.headers.get("content-disposition", "")
+        match = re.search(r'filename="?([^";]+)"?', disposition)
+        # Only a base name from the server: a hostile "../x" must not escape the destination directory.
+        name = Path(match.group(1)).name if match else ""
+        return name if name not in ("", ".", "..") else f"{artifact_id[:16]}.pth"
+
+    def list_checkpoints(
+        self,
+        *,
+        name: str | None = None,
+        label: str | None = None,
+        operation: Literal["strip", "merge", "convert", "upload"] | None = None,
+        format: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> ArtifactPage:
+        """List artifacts, newest first, one page at a time.
+
+        Args:
+            name: Only the artifact this name points to.
+            label: `"key"` or `"key=value"`.
+            operation: Only artifacts made by this operation.
+            format: Only artifacts in this format (e.g. `"pth-zip"`, `"safetensors"`).
+            limit: Page size (1-500).
+            cursor: `next_cursor` of the previous page.
+
+        Returns:
+            One page, with `next_cursor` (None on the last page) and `total`.
+        """
+        params = {"name": name, "label": label, "operation": operation, "format": format, "limit": limit,
+                  "cursor": cursor}
+        return _parse(ArtifactPage, self._send("GET", "/checkpoints", idempotent=True, params=params))
+
+    def iter_checkpoints(
+        self,
+        *,
+        name: str | None = None,
+        label: str | None = None,
+        operation: Literal["strip", "merge", "convert", "upload"] | None = None,
+        format: str | None = None,
+        page_size: int = 200,
+    ) -> Iterator[ArtifactOut]:
+        """Iterate over every artifact that matches, following the cursor across pages.
+
+        Args:
+            name: As for `list_checkpoints`.
+            label: As for `list_checkpoints`.
+            operation: As for `list_checkpoints`.
+            format: As for `list_checkpoints`.
+            page_size: Artifacts per request.
+
+        Returns:
+            An iterator of artifacts, newest first.
+        """
+        cursor: str | None = None
+        while True:
+            page = self.list_checkpoints(name=name, label=label, operation=operation, format=format,
+                                         limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def delete(self, ref: str, *, force: bool = False) -> DeleteResult:
+        """Delete an artifact.
+
+        Args:
+            ref: An artifact id or a name.
+            force: Also remove the names that point to it (otherwise 409).
+
+        Returns:
+            The id deleted and the names removed.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+            ConflictError: Names point to it and `force` is False.
+        """
+        response = self._send("DELETE", f"/checkpoints/{_quote(ref)}", idempotent=True,
+                              params={"force": force})
+        try:
+            data = response.json()
+            return DeleteResult(id=str(data["deleted"]), names_removed=tuple(data.get("names_removed") or ()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ClientError(f"unexpected delete response: {response.text[:200]!r}") from exc
+
+    # -- names ----------------------------------------------------------------------------------------------
+
+    def set_name(self, name: str, ref: str) -> NameOut:
+        """Point a name at an artifact (create or move it).
+
+        Args:
+            name: The name.
+            ref: An artifact id or another name.
+
+        Returns:
+            The name and the id it now points to.
+
+        Raises:
+            NotFoundError: `ref` does not resolve.
+            BadRequestError: The name is not valid.
+        """
+        return _parse(NameOut, self._send("PUT", f"/names/{_quote(name)}", idempotent=True,
+                                          json_body={"id": ref}))
+
+    def list_names(self) -> list[NameOut]:
+        """List every name and the id it points to, sorted by name.
+
+        Returns:
+            The names.
+        """
+        response = self._send("GET", "/names", idempotent=True)
+        try:
+            return [NameOut.model_validate(item) for item in response.json()]
+        except (ValueError, ValidationError) as exc:
+            raise ClientError(f"unexpected /names response: {str(exc)[:200]}") from exc
+
+    def delete_name(self, name: str) -> None:
+        """Remove a name; the artifact stays.
+
+        Args:
+            name: The name.
+
+        Raises:
+            NotFoundError: No such name.
+        """
+        self._send("DELETE", f"/names/{_quote(name)}", idempotent=True)
+
+    # -- operations -----------------------------------------------------------------------------------------
+
+    def strip(
+        self,
+        ref: str,
+        *,
+        prefixes: Sequence[str] | None = None,
+        output_format: OutputFormat = "pth",
+        name: str | None = None,
+    ) -> OperationOut:
+        """Remove wrapper prefixes (`module.` and friends) and store the result. Not retried.
+
+        Args:
+            ref: An artifact id or a name.
+            prefixes: The prefixes to remove; default: detect the known wrappers.
+            output_format: `"pth"` or `"safetensors"`.
+            name: Point this name at the result.
+
+        Returns:
+            The stored result and the strip report.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+            UnprocessableError: Two keys would collide after stripping.
+            OverloadedError: The service is busy (`retry_after`).
+        """
+        payload = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
+                   "output_format": output_format, "name": name}
+        return _parse(OperationOut, self._send("POST", "/strip", idempotent=False, json_body=payload))
+
+    def _local_or_ref(self, source: Source) -> tuple[str | None, Path | None, str | None]:
+        # (ref, path, digest): a stored file becomes its id, so its bytes are not sent again.
+        if isinstance(source, os.PathLike):
+            path = Path(source)
+            digest = sha256_file(path)
+            if self.exists(digest):
+                return digest, None, digest
+            return None, path, digest
+        return str(source), None, None
+
+    def diff(
+        self,
+        a: Source,
+        b: Source,
+        *,
+        normalize_prefixes: bool = False,
+        values: bool = False,
+        frozen: bool | Sequence[str] = False,
+        categories: Sequence[str] | None = None,
+        key_prefix: str | None = None,
+        limit: int = 1000,
+    ) -> DiffOut:
+        """Diff two checkpoints by key, shape, dtype and content fingerprint.
+
+        Stored artifacts (ids or names, as `str`) are diffed with `GET /diff`. Local files (`Path`s) are
+        hashed first: when the service has them, they are diffed by id; otherwise both sides go to
+        `POST /diff` as files, which stores nothing. `POST /diff` takes two files, so a stored artifact
+        diffed against a new local file is downloaded (verified) to a temp directory first.
+
+        Args:
+            a: The first checkpoint (the original, for the frozen check).
+            b: The second checkpoint.
+            normalize_prefixes: Strip wrapper prefixes on both sides before comparing.
+            values: Also compute value statistics of changed tensors (heavier: opens the files).
+            frozen: True checks that a's parameters are unchanged in b; a list of key prefixes checks those.
+            categories: Only these key categories (`only_in_a`, `only_in_b`, `shape_mismatch`,
+                `dtype_mismatch`, `changed`, `unchanged`).
+            key_prefix: Only keys under this prefix.
+            limit: At most this many keys per category.
+
+        Returns:
+            The diff.
+
+        Raises:
+            NotFoundError: A reference does not resolve.
+        """
+        frozen_param: str | None
+        if isinstance(frozen, bool):
+            frozen_param = "true" if frozen else None
+        else:
+            frozen_param = ",".join(frozen) if frozen else None
+        params: dict[str, Any] = {"normalize_prefixes": normalize_prefixes, "values": values,
+                                  "frozen": frozen_param, "key_prefix": key_prefix, "limit": limit,
+                                  "category": list(categories) if categories else None}
+        ref_a, path_a, _ = self._local_or_ref(a)
+        ref_b, path_b, _ = self._local_or_ref(b)
+        if ref_a is not None and ref_b is not None:
+            response = self._send("GET", "/diff", idempotent=True, params={"a": ref_a, "b": ref_b, **params})
+            return _parse(DiffOut, response)
+        with tempfile.TemporaryDirectory(prefix="ckpt-diff-") as tmp:
+            # Read-only semantics: fetch the stored side rather than push the local file (which would store it).
+            pa = path_a or self.pull(str(ref_a), Path(tmp) / "a").path
+            pb = path_b or self.pull(str(ref_b), Path(tmp) / "b").path
+
+            def body(stack: contextlib.ExitStack) -> dict[str, Any]:
+                files = [(part, (p.name, stack.enter_context(p.open("rb")), "application/octet-stream"))
+                         for part, p in (("a", pa), ("b", pb))]
+                return {"files": files}
+
+            return _parse(DiffOut, self._send("POST", "/diff", idempotent=True, params=params, body=body))
+
+    def merge(
+        self,
+        original: Source,
+        trained: Source,
+        *,
+        architecture: str,
+        strip_prefixes: Literal["auto", "known", "none"] | Sequence[str] = "auto",
+        drop_unexpected: bool = False,
+        output_format: OutputFormat = "pth",
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        frozen_prefixes: Sequence[str] | None = None,
+        output: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> OperationOut:
+        """Merge a trained checkpoint with its original and verify it strictly against an architecture.
+
+        The recipe's post-processing: keys the trained state_dict lacks (BatchNorm running stats dropped by
+        `track_running_stats=False`) are filled from the original, and the result must pass
+        `load_state_dict(strict=True)`; otherwise nothing is stored. A local file (`Path`) is hashed first and
+        sent as its id when the service has it; else it is uploaded, streamed, with its sha256. Not retried.
+
+        Args:
+            original: The pretrained checkpoint: an id or name (`str`) or a local file (`Path`).
+            trained: The fine-tuned checkpoint, the same way; its values win.
+            architecture: A registered architecture name.
+            strip_prefixes: `"auto"` (match the architecture), `"known"`, `"none"`, or explicit prefixes.
+            drop_unexpected: Drop keys the architecture does not have instead of failing.
+            output_format: `"pth"` or `"safetensors"`.
+            name: Point this name at the result.
+            labels: Key/value labels for the result.
+            frozen_prefixes: Key prefixes of the frozen part (default: the original's parameters).
+            output: Also download the verified result to this file (or directory).
+            progress: Called with (bytes done, total) during the uploads and the download.
+
+        Returns:
+            The stored result and the merge report (`report["verification"]`, `report["filled"]`, ...).
+
+        Raises:
+            VerificationError: The merged state_dict does not load strictly (`missing_keys`,
+                `unexpected_keys`, `report`).
+            NotFoundError: A reference or the architecture does not exist.
+            OverloadedError: The service is busy (`retry_after`).
+            IntegrityError: The downloaded result does not hash to its id.
+        """
+        fields: list[tuple[str, str]] = [
+            ("architecture", architecture),
+            ("strip_prefixes",
+             strip_prefixes if isinstance(strip_prefixes, str) else ",".join(strip_prefixes)),
+            ("drop_unexpected", _bool_field(drop_unexpected)),
+            ("output_format", output_format),
+        ]
+        if name is not None:
+            fields.append(("name", name))
+        if labels:
+            fields.append(("labels", _labels_field(labels) or ""))
+        if frozen_prefixes is not None:
+            fields.append(("frozen_prefixes", ",".join(frozen_prefixes)))
+        uploads: list[tuple[str, Path]] = []
+        for role, source in (("original", original), ("trained", trained)):
+            ref, path, digest = self._local_or_ref(source)
+            if ref is not None:
+                fields.append((role, ref))
+            else:
+                assert path is not None and digest is not None
+                fields.append((f"{role}_sha256", digest))
+                uploads.append((f"{role}_file", path))
+        counter = _Counter(sum(p.stat().st_size for _, p in uploads), progress)
+
+        def body(stack: contextlib.ExitStack) -> dict[str, Any]:
+            # Text fields go as multipart parts too: with no file to send, httpx would otherwise
+            # url-encode the form, and the service reads only multipart.
+            parts: list[tuple[str, Any]] = [(k, (None, v)) for k, v in fields]
+            for part, path in uploads:
+                reader = _ProgressReader(stack.enter_context(path.open("rb")), counter)
+                parts.append((part, (path.name, reader, "application/octet-stream")))
+            return {"files": parts}
+
+        result = _parse(OperationOut, self._send("POST", "/merge", idempotent=False, body=body))
+        if output is not None:
+            self.pull(result.id, output, progress=progress)
+        return result
+
+    # -- architectures --------------------------------------------------------------------------------------
+
+    def list_architectures(self) -> ArchitectureList:
+        """List the registered architectures, and the ones that failed to load (`issues`).
+
+        Returns:
+            The list.
+        """
+        return _parse(ArchitectureList, self._send("GET", "/architectures", idempotent=True))
+
+    def get_architecture(self, name: str) -> ArchitectureOut:
+        """Read one architecture with its expected keys, shapes and dtypes.
+
+        Args:
+            name: The architecture name.
+
+        Returns:
+            The architecture.
+
+        Raises:
+            NotFoundError: No such architecture.
+        """
+        return _parse(ArchitectureOut, self._send("GET", f"/architectures/{_quote(name)}", idempotent=True))
+
+    def register_architecture(
+        self,
+        name: str,
+        *,
+        from_checkpoint: str | None = None,
+        keys: Mapping[str, Mapping[str, Any]] | None = None,
+        description: str | None = None,
+    ) -> ArchitectureOut:
+        """Register a code-free architecture spec. Not retried.
+
+        Args:
+            name: The new architecture's name.
+            from_checkpoint: Take keys, shapes and dtypes from this stored artifact (id or name).
+            keys: Or give them: key -> {"shape": [...], "dtype": "float32"}.
+            description: A short description.
+
+        Returns:
+            The registered architecture.
+
+        Raises:
+            ValueError: Neither or both of `from_checkpoint` and `keys`.
+            ConflictError: The name exists.
+        """
+        if (from_checkpoint is None) == (keys is None):
+            raise ValueError("give exactly one of from_checkpoint and keys")
+        payload: dict[str, Any] = {"name": name, "description": description}
+        if from_checkpoint is not None:
+            payload["from_checkpoint"] = from_checkpoint
+        if keys is not None:
+            payload["keys"] = {k: dict(v) for k, v in keys.items()}
+        response = self._send("POST", "/architectures", idempotent=False, json_body=payload)
+        return _parse(ArchitectureOut, response)
+
+    def delete_architecture(self, name: str) -> None:
+        """Remove a spec-registered architecture.
+
+        Args:
+            name: The architecture name.
+
+        Raises:
+            NotFoundError: No such architecture.
+            ConflictError: Built-in, config and plugin architectures cannot be removed.
+        """
+        self._send("DELETE", f"/architectures/{_quote(name)}", idempotent=True)
+
+    # -- health ---------------------------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """Liveness (`GET /healthz`).
+
+        Returns:
+            `status == "ok"` when the process answers.
+        """
+        return _parse(Health, self._send("GET", "/healthz", idempotent=True))
+
+    def ready(self) -> Health:
+        """Readiness (`GET /readyz`), asked once: a not-ready service is an answer, not an error.
+
+        Returns:
+            `status` is `"ok"` or `"unavailable"`, with the individual `checks`.
+        """
+        response = self._send("GET", "/readyz", idempotent=False, ok_statuses=(503,))
+        return _parse(Health, response)

@@ -1,0 +1,202 @@
+"""The `ckpt` CLI through `main([...])` against one real `ckpt serve` for the module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.client.cli import main
+from service.client.client import sha256_file
+from tests.api.test_real_server import start_server, stop_server
+from tests.factories import TinyConvNet
+
+HEAVY = ("torch", "fastapi", "starlette")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_server(tmp_path_factory.mktemp("cli") / "data")
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+
+class Cli:
+    def __init__(self, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.url = url
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        code = main(["--url", self.url, "--retries", "1", *argv])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def json(self, *argv: str) -> Any:
+        code, out, err = self(*argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def cli(server: str, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(server, capsys)
+
+
+def test_push_show_pull_ls(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    path = recipe_files["original"]
+    pushed = cli.json("push", str(path), "--name", "cli-orig", "--label", "stage=pretrained")
+    digest = sha256_file(path)
+    assert pushed["artifact"]["id"] == digest and "cli-orig" in pushed["artifact"]["names"]
+    again = cli.json("push", str(path), "--name", "cli-orig")
+    assert again["uploaded"] is False
+    code, out, _ = cli("push", str(path))
+    assert code == 0 and "already stored" in out and digest in out
+
+    shown = cli.json("show", "cli-orig", "--manifest")
+    assert shown["id"] == digest
+    assert set(shown["manifest"]["entries"]) == set(torch.load(path, weights_only=True))
+    code, out, _ = cli("show", "cli-orig", "--manifest")
+    assert code == 0 and "features.1.running_mean" in out and digest in out
+
+    code, out, _ = cli("pull", "cli-orig", "-o", str(tmp_path / "copy.pth"))
+    assert code == 0 and "sha256 verified" in out
+    assert (tmp_path / "copy.pth").read_bytes() == path.read_bytes()
+    pulled = cli.json("pull", digest, "-o", str(tmp_path))
+    assert Path(pulled["path"]).parent == tmp_path and pulled["id"] == digest
+
+    listed = cli.json("ls", "--all")
+    assert digest in [item["id"] for item in listed["items"]]
+    code, out, _ = cli("ls", "--name", "cli-orig")
+    header = ["ID", "NAMES", "FORMAT", "KEYS", "SIZE", "FROM", "CREATED"]
+    assert code == 0 and out.splitlines()[0].split() == header
+    assert digest[:12] in out
+
+
+def test_merge_writes_the_verified_final_file(cli: Cli, recipe_files: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    final = tmp_path / "final.pth"
+    code, out, err = cli("merge", str(recipe_files["original"]), str(recipe_files["trained"]),
+                         "-a", "tiny-convnet", "-o", str(final), "--name", "cli-final")
+    assert code == 0, err
+    assert "verification: ok" in out and "filled from the original: 6 keys" in out
+    TinyConvNet().load_state_dict(torch.load(final, weights_only=True), strict=True)
+    data = cli.json("merge", "cli-final", str(recipe_files["trained"]), "-a", "tiny-convnet")
+    assert data["report"]["verification"]["ok"] is True
+
+
+def test_merge_verification_failure_exits_1_with_the_keys(cli: Cli, recipe_files: dict[str, Path]) -> None:
+    code, out, err = cli("merge", str(recipe_files["original"]), str(recipe_files["trained"]), "-a", "mlp-bn")
+    assert code == 1
+    assert "missing keys (18):" in err and "  blocks.0.1.running_mean" in err
+    assert "unexpected keys (" in err and "  features.0.weight" in err
+    code, out, err = cli("merge", str(recipe_files["original"]), str(recipe_files["trained"]), "-a", "mlp-bn",
+                         "--json")
+    assert code == 1
+    problem = json.loads(out)["error"]
+    assert problem["status"] == 422 and "blocks.0.1.running_mean" in problem["missing_keys"]
+
+
+def test_diff(cli: Cli, recipe_files: dict[str, Path]) -> None:
+    cli.json("push", str(recipe_files["original"]), "--name", "diff-a")
+    cli.json("push", str(recipe_files["trained"]), "--name", "diff-b")
+    data = cli.json("diff", "diff-a", "diff-b", "-n", "--frozen")
+    assert data["summary"]["only_in_a"] == 6 and data["summary"]["changed"] == 2
+    assert sorted(data["frozen"]["changed"]) == ["head.bias", "head.weight"]
+    code, out, _ = cli("diff", "diff-a", "diff-b", "-n", "--frozen", "features.")
+    assert code == 0 and "only_in_a (6):" in out and "frozen check (" in out and "ok, unchanged" in out
+
+
+def test_strip_names_and_rm(cli: Cli, recipe_files: dict[str, Path]) -> None:
+    cli.json("push", str(recipe_files["trained"]), "--name", "strip-src")
+    stripped = cli.json("strip", "strip-src", "--name", "strip-out")
+    entries = cli.json("show", "strip-out", "--manifest")["manifest"]["entries"]
+    assert entries and not any(k.startswith("module.") for k in entries)
+    named = cli.json("name", "set", "strip-alias", "strip-out")
+    assert named == {"name": "strip-alias", "id": stripped["id"]}
+    names = {n["name"]: n["id"] for n in cli.json("name", "ls")}
+    assert names["strip-alias"] == stripped["id"]
+    code, out, _ = cli("name", "rm", "strip-alias")
+    assert code == 0 and "strip-alias" in out
+    code, _, err = cli("rm", stripped["id"])
+    assert code == 1 and "409" in err  # a name still points to it
+    removed = cli.json("rm", stripped["id"], "--force")
+    assert removed == {"id": stripped["id"], "names_removed": ["strip-out"]}
+
+
+def test_arch_commands(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    listed = cli.json("arch", "ls")
+    assert {"tiny-convnet", "mlp-bn"} <= {a["name"] for a in listed["items"]}
+    code, out, _ = cli("arch", "show", "tiny-convnet")
+    assert code == 0 and "features.1.running_var" in out
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"w": {"shape": [2, 2], "dtype": "float32"}}))
+    code, out, err = cli("arch", "register", "cli-spec", "--keys-file", str(keys), "--description", "d")
+    assert code == 0, err
+    assert cli.json("arch", "show", "cli-spec")["key_count"] == 1
+    code, _, _ = cli("arch", "rm", "cli-spec")
+    assert code == 0
+    code, _, err = cli("arch", "show", "cli-spec")
+    assert code == 1 and "404" in err
+
+
+def test_usage_errors_exit_2(cli: Cli, tmp_path: Path) -> None:
+    assert cli()[0] == 2  # no command
+    code, _, err = cli("push", str(tmp_path / "missing.pth"))
+    assert code == 2 and "no such file" in err
+    assert cli("merge", "a", "b")[0] == 2  # no --arch
+    present = tmp_path / "x.pth"
+    present.write_bytes(b"x")
+    code, _, err = cli("push", str(present), "--label", "novalue")
+    assert code == 2 and "key=value" in err
+    code, out, _ = cli("--help")
+    assert code == 0 and "exit codes:" in out and "CKPT_URL" in out
+
+
+def test_failures_exit_1(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli("show", "0" * 64, "--json")
+    assert code == 1 and "404" in err
+    assert json.loads(out)["error"]["type"] == "urn:ckpt:problem:artifact-not-found"
+    assert main(["--url", "http://127.0.0.1:9", "--retries", "1", "ls"]) == 1
+    assert "ConnectError" in capsys.readouterr().err
+
+
+def test_env_url(server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CKPT_URL", server)
+    assert main(["name", "ls", "--json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)
+    assert main(["--json", "name", "ls"]) == 0  # global options go before or after the command
+    assert isinstance(json.loads(capsys.readouterr().out), list)
+    monkeypatch.setenv("CKPT_URL", "http://127.0.0.1:9")
+    assert main(["--url", server, "name", "ls"]) == 0  # the flag wins
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_cli_help_imports_no_torch_nor_httpx() -> None:
+    probe = ("import sys\nfrom service.client.cli import main\nassert main(['--help']) == 0\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'torch', 'fastapi', 'starlette', 'httpx', 'pydantic', 'tqdm'}))")
+    done = _fresh_python(probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_client_library_imports_no_torch() -> None:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import service.client.cli, service.client.client"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert "httpx" in imported  # the probe did import the client
+    assert not imported & set(HEAVY)
