@@ -15,7 +15,7 @@ from service.core import load as load_module
 from service.core.formats import detect_format
 from service.core.load import CONTAINER_KEYS, load_checkpoint, resolve_globals
 from service.core.types import CheckpointFormat
-from service.errors import ContainerKeyError, InvalidRequest, UnsafeCheckpoint
+from service.errors import ContainerKeyError, InvalidCheckpoint, InvalidRequest, UnsafeCheckpoint
 from service.registry.builtins import TinyConvNet
 from tests.factories import make_original, make_trained, save_pth
 
@@ -361,3 +361,13 @@ def test_resolve_globals_refuses(name: str) -> None:
 def test_bad_allowlist_is_refused_before_reading(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest):
         load_checkpoint(tmp_path / "does-not-matter.pth", safe_globals=["os.system"])
+
+
+def test_pickle_protocol_3_loads_and_4_is_a_clear_domain_error(tmp_path: Path) -> None:
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    p3, p4 = tmp_path / "p3.pth", tmp_path / "p4.pth"
+    torch.save(sd, p3, pickle_protocol=3)  # torch warns about protocol > 2 and still loads it
+    assert torch.equal(load_checkpoint(p3).state_dict["w"], sd["w"])
+    torch.save(sd, p4, pickle_protocol=4)  # FRAME opcodes: torch's weights-only unpickler refuses them
+    with pytest.raises(InvalidCheckpoint):
+        load_checkpoint(p4)
