@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     # Applied per load through torch.serialization.safe_globals (scoped), never add_safe_globals.
     safe_globals: list[str] = Field(default_factory=list)
 
+    # The first parse of every upload runs in a pool of worker processes (service.sandbox), so that a bomb, a
+    # hang or a crash in native code costs a worker, not the API process.
+    sandbox: bool = Field(True, description="Parse uploads in sandboxed worker processes.")
+    sandbox_workers: int = Field(2, ge=1, description="Parser worker processes (parses at once).")
+    sandbox_memory_headroom: int = Field(
+        1 << 30, ge=0, description="Bytes of address space a parse may use beyond its worker and the file size."
+    )
+    sandbox_time_limit_seconds: float = Field(120, gt=0, description="Seconds one parse may take...")
+    sandbox_seconds_per_gb: float = Field(30, ge=0, description="...plus this many seconds per GiB of file.")
+    sandbox_wait_seconds: float = Field(30, ge=0, description="Wait for a free parser worker before 503.")
+
     archive_max_entries: int = 200_000
     archive_max_total_bytes: int = 64 << 30
 

@@ -28,7 +28,8 @@ from service.api.work import WorkPool
 from service.config import Settings
 from service.core.types import ArchiveLimits
 from service.registry import ArchitectureRegistry
-from service.store import ArtifactStore, inspect_checkpoint
+from service.sandbox import ParserSandbox
+from service.store import ArtifactStore, Inspector, inspect_checkpoint
 
 log = logging.getLogger("ckpt.service")
 
@@ -44,7 +45,23 @@ _STATIC = Path(fastapi_offline.__file__).parent / "static"
 def build_services(settings: Settings) -> Services:
     """Build the long-lived objects of one app from its settings."""
     limits = ArchiveLimits(max_entries=settings.archive_max_entries, max_total_bytes=settings.archive_max_total_bytes)
-    inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
+    inspector: Inspector
+    sandbox: ParserSandbox | None = None
+    if settings.sandbox:
+        # Workers start with the first upload, not here: most apps (and tests) never parse anything.
+        sandbox = ParserSandbox(
+            workers=settings.sandbox_workers,
+            memory_headroom=settings.sandbox_memory_headroom,
+            time_limit=settings.sandbox_time_limit_seconds,
+            seconds_per_gb=settings.sandbox_seconds_per_gb,
+            wait_seconds=settings.sandbox_wait_seconds,
+            retry_after=settings.retry_after_seconds,
+            safe_globals=settings.safe_globals,
+            limits=limits,
+        )
+        inspector = sandbox.inspect
+    else:
+        inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
     store = ArtifactStore(settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds)
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
@@ -54,7 +71,9 @@ def build_services(settings: Settings) -> Services:
         queue=settings.heavy_queue,
         retry_after=settings.retry_after_seconds,
     )
-    return Services(settings=settings, store=store, registry=registry, pool=pool, metrics=Metrics())
+    return Services(
+        settings=settings, store=store, registry=registry, pool=pool, metrics=Metrics(), sandbox=sandbox
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if services.sandbox is not None:
+                await anyio.to_thread.run_sync(services.sandbox.stop_workers)
 
     app = FastAPI(
         title="ckpt-service",

@@ -14,6 +14,7 @@ from service.api.work import WorkPool
 from service.config import Settings
 from service.errors import Forbidden, Unauthorized
 from service.registry import ArchitectureRegistry
+from service.sandbox import ParserSandbox
 from service.store import ArtifactMeta, ArtifactStore
 
 
@@ -26,6 +27,7 @@ class Services:
     registry: ArchitectureRegistry
     pool: WorkPool
     metrics: Metrics
+    sandbox: ParserSandbox | None = None  # the parser worker pool, closed when the app shuts down
 
 
 def get_services(request: Request) -> Services:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from http import HTTPStatus
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import errors as e
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+log = logging.getLogger("ckpt.service")
 
 # Most specific class first: the first isinstance match wins.
 ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
@@ -130,7 +132,8 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    # Never leak a traceback to a user; the server log keeps it (uvicorn logs the exception).
+    # Never leak a traceback to a user; the server log keeps it.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
         request,
         status=500,

@@ -104,7 +104,7 @@ class StripIn(BaseModel):
     checkpoint: str = Field(description="An artifact id or name.")
     prefixes: list[str] | None = Field(None, description="Prefixes to remove; omitted: detect known wrappers.")
     output_format: Literal["pth", "safetensors"] = "pth"
-    name: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class OperationOut(BaseModel):

@@ -124,6 +124,8 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
             check_archive(path, limits=limits)
         mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP and not path.name.endswith(".safetensors")
         obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
+        if mmapped:
+            _check_storage_records(path, obj, allowed)
     state_dict, key, extras, has_metadata = _unwrap(obj, container_key)
     return LoadedCheckpoint(state_dict=state_dict, format=fmt, container_key=key, extras=extras,
                             has_metadata=has_metadata, metadata=metadata, mmapped=mmapped)
@@ -223,20 +225,116 @@ _GATE = _AllowlistGate()
 
 
 def _torch_load(path: Path, fmt: CheckpointFormat, *, mmap: bool, allowed: list[Any]) -> object:
+    trailing = 0
     try:
         with _GATE.hold(allowed):
-            if not str(path).endswith(".safetensors"):
+            if fmt is CheckpointFormat.PTH_LEGACY:
+                obj, trailing = _load_legacy(path)
+            elif not str(path).endswith(".safetensors"):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            # torch.load hands any *path* ending in .safetensors to safetensors; the content said otherwise,
-            # so pass an open file (which cannot be memory-mapped; load_checkpoint reports mmapped=False).
-            with open(path, "rb") as f:
-                return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+            else:
+                # torch.load hands any *path* ending in .safetensors to safetensors; the content said otherwise,
+                # so pass an open file (which cannot be memory-mapped; load_checkpoint reports mmapped=False).
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         raise _unpickling_error(path, fmt, exc, allowed) from exc
     except MemoryError:
         raise
     except Exception as exc:  # torch raises RuntimeError, EOFError, struct.error, ... on damaged files
         raise CorruptCheckpoint(f"cannot read the {fmt.value} checkpoint: {_short(exc)}") from exc
+    if trailing:
+        # A legacy file ends with its last storage. Bytes after it make a polyglot (a zip appended there is
+        # what zip readers would see instead), so the file means different things to different readers.
+        raise CorruptCheckpoint(f"{trailing} bytes follow the end of the legacy checkpoint (a zip appended?)")
+    return obj
+
+
+def _load_legacy(path: Path) -> tuple[object, int]:
+    # An open file, so that its position after the load says where the checkpoint's bytes end.
+    with open(path, "rb") as f:
+        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+        return obj, os.fstat(f.fileno()).st_size - f.tell()
+
+
+def _check_storage_records(path: Path, obj: object, allowed: list[Any]) -> None:
+    """Refuse storages that do not cover exactly one storage record of the archive.
+
+    A memory-mapped load slices each storage out of the mapped file at its record's offset, with the byte size
+    the pickle declares, and never compares that with the record's size (a plain load does): a storage longer
+    than its record reads the bytes of the next entries. The storages of the mapped load are slices of one
+    mapping, so their addresses, sorted, must line up with the records' offsets and sizes. Anything else
+    (orphan records, exotic tensors whose storages are out of reach) is settled by a load on the meta device,
+    which reads no data and tags each storage with its record offset.
+    """
+    records = _storage_records(path)
+    extents = sorted({(s.data_ptr(), s.nbytes()) for s in _reachable_storages(obj) if s.nbytes()})
+    layout = sorted((offset, size) for offset, (_, size) in records.items() if size)
+    if len(extents) == len(layout) and all(
+        ptr - extents[0][0] == offset - layout[0][0] and nbytes == size
+        for (ptr, nbytes), (offset, size) in zip(extents, layout, strict=True)
+    ):
+        return
+    try:
+        with _GATE.hold(allowed):
+            meta = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # the real load succeeded; a failure of the meta-only load proves nothing
+        return
+    for storage in _reachable_storages(meta):
+        offset, nbytes = getattr(storage, "_checkpoint_offset", None), storage.nbytes()
+        if not nbytes or not isinstance(offset, int):
+            continue
+        name, size = records.get(offset, ("", -1))
+        if not name:
+            raise CorruptCheckpoint(f"a storage of {nbytes} bytes starts at no storage record of the archive")
+        if size != nbytes:
+            raise CorruptCheckpoint(f"storage record {name!r} holds {size} bytes but the pickle declares {nbytes}")
+
+
+def _storage_records(path: Path) -> dict[int, tuple[str, int]]:
+    # data offset -> (name, size) of each "<top>/data/<key>" entry. check_archive has already refused junk
+    # before the archive, so zipfile's offsets are file offsets.
+    out: dict[int, tuple[str, int]] = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if len(parts) != 3 or parts[1] != "data":
+                continue
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) < 30:
+                raise CorruptCheckpoint(f"archive entry {info.filename!r} is truncated")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            out[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size)
+    return out
+
+
+def _reachable_storages(obj: object) -> list[torch.UntypedStorage]:
+    # Iterative, and each object once: a 200k-deep or shared-reference ("billion laughs") structure costs
+    # its number of distinct objects, not its depth or its expanded size.
+    out: list[torch.UntypedStorage] = []
+    stack: list[object] = [obj]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            if item.layout == torch.strided:
+                try:
+                    out.append(item.untyped_storage())
+                except (RuntimeError, NotImplementedError):
+                    continue
+        elif isinstance(item, torch.TypedStorage):
+            out.append(item._untyped_storage)
+        elif isinstance(item, torch.UntypedStorage):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return out
 
 
 def _unpickling_error(path: Path, fmt: CheckpointFormat, exc: Exception, allowed: list[Any]) -> Exception:
@@ -438,6 +536,8 @@ def _read_safetensors_header(path: Path, limits: ArchiveLimits) -> tuple[list[st
         header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptCheckpoint(f"the safetensors header is not valid JSON: {_short(exc)}") from exc
+    except RecursionError as exc:  # json's decoder recurses per nesting level
+        raise CorruptCheckpoint("the safetensors header is nested too deeply") from exc
     if not isinstance(header, dict):
         raise CorruptCheckpoint("the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -521,6 +621,7 @@ def _unwrap(obj: object, container_key: str | None) -> tuple[StateDict, str | No
     for name, value in found.items():
         if isinstance(name, str) and isinstance(value, torch.Tensor):
             # nn.Parameter -> plain Tensor sharing the same storage (no copy).
+            _check_view_extent(name, value)
             state_dict[name] = value.detach() if isinstance(value, torch.nn.Parameter) else value
         else:
             extras[inner + str(name)] = type(value).__name__
@@ -528,6 +629,19 @@ def _unwrap(obj: object, container_key: str | None) -> tuple[StateDict, str | No
     if metadata is not None:
         state_dict._metadata = metadata  # type: ignore[attr-defined]
     return state_dict, key, extras, metadata is not None
+
+
+def _check_view_extent(name: str, tensor: torch.Tensor) -> None:
+    # A stride-0 (expanded) or overlapping view of a tiny storage can claim terabytes: hashing or saving it
+    # would materialise them. torch already refuses views that reach past their storage.
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        return
+    needed = tensor.numel() * tensor.element_size()
+    held = tensor.untyped_storage().nbytes()
+    if needed > held:
+        raise CorruptCheckpoint(
+            f"tensor {name!r} is a view of {needed} bytes over a storage of {held} bytes (expanded or overlapping)"
+        )
 
 
 def _is_tensor_dict(value: object) -> TypeGuard[Mapping[Any, Any]]:

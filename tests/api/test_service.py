@@ -103,3 +103,17 @@ def test_operation_ids_are_stable_and_errors_declared() -> None:
     merge = ops["merge_checkpoints"]["responses"]
     assert merge["422"]["content"]["application/problem+json"]["schema"]["$ref"].endswith("/Problem")
     assert {"400", "404", "413", "503", "507"} <= set(merge)
+
+
+def test_parser_workers_restart_after_the_app_restarts(tmp_path: Path, recipe_files: dict[str, Path]) -> None:
+    app = create_app(Settings(data_dir=tmp_path / "d"))
+    data = recipe_files["original"].read_bytes()
+    headers = {"content-type": "application/octet-stream"}
+    with TestClient(app) as c:
+        assert c.post("/checkpoints", content=data, headers=headers).status_code == 201
+        sandbox = app.state.services.sandbox
+        assert sandbox is not None and sandbox.pids
+    assert sandbox.pids == []  # the lifespan stopped them
+    with TestClient(app) as c:  # started again: a parse starts a new worker
+        r = c.post("/checkpoints", content=recipe_files["trained"].read_bytes(), headers=headers)
+        assert r.status_code == 201, r.text

@@ -15,11 +15,12 @@ from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestO
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
 from service.operations import convert_checkpoint
-from service.store import ArtifactMeta, IngestResult, PendingUpload
+from service.store import NAME_RE, ArtifactMeta, IngestResult, PendingUpload
 
 router = APIRouter()
 
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+NAME_PATTERN = NAME_RE
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -31,7 +32,11 @@ UPLOAD_BODY: dict[str, Any] = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "description": "Point this name at the artifact."},
+                        "name": {
+                            "type": "string",
+                            "pattern": NAME_PATTERN,
+                            "description": "Point this name at the artifact.",
+                        },
                         "labels": {"type": "string", "description": 'JSON object or "k=v,k2=v2".'},
                         "sha256": {
                             "type": "string",
@@ -56,6 +61,8 @@ def parse_labels(raw: str | None) -> dict[str, str]:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"labels is not valid JSON: {exc.msg}") from exc
+        except RecursionError as exc:  # a deeply nested document is not a flat object of labels anyway
+            raise InvalidRequest("labels is nested too deeply; expected a flat JSON object of strings") from exc
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise InvalidRequest("labels must be a JSON object of strings")
         return {str(k): v for k, v in data.items()}
@@ -118,7 +125,7 @@ async def upload_checkpoint(
     request: Request,
     response: Response,
     services: ServicesDep,
-    name: Annotated[str | None, Query(max_length=128)] = None,
+    name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     labels: Annotated[str | None, Query(max_length=4096)] = None,
     sha256: Annotated[str | None, Query(pattern=SHA256_PATTERN)] = None,
     filename: Annotated[str | None, Query(max_length=1024)] = None,

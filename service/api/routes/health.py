@@ -30,7 +30,8 @@ def readyz(services: ServicesDep) -> Response:
     """Readiness: the store is writable and the registry is loaded."""
     checks: dict[str, object] = {}
     try:
-        fd, path = tempfile.mkstemp(dir=services.store.root, prefix=".ready-")
+        # In tmp/, where garbage collection finds it should the process die right here.
+        fd, path = tempfile.mkstemp(dir=services.store.root / "tmp", prefix="ready-")
         os.close(fd)
         os.unlink(path)
         checks["store_writable"] = True

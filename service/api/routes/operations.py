@@ -22,7 +22,7 @@ from service.operations import (
     merge_checkpoints,
     strip_checkpoint,
 )
-from service.store import validate_name
+from service.store import NAME_RE, validate_name
 
 router = APIRouter()
 
@@ -276,7 +276,7 @@ MERGE_BODY: dict[str, Any] = {
                         },
                         "drop_unexpected": {"type": "boolean", "default": False},
                         "output_format": {"type": "string", "enum": ["pth", "safetensors"], "default": "pth"},
-                        "name": {"type": "string", "description": "Point this name at the result."},
+                        "name": {"type": "string", "pattern": NAME_RE, "description": "Point this name at the result."},
                         "labels": {"type": "string"},
                         "frozen_prefixes": {
                             "type": "string",
