@@ -7,6 +7,9 @@ call it directly on an `ArtifactStore`.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,10 +22,10 @@ from service.core.frozen import check_frozen_manifests
 from service.core.load import load_checkpoint
 from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
-from service.core.prefixes import match_prefixes, strip_prefixes
+from service.core.prefixes import match_prefixes, strip_key, strip_prefixes
 from service.core.types import ArchiveLimits, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
-from service.errors import InvalidRequest, VerificationFailed, quote_keys
+from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
 from service.registry import ArchitectureRegistry
 from service.store import ArtifactMeta, ArtifactStore, Inspection, Lineage, PendingUpload
 
@@ -380,9 +383,39 @@ def diff_checkpoints(
     Returns:
         The manifest diff, value statistics (or None), and the frozen report (or None).
     """
+    pair = None
+    if a.artifact_id is not None and b.artifact_id is not None:
+        # Two stored artifacts never change, and neither does their diff: dashboards ask for the same one
+        # again and again. The existence checks keep a deleted artifact a 404.
+        for artifact_id in (a.artifact_id, b.artifact_id):
+            if not store.exists(artifact_id):
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+        pair = (str(store.root), a.artifact_id, b.artifact_id, normalize_prefixes)
+        with _NORMALIZED_LOCK:
+            cached = _DIFF_CACHE.get(pair)
+            if cached is not None:
+                _DIFF_CACHE.move_to_end(pair)
+    if pair is not None and cached is not None and frozen is None and not values:
+        return cached, None, None
     ma = _manifest_of(store, a)
     mb = _manifest_of(store, b)
-    diff = diff_manifests(ma, mb, normalize_prefixes=normalize_prefixes)
+    if pair is not None and cached is not None:
+        diff = cached
+    elif normalize_prefixes:
+        # The same comparison diff_manifests makes after normalizing both sides, with each side's normalized
+        # table computed once per stored artifact (normalizing 20k keys costs far more than comparing them).
+        na, coll_a = _normalized_entries(store, a.artifact_id, ma)
+        nb, coll_b = _normalized_entries(store, b.artifact_id, mb)
+        plain = diff_manifests(Manifest(na, ma.schema_fingerprint), Manifest(nb, mb.schema_fingerprint))
+        collisions = {side: dict(c) for side, c in (("a", coll_a), ("b", coll_b)) if c}
+        diff = dataclasses.replace(plain, normalized=True, collisions=collisions)
+    else:
+        diff = diff_manifests(ma, mb)
+    if pair is not None:
+        with _NORMALIZED_LOCK:
+            _DIFF_CACHE[pair] = diff
+            while len(_DIFF_CACHE) > _DIFF_CACHE_ITEMS:
+                _DIFF_CACHE.popitem(last=False)
     frozen_report = None
     if frozen is not None:
         fa, fb = (_normalized(ma), _normalized(mb)) if normalize_prefixes else (ma, mb)
@@ -405,6 +438,50 @@ def _manifest_of(store: ArtifactStore, source: Source) -> Manifest:
     if source.inspection is None:
         source.inspection = store.inspect_upload(source.upload)
     return source.inspection.manifest
+
+
+_NormalizedEntries = tuple[dict[str, TensorEntry], dict[str, list[str]]]
+# (store root, artifact id) -> normalized entries and collisions; bounded by the entries it holds.
+_NORMALIZED_CACHE: OrderedDict[tuple[str, str], _NormalizedEntries] = OrderedDict()
+_NORMALIZED_CACHE_KEYS = 400_000
+_NORMALIZED_LOCK = threading.Lock()
+# (store root, id a, id b, normalize_prefixes) -> the diff of two stored artifacts.
+_DIFF_CACHE: OrderedDict[tuple[str, str, str, bool], ManifestDiff] = OrderedDict()
+_DIFF_CACHE_ITEMS = 64
+
+
+def _normalize_entries(entries: Mapping[str, TensorEntry]) -> _NormalizedEntries:
+    # As diff_manifests(normalize_prefixes=True) does: the first key that maps to a name keeps it.
+    out: dict[str, TensorEntry] = {}
+    sources: dict[str, list[str]] = {}
+    for key, entry in entries.items():
+        target = strip_key(key)
+        sources.setdefault(target, []).append(key)
+        if target not in out:
+            out[target] = entry
+    return out, {t: s for t, s in sources.items() if len(s) > 1}
+
+
+def _normalized_entries(
+    store: ArtifactStore, artifact_id: str | None, manifest: Manifest
+) -> _NormalizedEntries:
+    if artifact_id is None:
+        return _normalize_entries(manifest.entries)
+    key = (str(store.root), artifact_id)
+    with _NORMALIZED_LOCK:
+        hit = _NORMALIZED_CACHE.get(key)
+        if hit is not None:
+            _NORMALIZED_CACHE.move_to_end(key)
+            return hit
+    # Stored artifacts are immutable, so their normalized table never goes stale.
+    value = _normalize_entries(manifest.entries)
+    with _NORMALIZED_LOCK:
+        _NORMALIZED_CACHE[key] = value
+        total = sum(len(v[0]) for v in _NORMALIZED_CACHE.values())
+        while len(_NORMALIZED_CACHE) > 1 and total > _NORMALIZED_CACHE_KEYS:
+            _, evicted = _NORMALIZED_CACHE.popitem(last=False)
+            total -= len(evicted[0])
+    return value
 
 
 def _normalized(manifest: Manifest) -> Manifest:

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.store import ArtifactStore, PendingUpload
 
-BLOCK_BYTES = 2 << 20
+BLOCK_BYTES = 8 << 20
 MAX_PARTS = 16
 MAX_FIELD_BYTES = 64 << 10
 MAX_HEADER_BYTES = 16 << 10
@@ -29,27 +29,30 @@ MULTIPART_OVERHEAD = 1 << 20  # boundaries, headers and text fields on top of th
 
 
 class _AsyncSink:
+    # Received pieces are kept as they came (memoryviews of the request's chunks, never copied) and handed to
+    # the upload a block at a time; its worker thread writes and hashes block k while the loop receives k+1.
     def __init__(self, upload: PendingUpload) -> None:
         self.upload = upload
-        self._buf = bytearray()
+        self._pieces: list[memoryview] = []
+        self._size = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def write(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) >= BLOCK_BYTES:
+    async def write(self, data: bytes | memoryview) -> None:
+        self._pieces.append(memoryview(data))
+        self._size += len(data)
+        if self._size >= BLOCK_BYTES:
             await self._flush()
 
-    async def _write_block(self, block: bytes) -> None:
-        await anyio.to_thread.run_sync(self.upload.write, block)
+    async def _write_block(self, pieces: list[memoryview]) -> None:
+        await anyio.to_thread.run_sync(self.upload.write_chunks, pieces)
 
     async def _flush(self) -> None:
         if self._task is not None:
             task, self._task = self._task, None
             await task
-        if self._buf:
-            block = bytes(self._buf)
-            self._buf.clear()
-            self._task = asyncio.create_task(self._write_block(block))
+        if self._pieces:
+            pieces, self._pieces, self._size = self._pieces, [], 0
+            self._task = asyncio.create_task(self._write_block(pieces))
 
     async def close(self) -> None:
         await self._flush()
@@ -62,6 +65,7 @@ class _AsyncSink:
             task, self._task = self._task, None
             with contextlib.suppress(BaseException):
                 await task
+        self._pieces, self._size = [], 0
         await anyio.to_thread.run_sync(self.upload.abort)
 
 
@@ -166,7 +170,10 @@ class _FormState:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.current_is_file:
-            self.events.append(("data", data[start:end]))
+            # A view of the immutable chunk fed to the parser costs no copy; the parser's own lookbehind
+            # buffer (a bytearray it reuses) must be copied.
+            piece = memoryview(data)[start:end] if isinstance(data, bytes) else bytes(data[start:end])
+            self.events.append(("data", piece))
         else:
             if len(self.text) + (end - start) > MAX_FIELD_BYTES:
                 raise InvalidRequest(f"multipart field {self.current_name!r} exceeds {MAX_FIELD_BYTES} bytes")

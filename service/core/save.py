@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import IO, Any, Literal, cast
 
 import safetensors.torch
 import torch
 
+from service.core.hashing import PARALLEL_MIN_BYTES, hashing_pool
 from service.errors import InvalidRequest, StorageFull, quote_keys
 
-__all__ = ["save_checkpoint"]
+__all__ = ["save_checkpoint", "save_checkpoint_hashed"]
+
+# torch.save hands each record to the file object as a memoryview of the tensor's own memory. Its sha256 is
+# computed in a helper thread while the same bytes are written (hashlib releases the GIL for large updates),
+# so the digest costs no second read of the file and little extra time on two cores.
+_READ_CHUNK = 8 << 20
 
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
@@ -53,12 +60,91 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
     if format == "pth":
         if metadata:
             raise InvalidRequest("metadata can only be stored in safetensors files")
-        _write_atomically(path, lambda tmp: _write_pth(state_dict, tensors, tmp))
+
+        def write(tmp: Path) -> None:
+            _write_pth(state_dict, tensors, tmp)
+
+        _write_atomically(path, write)
     elif format == "safetensors":
         header = _checked_metadata(metadata)
         _write_atomically(path, lambda tmp: _write_safetensors(tensors, header, tmp))
     else:
         raise InvalidRequest(f"unknown checkpoint format {format!r}; use 'pth' or 'safetensors'")
+
+
+def save_checkpoint_hashed(state_dict: Mapping[str, torch.Tensor], path: Path, *,
+                           format: Literal["pth", "safetensors"] = "pth") -> tuple[str, int]:
+    """Save like `save_checkpoint` and return the sha256 and size of the bytes written.
+
+    For ``"pth"`` the digest is computed while torch writes, so the file is not read again; a safetensors
+    file is read back once.
+
+    Args:
+        state_dict: As for `save_checkpoint`.
+        path: As for `save_checkpoint`.
+        format: ``"pth"`` or ``"safetensors"``.
+
+    Returns:
+        The hex sha256 of the file's bytes and its size.
+
+    Raises:
+        InvalidRequest, StorageFull, OSError: As for `save_checkpoint`.
+    """
+    path = Path(path)
+    if format != "pth":
+        save_checkpoint(state_dict, path, format=format)
+        return _hash_file(path)
+    tensors = _checked_tensors(state_dict)
+    result: list[tuple[str, int]] = []
+
+    def write(tmp: Path) -> None:
+        result.append(_write_pth(state_dict, tensors, tmp))
+
+    _write_atomically(path, write)
+    return result[0]
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_READ_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+
+
+class _HashingWriter:
+    """The file object torch.save writes to: every byte goes to `fd` in full and into the sha256."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        hashing = hashing_pool().submit(self.digest.update, view) if n >= PARALLEL_MIN_BYTES else None
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        finally:
+            # torch's buffer is only valid during this call: the hash must be done before returning.
+            if hashing is not None:
+                hashing.result()
+        if hashing is None:
+            self.digest.update(data)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        pass
 
 
 def _checked_tensors(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
@@ -81,17 +167,21 @@ def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | No
 
 
 def _write_pth(original: Mapping[str, torch.Tensor], tensors: OrderedDict[str, torch.Tensor],
-               tmp: Path) -> None:
+               tmp: Path) -> tuple[str, int]:
     metadata = getattr(original, "_metadata", None)
     if metadata is not None:
         tensors._metadata = metadata  # type: ignore[attr-defined]
     # A file object, not a path: torch names the archive's top folder after a path's file name, which
     # for a random temp name would make identical inputs give different bytes. With a buffer it is
     # always "archive".
-    with open(tmp, "r+b") as f:
-        torch.save(tensors, f)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        writer = _HashingWriter(fd)
+        torch.save(tensors, cast(IO[bytes], writer))  # it only calls write() and flush()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return writer.digest.hexdigest(), writer.size
 
 
 def _write_safetensors(tensors: OrderedDict[str, torch.Tensor], metadata: dict[str, str] | None,

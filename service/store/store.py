@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
@@ -23,7 +25,7 @@ from typing import Any, BinaryIO, Literal
 import torch
 
 from service.core.load import load_checkpoint
-from service.core.save import save_checkpoint
+from service.core.save import save_checkpoint_hashed
 from service.core.types import CheckpointFormat, LoadedCheckpoint, Manifest
 from service.errors import (
     ArtifactInUse,
@@ -66,6 +68,22 @@ _MAX_LABELS = 64
 _MAX_LABEL_VALUE = 256
 _MAX_FILENAME = 1024
 _MAX_LIMIT = 1000
+# The manifest cache holds at most this many tensor entries (a few hundred bytes each) and manifests.
+_MANIFEST_CACHE_KEYS = 400_000
+_MANIFEST_CACHE_ITEMS = 256
+_LOADED_CACHE_ITEMS = 4
+_LOADED_CACHE_KEYS = 200_000
+
+
+def _shallow_copy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Each caller gets its own dict (and `_metadata`), so that no caller can change what the cache holds.
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k, dict(v) if isinstance(v, Mapping) else v) for k, v in metadata.items()
+        )
+    return out
 
 
 def _now() -> str:
@@ -160,6 +178,13 @@ class ArtifactStore:
         """
         self.root = Path(root)
         self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
+        # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
+        # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
+        self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()
+        self._manifest_cache_keys = 0
+        self._manifest_cache_lock = threading.Lock()
+        # Recent memory-mapped loads by (id, safe globals); see `load`.
+        self._loaded_cache: OrderedDict[tuple[str, tuple[str, ...]], LoadedCheckpoint] = OrderedDict()
         self.tmp_grace_seconds = float(tmp_grace_seconds)
         self._blobs = self.root / "blobs"
         self._manifests = self.root / "manifests"
@@ -323,13 +348,45 @@ class ArtifactStore:
             InvalidReference: Not a well-formed id.
             ArtifactNotFound: No such artifact.
         """
-        self._require_meta(artifact_id)
-        try:
-            return Manifest.from_dict(json.loads(self._manifest_file(artifact_id).read_bytes()))
-        except FileNotFoundError as exc:
-            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
+        # Existence only: the metadata may carry a large lineage report that is not needed here.
+        if not self.exists(artifact_id):
+            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+        with self._manifest_cache_lock:
+            cached = self._manifest_cache.get(artifact_id)
+            if cached is not None:
+                self._manifest_cache.move_to_end(artifact_id)
+        if cached is None:
+            try:
+                cached = Manifest.from_dict(json.loads(self._manifest_file(artifact_id).read_bytes()))
+            except FileNotFoundError as exc:
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
+            self._cache_manifest(artifact_id, cached)
+        # A copy of the entry table: callers may change theirs without touching the cache.
+        return Manifest(dict(cached.entries), cached.schema_fingerprint)
+
+    def _cache_manifest(self, artifact_id: str, manifest: Manifest) -> None:
+        with self._manifest_cache_lock:
+            old = self._manifest_cache.pop(artifact_id, None)
+            if old is not None:
+                self._manifest_cache_keys -= len(old.entries)
+            self._manifest_cache[artifact_id] = manifest
+            self._manifest_cache_keys += len(manifest.entries)
+            cache = self._manifest_cache
+            while len(cache) > 1 and (self._manifest_cache_keys > _MANIFEST_CACHE_KEYS
+                                      or len(cache) > _MANIFEST_CACHE_ITEMS):
+                _, evicted = cache.popitem(last=False)
+                self._manifest_cache_keys -= len(evicted.entries)
+
+    def _forget_manifest(self, artifact_id: str) -> None:
+        with self._manifest_cache_lock:
+            # a deleted blob stays mapped (and its disk space taken) while a cached load holds it
+            for key in [k for k in self._loaded_cache if k[0] == artifact_id]:
+                del self._loaded_cache[key]
+            old = self._manifest_cache.pop(artifact_id, None)
+            if old is not None:
+                self._manifest_cache_keys -= len(old.entries)
 
     def blob_path(self, artifact_id: str) -> Path:
         """The path of an artifact's bytes, for mmap loading. The file is read-only; never write to it.
@@ -389,9 +446,28 @@ class ArtifactStore:
         use_mmap = mmap and meta.format is not CheckpointFormat.PTH_LEGACY
         if not path.exists():
             raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-        return load_checkpoint(
+        key = (artifact_id, tuple(safe_globals))
+        with self._manifest_cache_lock:
+            hit = self._loaded_cache.get(key) if use_mmap else None
+            if hit is not None:
+                self._loaded_cache.move_to_end(key)
+        if hit is not None:
+            return replace(hit, state_dict=_shallow_copy(hit.state_dict))
+        loaded = load_checkpoint(
             path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals
         )
+        if loaded.mmapped:
+            # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained
+            # checkpoint merged into it. A mapped load holds no tensor memory of its own (the pages are the
+            # blob's page cache), and the blob never changes, so recent ones are kept, bounded by tensor count.
+            with self._manifest_cache_lock:
+                self._loaded_cache[key] = loaded
+                cache = self._loaded_cache
+                while len(cache) > 1 and (len(cache) > _LOADED_CACHE_ITEMS
+                                          or sum(len(c.state_dict) for c in cache.values()) > _LOADED_CACHE_KEYS):
+                    cache.popitem(last=False)
+            return replace(loaded, state_dict=_shallow_copy(loaded.state_dict))
+        return loaded
 
     def verify(self, artifact_id: str) -> VerifyBlobResult:
         """Re-hash a blob to detect corruption on disk.
@@ -687,19 +763,14 @@ class ArtifactStore:
         with locked_work_dir(self._tmp, "work-") as work:
             path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
             try:
-                save_checkpoint(state_dict, path, format=format)
+                # hashed while torch writes it: the file is not read a second time
+                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format)
             except OSError as exc:
                 if is_no_space(exc):
                     raise storage_full(exc) from exc
                 raise
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                digest = hashlib.sha256()
-                size = 0
-                while chunk := os.read(fd, CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                artifact_id = digest.hexdigest()
                 existing = self._read_meta(artifact_id)
                 if existing is not None:
                     return IngestResult(self._with_names(existing), created=False)
@@ -779,6 +850,8 @@ class ArtifactStore:
                 if isinstance(exc, OSError) and is_no_space(exc):
                     raise storage_full(exc) from exc
                 raise
+        self._cache_manifest(artifact_id, Manifest(dict(inspection.manifest.entries),
+                                                   inspection.manifest.schema_fingerprint))
         return IngestResult(self._with_names(meta), created=True)
 
     def delete(self, artifact_id: str, *, force: bool = False) -> builtins.list[str]:
@@ -812,6 +885,7 @@ class ArtifactStore:
                 fsync_dir(self._names)
             unlink_quietly(self._meta_file(artifact_id))
             fsync_dir(self._meta_file(artifact_id).parent)
+            self._forget_manifest(artifact_id)
             unlink_quietly(self._manifest_file(artifact_id))
             unlink_quietly(self._blob(artifact_id))
         return pointing

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from service.core.hashing import PARALLEL_MIN_BYTES, hashing_pool
 from service.errors import PayloadTooLarge, StoreError
 from service.store._fs import create_locked_temp, is_no_space, same_file, storage_full, write_all
 
 Chunk = bytes | bytearray | memoryview
+
+
+
+def _update_all(digest: hashlib._Hash, chunks: Sequence[Chunk]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
 
 
 class PendingUpload:
@@ -62,20 +70,47 @@ class PendingUpload:
             StorageFull: The disk is full; the upload is aborted.
             StoreError: The upload is already finished or closed.
         """
+        self.write_chunks((chunk,))
+
+    def write_chunks(self, chunks: Sequence[Chunk]) -> None:
+        """Append several chunks in order, hashing them in a helper thread while they are written.
+
+        The chunks are only read until this returns, so the caller may reuse their memory afterwards.
+
+        Args:
+            chunks: The next bytes of the upload, in pieces (memoryviews are not copied).
+
+        Raises:
+            PayloadTooLarge: The running size would pass `max_bytes`; the upload is aborted and nothing of
+                these chunks is written.
+            StorageFull: The disk is full; the upload is aborted.
+            StoreError: The upload is already finished or closed.
+        """
         if self._closed or self._finished:
             raise StoreError("the upload is already finished")
-        n = memoryview(chunk).nbytes
+        n = sum(memoryview(c).nbytes for c in chunks)
         if self.max_bytes is not None and self._size + n > self.max_bytes:
             self.abort()
             raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes", limit=self.max_bytes)
+        hashing = hashing_pool().submit(_update_all, self._hash, chunks) if n >= PARALLEL_MIN_BYTES else None
         try:
-            write_all(self._fd, chunk)
+            for chunk in chunks:
+                write_all(self._fd, chunk)
         except OSError as exc:
+            if hashing is not None:
+                hashing.result()  # never abort (close the fd) under a running hash of our chunks
             self.abort()
             if is_no_space(exc):
                 raise storage_full(exc) from exc
             raise
-        self._hash.update(chunk)
+        except BaseException:
+            if hashing is not None:
+                hashing.result()
+            raise
+        if hashing is not None:
+            hashing.result()
+        else:
+            _update_all(self._hash, chunks)
         self._size += n
 
     def finish(self) -> str:

@@ -267,3 +267,19 @@ def test_failed_rename_leaves_no_temp_file(
 
     assert leftovers(tmp_path) == []
     assert (target / "keep").read_text() == "x"
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_hashed_save_reports_the_digest_of_the_bytes_written(tmp_path: Path, fmt: str) -> None:
+    from service.core.save import save_checkpoint_hashed
+
+    # Big tensors (hashed in a helper thread) and small ones (hashed inline) in one file.
+    sd = OrderedDict(big=torch.randn(512, 1024), small=torch.arange(10), head=torch.ones(3, 3))
+    hashed, plain = tmp_path / f"h.{fmt}", tmp_path / f"p.{fmt}"
+    digest, size = save_checkpoint_hashed(sd, hashed, format=fmt)  # type: ignore[arg-type]
+    save_checkpoint(sd, plain, format=fmt)  # type: ignore[arg-type]
+    data = hashed.read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest() and size == len(data)
+    assert data == plain.read_bytes()  # the hashing writer changes nothing in the file
+    loaded = load_checkpoint(hashed).state_dict
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())

@@ -465,3 +465,31 @@ def test_gc_removes_old_leftovers_and_orphans(store: ArtifactStore, ckpt: Callab
     (store.root / "blobs" / orphan_id[:2] / orphan_id).write_bytes(b"junk")
     meta = store.ingest_file(path).artifact
     assert meta.id == orphan_id and store.verify(orphan_id).ok
+
+
+def test_write_chunks_hashes_and_writes_like_single_writes(store: ArtifactStore) -> None:
+    payload = os.urandom(3 << 20)
+    pieces = [memoryview(payload)[i : i + (700 << 10)] for i in range(0, len(payload), 700 << 10)]
+    with store.open_upload() as up:
+        up.write_chunks([pieces[0], pieces[1]])  # over the parallel threshold: hashed in a helper thread
+        up.write_chunks([p[:10] for p in pieces[2:3]])  # small: hashed inline
+        up.write(bytes(pieces[2][10:]))
+        for piece in pieces[3:]:
+            up.write(piece)
+        assert up.finish() == hashlib.sha256(payload).hexdigest()
+        assert up.path.read_bytes() == payload
+
+
+def test_caches_never_outlive_a_delete(store: ArtifactStore, ckpt: Callable[..., Path]) -> None:
+    path = ckpt(seed=3)
+    first = store.ingest_file(path).artifact.id
+    manifest = store.manifest(first)
+    loaded = store.load(first)
+    store.delete(first)
+    with pytest.raises(ArtifactNotFound):
+        store.manifest(first)
+    with pytest.raises(ArtifactNotFound):
+        store.load(first)
+    again = store.ingest_file(path).artifact.id  # same bytes, published anew
+    assert again == first and store.manifest(again) == manifest
+    assert set(store.load(again).state_dict) == set(loaded.state_dict)
