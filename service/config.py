@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     heavy_concurrency: int = Field(2, ge=1, description="Parses, merges and value diffs run at once.")
     heavy_queue: int = Field(8, ge=0, description="Heavy jobs that may wait for a slot before 503.")
     retry_after_seconds: int = 2
+    body_idle_timeout_seconds: float = Field(
+        120, gt=0, description="A request body that sends no bytes for this long is cut off with 408."
+    )
 
     # Bearer tokens, comma separated, each `read:TOKEN` or `write:TOKEN` (a bare TOKEN is a write token).
     # Unset: the service is open.

@@ -22,6 +22,7 @@
     │   ├── ArchitectureConflict     the name exists, or is not spec-registered and cannot be deleted
     │   └── InvalidArchitecture      a spec or factory that cannot be used
     ├── InvalidRequest               a request option that is inconsistent (e.g. both `trained` and a file)
+    │   └── RequestTimeout           the client stopped sending its body
     ├── Overloaded                   the bounded work pool is full (`retry_after`)
     └── AuthError
         ├── Unauthorized             no or unknown token
@@ -146,6 +147,10 @@ class InvalidArchitecture(ArchitectureError):
 
 class InvalidRequest(CheckpointServiceError):
     title = "Invalid request"
+
+
+class RequestTimeout(InvalidRequest):
+    title = "Request timeout"
 
 
 class Overloaded(CheckpointServiceError):

@@ -20,6 +20,7 @@ log = logging.getLogger("ckpt.service")
 
 # Most specific class first: the first isinstance match wins.
 ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
+    (e.RequestTimeout, 408),
     (e.DigestMismatch, 400),
     (e.InvalidReference, 400),
     (e.InvalidRequest, 400),

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
 import anyio.to_thread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import InvalidRequest, PayloadTooLarge
+from service.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from service.store import ArtifactStore, PendingUpload
 
 BLOCK_BYTES = 8 << 20
@@ -84,6 +86,25 @@ class ParsedForm:
     async def abort(self) -> None:
         for part in self.files.values():
             await anyio.to_thread.run_sync(part.upload.abort)
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The request body's chunks; a client that sends nothing for the configured idle time gets a 408.
+
+    A slow client never stalls anyone else (the loop is async), but without a limit a stalled one would hold
+    its connection and its temp file forever.
+    """
+    idle: float = request.app.state.services.settings.body_idle_timeout_seconds
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(idle):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no request body bytes arrived for {idle:g} s") from exc
+        yield chunk
 
 
 def check_content_length(request: Request, limit: int) -> None:
@@ -227,7 +248,7 @@ async def parse_multipart(
     sink: _AsyncSink | None = None
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request):
             received += len(chunk)
             if received > body_limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {body_limit} bytes", limit=body_limit)
@@ -266,7 +287,7 @@ async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> Parsed
     # Ref-only requests (no file parts) may come as a plain form, as `curl -d` and httpx send them.
     check_content_length(request, MULTIPART_OVERHEAD)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         body += chunk
         if len(body) > MULTIPART_OVERHEAD:
             raise PayloadTooLarge(f"form body exceeds {MULTIPART_OVERHEAD} bytes", limit=MULTIPART_OVERHEAD)
@@ -296,7 +317,7 @@ async def read_raw_body(request: Request, store: ArtifactStore, *, max_bytes: in
     upload = await anyio.to_thread.run_sync(lambda: store.open_upload(max_bytes=max_bytes))
     sink = _AsyncSink(upload)
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request):
             await sink.write(chunk)
         await sink.close()
     except ClientDisconnect as exc:

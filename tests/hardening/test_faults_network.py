@@ -15,8 +15,10 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.hardening.servers import (
@@ -218,3 +220,23 @@ def test_slow_clients_do_not_stall_others(server: Server, figures: dict[str, Any
             assert t.status == 201, (kind, t.status, t.body[:300])
             assert client.head(f"/checkpoints/{sha256_hex(slow_data[kind])}").status_code == 200
     figures.update(slow_clients=len(tricklers), bytes_trickled=trickled, completed_meanwhile=done)
+
+
+def test_a_stalled_body_is_cut_off_with_408_and_leaves_nothing(tmp_path: Path) -> None:
+    from tests.api import test_real_server as real
+
+    data_dir = tmp_path / "data"
+    proc, url = real.start_server(data_dir, env={"CKPT_BODY_IDLE_TIMEOUT_SECONDS": "1"})
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        head = (f"POST /checkpoints HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
+                "Content-Length: 1000000\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(head + b"PK\x03\x04" + b"\x00" * 1000)  # then nothing more
+            reply = s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"application/problem+json" in reply and b"no request body bytes" in reply
+        assert list((data_dir / "tmp").iterdir()) == []
+        assert httpx.get(f"{url}/checkpoints").json()["total"] == 0
+    finally:
+        real.stop_server(proc)

@@ -118,7 +118,7 @@ async def commit_upload(
     openapi_extra=UPLOAD_BODY,
     responses={
         200: {"model": ArtifactOut, "description": "Already stored: the existing artifact."},
-        **problem_responses(400, 401, 403, 404, 413, 422, 503, 507),
+        **problem_responses(400, 401, 403, 404, 408, 413, 422, 503, 507),
     },
 )
 async def upload_checkpoint(

@@ -197,7 +197,7 @@ async def _diff_side(services: Any, form: ParsedForm, role: str) -> Source:
     dependencies=[ReadAuth],
     openapi_extra=DIFF_BODY,
     description=DIFF_QUERY_DOC,
-    responses=problem_responses(400, 401, 404, 413, 422, 503),
+    responses=problem_responses(400, 401, 404, 408, 413, 422, 503),
 )
 async def diff_post(
     request: Request,
@@ -327,7 +327,7 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
     openapi_extra=MERGE_BODY,
     responses={
         200: {"model": OperationOut, "description": "The same result existed already."},
-        **problem_responses(400, 401, 403, 404, 413, 422, 503, 507),
+        **problem_responses(400, 401, 403, 404, 408, 413, 422, 503, 507),
     },
 )
 async def merge(request: Request, response: Response, services: ServicesDep) -> OperationOut:
