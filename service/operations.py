@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 import torch
 
-from service.core.diff import ManifestDiff, diff_manifests, diff_values
+from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.formats import DEFAULT_LIMITS
 from service.core.frozen import check_frozen_manifests
 from service.core.load import load_checkpoint
 from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
-from service.core.prefixes import match_prefixes, strip_key, strip_prefixes
+from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.types import ArchiveLimits, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
@@ -450,23 +450,11 @@ _DIFF_CACHE: OrderedDict[tuple[str, str, str, bool], ManifestDiff] = OrderedDict
 _DIFF_CACHE_ITEMS = 64
 
 
-def _normalize_entries(entries: Mapping[str, TensorEntry]) -> _NormalizedEntries:
-    # As diff_manifests(normalize_prefixes=True) does: the first key that maps to a name keeps it.
-    out: dict[str, TensorEntry] = {}
-    sources: dict[str, list[str]] = {}
-    for key, entry in entries.items():
-        target = strip_key(key)
-        sources.setdefault(target, []).append(key)
-        if target not in out:
-            out[target] = entry
-    return out, {t: s for t, s in sources.items() if len(s) > 1}
-
-
 def _normalized_entries(
     store: ArtifactStore, artifact_id: str | None, manifest: Manifest
 ) -> _NormalizedEntries:
     if artifact_id is None:
-        return _normalize_entries(manifest.entries)
+        return normalize_entries(manifest.entries)
     key = (str(store.root), artifact_id)
     with _NORMALIZED_LOCK:
         hit = _NORMALIZED_CACHE.get(key)
@@ -474,7 +462,7 @@ def _normalized_entries(
             _NORMALIZED_CACHE.move_to_end(key)
             return hit
     # Stored artifacts are immutable, so their normalized table never goes stale.
-    value = _normalize_entries(manifest.entries)
+    value = normalize_entries(manifest.entries)
     with _NORMALIZED_LOCK:
         _NORMALIZED_CACHE[key] = value
         total = sum(len(v[0]) for v in _NORMALIZED_CACHE.values())

@@ -20,6 +20,7 @@ __all__ = [
     "diff_values",
     "iter_chunk_pairs",
     "module_of",
+    "normalize_entries",
 ]
 
 CATEGORIES: tuple[str, ...] = (
@@ -94,7 +95,15 @@ class ManifestDiff:
         }
 
 
-def _normalize(entries: Mapping[str, TensorEntry]) -> tuple[dict[str, TensorEntry], dict[str, list[str]]]:
+def normalize_entries(entries: Mapping[str, TensorEntry]) -> tuple[dict[str, TensorEntry], dict[str, list[str]]]:
+    """Strip known wrapper prefixes from manifest keys; the first key that maps to a name keeps it.
+
+    Args:
+        entries: Manifest entries by key.
+
+    Returns:
+        The renamed entries, and the collisions (target name -> the source keys that map to it).
+    """
     out: dict[str, TensorEntry] = {}
     sources: dict[str, list[str]] = {}
     for key, entry in entries.items():
@@ -121,8 +130,8 @@ def diff_manifests(a: Manifest, b: Manifest, *, normalize_prefixes: bool = False
     entries_b: Mapping[str, TensorEntry] = b.entries
     collisions: dict[str, dict[str, list[str]]] = {}
     if normalize_prefixes:
-        entries_a, coll_a = _normalize(a.entries)
-        entries_b, coll_b = _normalize(b.entries)
+        entries_a, coll_a = normalize_entries(a.entries)
+        entries_b, coll_b = normalize_entries(b.entries)
         collisions = {side: c for side, c in (("a", coll_a), ("b", coll_b)) if c}
 
     buckets: dict[str, list[str]] = {name: [] for name in CATEGORIES}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.problems import problem_responses
@@ -71,12 +72,11 @@ def _diff_out(
     diff: ManifestDiff,
     values: dict[str, Any] | None,
     frozen: dict[str, Any] | None,
-    categories: list[str] | None,
-    key_prefix: str | None,
-    limit: int,
+    params: DiffParams,
 ) -> DiffOut:
+    key_prefix, limit = params.key_prefix, params.limit
     keys: dict[str, DiffCategoryKeys] = {}
-    for cat in categories or list(CATEGORIES):
+    for cat in params.category or list(CATEGORIES):
         all_keys = [k for k in getattr(diff, cat) if key_prefix is None or k.startswith(key_prefix)]
         keys[cat] = DiffCategoryKeys(keys=all_keys[:limit], total=len(all_keys), truncated=len(all_keys) > limit)
     data = diff.to_dict()
@@ -121,6 +121,21 @@ CategoryQuery = Annotated[
 ]
 
 
+@dataclass
+class DiffParams:
+    """The query options GET /diff and POST /diff share."""
+
+    normalize_prefixes: bool = False
+    values: bool = False
+    frozen: Annotated[str | None, Query(max_length=2048)] = None
+    category: CategoryQuery = None
+    key_prefix: Annotated[str | None, Query(max_length=512)] = None
+    limit: Annotated[int, Query(ge=0, le=100_000)] = 1000
+
+
+DiffParamsDep = Annotated[DiffParams, Depends()]
+
+
 @router.get(
     "/diff",
     response_model=DiffOut,
@@ -133,12 +148,7 @@ async def diff_get(
     services: ServicesDep,
     a: Annotated[str, Query(max_length=200)],
     b: Annotated[str, Query(max_length=200)],
-    normalize_prefixes: bool = False,
-    values: bool = False,
-    frozen: Annotated[str | None, Query(max_length=2048)] = None,
-    category: CategoryQuery = None,
-    key_prefix: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
+    params: DiffParamsDep,
 ) -> DiffOut:
     """Diff two stored artifacts from their manifests."""
     store = services.store
@@ -150,15 +160,15 @@ async def diff_get(
             store,
             Source(artifact_id=ida),
             Source(artifact_id=idb),
-            normalize_prefixes=normalize_prefixes,
-            values=values,
-            frozen=_frozen_arg(frozen),
+            normalize_prefixes=params.normalize_prefixes,
+            values=params.values,
+            frozen=_frozen_arg(params.frozen),
             safe_globals=services.settings.safe_globals,
         )
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
-    diff, stats, frozen_report = await (services.pool.run(run) if values else anyio.to_thread.run_sync(run))
-    return _diff_out(ida, idb, diff, stats, frozen_report, list(category) if category else None, key_prefix, limit)
+    diff, stats, frozen_report = await (services.pool.run(run) if params.values else anyio.to_thread.run_sync(run))
+    return _diff_out(ida, idb, diff, stats, frozen_report, params)
 
 
 DIFF_BODY: dict[str, Any] = {
@@ -202,12 +212,7 @@ async def _diff_side(services: Any, form: ParsedForm, role: str) -> Source:
 async def diff_post(
     request: Request,
     services: ServicesDep,
-    normalize_prefixes: bool = False,
-    values: bool = False,
-    frozen: Annotated[str | None, Query(max_length=2048)] = None,
-    category: CategoryQuery = None,
-    key_prefix: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
+    params: DiffParamsDep,
 ) -> DiffOut:
     """Diff two checkpoints given as uploaded files (parts `a`, `b`) or refs; nothing is stored."""
     form = await parse_multipart(
@@ -225,9 +230,9 @@ async def diff_post(
                 services.store,
                 sa,
                 sb,
-                normalize_prefixes=normalize_prefixes,
-                values=values,
-                frozen=_frozen_arg(frozen),
+                normalize_prefixes=params.normalize_prefixes,
+                values=params.values,
+                frozen=_frozen_arg(params.frozen),
                 safe_globals=services.settings.safe_globals,
             )
         )
@@ -235,7 +240,7 @@ async def diff_post(
         idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
     finally:
         await form.abort()
-    return _diff_out(ida, idb, diff, stats, frozen_report, list(category) if category else None, key_prefix, limit)
+    return _diff_out(ida, idb, diff, stats, frozen_report, params)
 
 
 MERGE_FIELDS = frozenset(
