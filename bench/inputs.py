@@ -132,6 +132,8 @@ def make_many_keys_pair(directory: Path, *, keys: int, width: int = 4, seed: int
 
 def describe(pair: Pair) -> dict[str, Any]:
     data = asdict(pair)
-    data.update(original=str(pair.original), trained=str(pair.trained),
+    # File names only: the work directory is a temp path of the machine that ran the benchmark.
+    data.update(original=f"{pair.original.parent.name}/{pair.original.name}",
+                trained=f"{pair.trained.parent.name}/{pair.trained.name}",
                 original_bytes=pair.original.stat().st_size, trained_bytes=pair.trained.stat().st_size)
     return data
