@@ -15,7 +15,7 @@ from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestO
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
 from service.operations import convert_checkpoint
-from service.store import NAME_RE, ArtifactMeta, IngestResult, PendingUpload
+from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload, validate_name
 
 router = APIRouter()
 
@@ -82,6 +82,13 @@ def artifact_out(request: Request, meta: ArtifactMeta) -> ArtifactOut:
     return ArtifactOut.model_validate(data)
 
 
+async def point_name(store: ArtifactStore, name: str, artifact_id: str) -> ArtifactMeta:
+    """Point `name` at the artifact and return its metadata, read again so that `names` includes it."""
+    await anyio.to_thread.run_sync(store.set_name, name, artifact_id)
+    meta: ArtifactMeta = await anyio.to_thread.run_sync(store.metadata, artifact_id)
+    return meta
+
+
 async def commit_upload(
     services: Any,
     upload: PendingUpload,
@@ -93,8 +100,6 @@ async def commit_upload(
 ) -> IngestResult:
     store = services.store
     if name is not None:
-        from service.store import validate_name
-
         validate_name(name)  # refuse a bad name before the heavy work
     result: IngestResult = await services.pool.run(
         lambda: store.commit_upload(
@@ -104,8 +109,7 @@ async def commit_upload(
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
-        await anyio.to_thread.run_sync(store.set_name, name, result.artifact.id)
-        result = IngestResult(await anyio.to_thread.run_sync(store.metadata, result.artifact.id), result.created)
+        result = IngestResult(await point_name(store, name, result.artifact.id), result.created)
     return result
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.problems import problem_responses
-from service.api.routes.checkpoints import artifact_out, parse_labels
+from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
 from service.api.uploads import ParsedForm, parse_multipart
 from service.core.diff import ManifestDiff
@@ -59,10 +59,7 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
         )
     )
     if body.name is not None:
-        await anyio.to_thread.run_sync(store.set_name, body.name, result.artifact.id)
-        result = OperationResult(
-            await anyio.to_thread.run_sync(store.metadata, result.artifact.id), result.created, result.report
-        )
+        result = OperationResult(await point_name(store, body.name, result.artifact.id), result.created, result.report)
     return _operation_out(request, result)
 
 
@@ -388,12 +385,8 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
             raise
         services.metrics.merges.labels("ok").inc()
         if name is not None:
-            await anyio.to_thread.run_sync(services.store.set_name, name, result.artifact.id)
-            result = OperationResult(
-                await anyio.to_thread.run_sync(services.store.metadata, result.artifact.id),
-                result.created,
-                result.report,
-            )
+            meta = await point_name(services.store, name, result.artifact.id)
+            result = OperationResult(meta, result.created, result.report)
     finally:
         await form.abort()  # committed uploads are unaffected; the rest leaves no temp file
     response.status_code = 201 if result.created else 200
