@@ -23,6 +23,7 @@ from service.core.load import load_checkpoint
 from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
+from service.core.pthzip import StorageRecords
 from service.core.types import ArchiveLimits, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
@@ -75,6 +76,7 @@ class _Opened:
     state_dict: dict[str, torch.Tensor]
     manifest: Manifest
     artifact_id: str
+    records: StorageRecords | None
 
 
 def _open(
@@ -83,7 +85,8 @@ def _open(
     if source.artifact_id is not None:
         loaded = store.load(source.artifact_id, safe_globals=safe_globals)
         sd = loaded.state_dict
-        return _Opened(_with_metadata(dict(sd), sd), store.manifest(source.artifact_id), source.artifact_id)
+        return _Opened(_with_metadata(dict(sd), sd), store.manifest(source.artifact_id), source.artifact_id,
+                       loaded.records)
     assert source.upload is not None
     upload = source.upload
     if source.inspection is None:
@@ -96,8 +99,7 @@ def _open(
         limits=limits,
     )
     sd = loaded.state_dict
-    opened = _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256)
-    return opened
+    return _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256, loaded.records)
 
 
 def _with_metadata(
@@ -251,8 +253,14 @@ def merge_checkpoints(
         lineage=lineage,
         labels=dict(options.labels),
         manifest=out_manifest,
+        sources=_records(o, t),
     )
     return OperationResult(stored.artifact, stored.created, report)
+
+
+def _records(*opened: _Opened) -> list[StorageRecords]:
+    # The mapped files the tensors come from: their records are copied file-to-file into the result.
+    return [o.records for o in opened if o.records is not None]
 
 
 def _manifest_or_none(entries: dict[str, TensorEntry], sd: Mapping[str, torch.Tensor]) -> Manifest | None:
@@ -333,7 +341,8 @@ def strip_checkpoint(
         report=report,
     )
     stored = store.store_state_dict(
-        out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out)
+        out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
+        sources=[loaded.records] if loaded.records is not None else [],
     )
     return OperationResult(stored.artifact, stored.created, report)
 
@@ -352,7 +361,8 @@ def convert_checkpoint(
         report={},
     )
     stored = store.store_state_dict(
-        sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd)
+        sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
+        sources=[loaded.records] if loaded.records is not None else [],
     )
     return OperationResult(stored.artifact, stored.created, {})
 

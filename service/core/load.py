@@ -28,6 +28,7 @@ from service.core.formats import (
     is_pickle_start,
     safetensors_header_claim,
 )
+from service.core.pthzip import Record, StorageRecords
 from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, StateDict
 from service.errors import (
     ArchiveLimitExceeded,
@@ -110,6 +111,7 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
     fmt = detect_format(path)
     metadata: dict[str, str] = {}
     mmapped = False
+    records: StorageRecords | None = None
     if fmt is CheckpointFormat.TORCHSCRIPT:
         raise UnsupportedFormat(
             "the file is a TorchScript archive; export a state_dict with torch.save(model.state_dict())"
@@ -125,10 +127,10 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
         mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP and not path.name.endswith(".safetensors")
         obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
         if mmapped:
-            _check_storage_records(path, obj, allowed)
+            records = _check_storage_records(path, obj, allowed)
     state_dict, key, extras, has_metadata = _unwrap(obj, container_key)
     return LoadedCheckpoint(state_dict=state_dict, format=fmt, container_key=key, extras=extras,
-                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped)
+                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped, records=records)
 
 
 def resolve_globals(names: Sequence[str]) -> list[Any]:
@@ -257,8 +259,8 @@ def _load_legacy(path: Path) -> tuple[object, int]:
         return obj, os.fstat(f.fileno()).st_size - f.tell()
 
 
-def _check_storage_records(path: Path, obj: object, allowed: list[Any]) -> None:
-    """Refuse storages that do not cover exactly one storage record of the archive.
+def _check_storage_records(path: Path, obj: object, allowed: list[Any]) -> StorageRecords | None:
+    """Refuse storages that do not cover exactly one storage record of the archive; say which record each is.
 
     A memory-mapped load slices each storage out of the mapped file at its record's offset, with the byte size
     the pickle declares, and never compares that with the record's size (a plain load does): a storage longer
@@ -266,35 +268,41 @@ def _check_storage_records(path: Path, obj: object, allowed: list[Any]) -> None:
     mapping, so their addresses, sorted, must line up with the records' offsets and sizes. Anything else
     (orphan records, exotic tensors whose storages are out of reach) is settled by a load on the meta device,
     which reads no data and tags each storage with its record offset.
+
+    Returns:
+        Where each storage's record is in the file (by the storage's address), when the mapped storages line up
+        with the records one to one; otherwise None (a save then writes them from memory).
     """
     records = _storage_records(path)
     extents = sorted({(s.data_ptr(), s.nbytes()) for s in _reachable_storages(obj) if s.nbytes()})
-    layout = sorted((offset, size) for offset, (_, size) in records.items() if size)
+    layout = sorted((offset, size, crc) for offset, (_, size, crc) in records.items() if size)
     if len(extents) == len(layout) and all(
         ptr - extents[0][0] == offset - layout[0][0] and nbytes == size
-        for (ptr, nbytes), (offset, size) in zip(extents, layout, strict=True)
+        for (ptr, nbytes), (offset, size, _) in zip(extents, layout, strict=True)
     ):
-        return
+        return StorageRecords(path, {ptr: Record(offset, size, crc)
+                                     for (ptr, _), (offset, size, crc) in zip(extents, layout, strict=True)})
     try:
         with _GATE.hold(allowed):
             meta = torch.load(path, map_location="meta", weights_only=True)
     except Exception:  # the real load succeeded; a failure of the meta-only load proves nothing
-        return
+        return None
     for storage in _reachable_storages(meta):
         offset, nbytes = getattr(storage, "_checkpoint_offset", None), storage.nbytes()
         if not nbytes or not isinstance(offset, int):
             continue
-        name, size = records.get(offset, ("", -1))
+        name, size, _ = records.get(offset, ("", -1, 0))
         if not name:
             raise CorruptCheckpoint(f"a storage of {nbytes} bytes starts at no storage record of the archive")
         if size != nbytes:
             raise CorruptCheckpoint(f"storage record {name!r} holds {size} bytes but the pickle declares {nbytes}")
+    return None
 
 
-def _storage_records(path: Path) -> dict[int, tuple[str, int]]:
-    # data offset -> (name, size) of each "<top>/data/<key>" entry. check_archive has already refused junk
+def _storage_records(path: Path) -> dict[int, tuple[str, int, int]]:
+    # data offset -> (name, size, CRC-32) of each "<top>/data/<key>" entry. check_archive has already refused junk
     # before the archive, so zipfile's offsets are file offsets.
-    out: dict[int, tuple[str, int]] = {}
+    out: dict[int, tuple[str, int, int]] = {}
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         for info in zf.infolist():
             parts = info.filename.split("/")
@@ -305,7 +313,7 @@ def _storage_records(path: Path) -> dict[int, tuple[str, int]]:
             if len(header) < 30:
                 raise CorruptCheckpoint(f"archive entry {info.filename!r} is truncated")
             name_len, extra_len = struct.unpack("<HH", header[26:30])
-            out[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size)
+            out[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size, info.CRC)
     return out
 
 

@@ -7,14 +7,16 @@ import hashlib
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
 import safetensors.torch
 import torch
 
+from service.core import pthzip
 from service.core.hashing import PARALLEL_MIN_BYTES, hashing_pool
+from service.core.pthzip import StorageRecords
 from service.errors import InvalidRequest, StorageFull, quote_keys
 
 __all__ = ["save_checkpoint", "save_checkpoint_hashed"]
@@ -73,16 +75,20 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
 
 
 def save_checkpoint_hashed(state_dict: Mapping[str, torch.Tensor], path: Path, *,
-                           format: Literal["pth", "safetensors"] = "pth") -> tuple[str, int]:
+                           format: Literal["pth", "safetensors"] = "pth",
+                           sources: Sequence[StorageRecords] = ()) -> tuple[str, int]:
     """Save like `save_checkpoint` and return the sha256 and size of the bytes written.
 
-    For ``"pth"`` the digest is computed while torch writes, so the file is not read again; a safetensors
-    file is read back once.
+    For ``"pth"`` the digest is computed while the archive is written, so the file is not read again, and
+    storages memory-mapped from one of ``sources`` are copied file-to-file (see `service.core.pthzip`); a
+    safetensors file is read back once.
 
     Args:
         state_dict: As for `save_checkpoint`.
         path: As for `save_checkpoint`.
         format: ``"pth"`` or ``"safetensors"``.
+        sources: The storage records of the memory-mapped loads the tensors come from (``records`` of a
+            `LoadedCheckpoint`); tensors found there must not have been modified in place.
 
     Returns:
         The hex sha256 of the file's bytes and its size.
@@ -98,7 +104,7 @@ def save_checkpoint_hashed(state_dict: Mapping[str, torch.Tensor], path: Path, *
     result: list[tuple[str, int]] = []
 
     def write(tmp: Path) -> None:
-        result.append(_write_pth(state_dict, tensors, tmp))
+        result.append(_write_pth(state_dict, tensors, tmp, sources))
 
     _write_atomically(path, write)
     return result[0]
@@ -167,7 +173,7 @@ def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | No
 
 
 def _write_pth(original: Mapping[str, torch.Tensor], tensors: OrderedDict[str, torch.Tensor],
-               tmp: Path) -> tuple[str, int]:
+               tmp: Path, sources: Sequence[StorageRecords] = ()) -> tuple[str, int]:
     metadata = getattr(original, "_metadata", None)
     if metadata is not None:
         tensors._metadata = metadata  # type: ignore[attr-defined]
@@ -176,12 +182,16 @@ def _write_pth(original: Mapping[str, torch.Tensor], tensors: OrderedDict[str, t
     # always "archive".
     fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
-        writer = _HashingWriter(fd)
-        torch.save(tensors, cast(IO[bytes], writer))  # it only calls write() and flush()
+        if pthzip.available():
+            result = pthzip.write_pth(tensors, fd, sources)
+        else:  # a torch without the private _save this relies on: its own writer, hashed as it goes
+            writer = _HashingWriter(fd)
+            torch.save(tensors, cast(IO[bytes], writer))  # it only calls write() and flush()
+            result = writer.digest.hexdigest(), writer.size
         os.fsync(fd)
     finally:
         os.close(fd)
-    return writer.digest.hexdigest(), writer.size
+    return result
 
 
 def _write_safetensors(tensors: OrderedDict[str, torch.Tensor], metadata: dict[str, str] | None,

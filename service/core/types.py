@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from service.core.pthzip import StorageRecords
 
 # A state_dict as torch produces it: ordered str -> Tensor, maybe with a `_metadata` attribute
 # (per-module version info that `load_state_dict` hands to `_load_from_state_dict`).
@@ -40,6 +43,8 @@ class LoadedCheckpoint:
     has_metadata: bool  # the state_dict carried `_metadata`
     metadata: Mapping[str, str] = field(default_factory=dict)  # safetensors header metadata
     mmapped: bool = False
+    # where the mapped storages' bytes are in the file, for saving them without reading them (service.core.pthzip)
+    records: StorageRecords | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Literal
 import torch
 
 from service.core.load import load_checkpoint
+from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
 from service.core.types import CheckpointFormat, LoadedCheckpoint, Manifest
 from service.errors import (
@@ -739,6 +740,7 @@ class ArtifactStore:
         labels: Mapping[str, str] | None = None,
         filename: str | None = None,
         manifest: Manifest | None = None,
+        sources: Sequence[StorageRecords] = (),
     ) -> IngestResult:
         """Save a state_dict the service computed (a merge, strip or convert result) as an artifact.
 
@@ -749,6 +751,8 @@ class ArtifactStore:
             labels: Key/value labels.
             filename: A suggested download name (metadata only).
             manifest: Its manifest, when the caller already built it; otherwise the saved file is inspected.
+            sources: The storage records of the mapped loads the tensors come from (`LoadedCheckpoint.records`):
+                those storages are copied file-to-file instead of through memory.
 
         Returns:
             The artifact and whether it was created (the same state_dict gives the same id).
@@ -763,8 +767,8 @@ class ArtifactStore:
         with locked_work_dir(self._tmp, "work-") as work:
             path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
             try:
-                # hashed while torch writes it: the file is not read a second time
-                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format)
+                # hashed while it is written: the file is not read a second time
+                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources)
             except OSError as exc:
                 if is_no_space(exc):
                     raise storage_full(exc) from exc
