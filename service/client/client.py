@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import hashlib
-import io
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,38 +180,67 @@ class _Counter:
             self.callback(self.done, self.total)
 
 
-class _ProgressReader(io.RawIOBase):
-    # A file object (httpx's multipart encoder reads, seeks and sizes it) that counts the bytes read.
-    def __init__(self, fh: io.BufferedReader, counter: _Counter) -> None:
-        super().__init__()
-        self._fh = fh
-        self._counter = counter
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._fh.readinto(buffer)
-        self._counter.add(n or 0)
-        return int(n or 0)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._fh.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def fileno(self) -> int:
-        return self._fh.fileno()
-
-
 def _iter_file(fh: IO[bytes], counter: _Counter) -> Iterator[bytes]:
     while chunk := fh.read(CHUNK_BYTES):
         counter.add(len(chunk))
         yield chunk
+
+
+class _StreamedForm:
+    """A multipart/form-data body that sends files as it reads them and each file's sha256 after it.
+
+    The digest of a file is computed from the very chunks sent (in a helper thread, overlapping the send), and
+    goes as the text part ``<role>_sha256`` right after the file part ``<role>_file``; the service compares it
+    with what it received before storing anything. So the file is read once, not once to hash and once to send.
+    """
+
+    def __init__(self, fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, Path]], counter: _Counter,
+                 stack: contextlib.ExitStack) -> None:
+        self.boundary = os.urandom(16).hex()
+        self._fields = list(fields)
+        self._files = []
+        for role, path in files:
+            fh = stack.enter_context(path.open("rb", buffering=0))
+            self._files.append((role, path, fh, os.fstat(fh.fileno()).st_size))
+        self._counter = counter
+        self._pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload-sha256"))
+        self.length = sum(len(self._text(k, v)) for k, v in self._fields) + len(self._end())
+        for role, path, _, size in self._files:
+            self.length += len(self._file_head(role, path)) + size + 2 + len(self._text(f"{role}_sha256", "0" * 64))
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": f"multipart/form-data; boundary={self.boundary}", "Content-Length": str(self.length)}
+
+    def __iter__(self) -> Iterator[bytes]:
+        for key, value in self._fields:
+            yield self._text(key, value)
+        for role, path, fh, size in self._files:
+            yield self._file_head(role, path)
+            digest = hashlib.sha256()
+            left = size  # the length was announced: exactly these bytes, even if the file grows meanwhile
+            while left:
+                chunk = fh.read(min(CHUNK_BYTES, left))
+                if not chunk:
+                    raise ClientError(f"{path} shrank while it was being uploaded")
+                hashing = self._pool.submit(digest.update, chunk)  # hashlib releases the GIL
+                yield chunk
+                left -= len(chunk)
+                self._counter.add(len(chunk))
+                hashing.result()
+            yield b"\r\n" + self._text(f"{role}_sha256", digest.hexdigest())
+        yield self._end()
+
+    def _text(self, name: str, value: str) -> bytes:
+        return (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n".encode()
+                + value.encode() + b"\r\n")
+
+    def _file_head(self, role: str, path: Path) -> bytes:
+        filename = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in path.name)
+        return (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{role}_file\"; "
+                f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+
+    def _end(self) -> bytes:
+        return f"--{self.boundary}--\r\n".encode()
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -800,8 +829,9 @@ class CheckpointClient:
 
         The recipe's post-processing: keys the trained state_dict lacks (BatchNorm running stats dropped by
         `track_running_stats=False`) are filled from the original, and the result must pass
-        `load_state_dict(strict=True)`; otherwise nothing is stored. A local file (`Path`) is hashed first and
-        sent as its id when the service has it; else it is uploaded, streamed, with its sha256. Not retried.
+        `load_state_dict(strict=True)`; otherwise nothing is stored. A local original (`Path`) is hashed first and
+        sent as its id when the service has it. Uploads are streamed, each followed by the sha256 of the bytes
+        sent (hashed while sending); a trained file is always uploaded, without hashing it first. Not retried.
 
         Args:
             original: The pretrained checkpoint: an id or name (`str`) or a local file (`Path`).
@@ -841,23 +871,23 @@ class CheckpointClient:
             fields.append(("frozen_prefixes", ",".join(frozen_prefixes)))
         uploads: list[tuple[str, Path]] = []
         for role, source in (("original", original), ("trained", trained)):
-            ref, path, digest = self._local_or_ref(source)
+            path: Path | None
+            if role == "trained" and isinstance(source, os.PathLike):
+                # A freshly trained file is new to the service: asking first would cost a full read to hash it.
+                ref, path = None, Path(source)
+            else:
+                ref, path, _ = self._local_or_ref(source)
             if ref is not None:
                 fields.append((role, ref))
             else:
-                assert path is not None and digest is not None
-                fields.append((f"{role}_sha256", digest))
-                uploads.append((f"{role}_file", path))
+                assert path is not None
+                uploads.append((role, path))
         counter = _Counter(sum(p.stat().st_size for _, p in uploads), progress)
 
         def body(stack: contextlib.ExitStack) -> dict[str, Any]:
-            # Text fields go as multipart parts too: with no file to send, httpx would otherwise
-            # url-encode the form, and the service reads only multipart.
-            parts: list[tuple[str, Any]] = [(k, (None, v)) for k, v in fields]
-            for part, path in uploads:
-                reader = _ProgressReader(stack.enter_context(path.open("rb")), counter)
-                parts.append((part, (path.name, reader, "application/octet-stream")))
-            return {"files": parts}
+            # Always multipart, files or not (the service reads only multipart); each file's sha256 follows it.
+            form = _StreamedForm(fields, uploads, counter, stack)
+            return {"content": iter(form), "headers": form.headers()}
 
         result = _parse(OperationOut, self._send("POST", "/merge", idempotent=False, body=body))
         if output is not None:

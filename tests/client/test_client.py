@@ -321,17 +321,19 @@ def test_merge_uploads_new_files_and_writes_the_verified_result(ckpt: Checkpoint
     assert seen[-1] == (out.stat().st_size, out.stat().st_size)
 
 
-def test_merge_sends_a_ref_for_a_file_the_service_has(ckpt: CheckpointClient, recipe_files: dict[str, Path],
-                                                      request_log: RequestLog) -> None:
+def test_merge_sends_a_ref_for_an_original_the_service_has_and_streams_the_trained_file(
+        ckpt: CheckpointClient, recipe_files: dict[str, Path], request_log: RequestLog) -> None:
     ckpt.push(recipe_files["original"], name="orig")
-    ckpt.push(recipe_files["trained"])
     request_log.clear()
     result = ckpt.merge(recipe_files["original"], recipe_files["trained"], architecture="tiny-convnet")
     assert result.report["verification"]["ok"] is True
     [post] = request_log.calls("POST", "/merge")
-    # Two refs and a few options: far smaller than either file.
-    assert int(post.headers["content-length"]) < min(p.stat().st_size for p in recipe_files.values())
-    assert [r.method for r in request_log.requests] == ["HEAD", "HEAD", "POST"]
+    # The original as a ref; the trained file (not hashed and asked for first) and a few options.
+    trained_size = recipe_files["trained"].stat().st_size
+    assert trained_size < int(post.headers["content-length"]) < trained_size + 2048
+    assert [r.method for r in request_log.requests] == ["HEAD", "POST"]
+    lineage = result.artifact.lineage
+    assert lineage is not None and lineage.inputs["trained"] == sha256_file(recipe_files["trained"])
 
 
 def test_merge_verification_failure_carries_the_keys(ckpt: CheckpointClient,

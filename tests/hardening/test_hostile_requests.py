@@ -278,3 +278,37 @@ def test_content_length_smaller_than_the_body(real_http: httpx.Client, real_serv
     assert status_line.startswith(b"HTTP/1.1 4"), reply[:300]
     assert b"application/problem+json" in reply.split(b"\r\n\r\n", 1)[0]
     assert_clean(real_http, real_server.data_dir)
+
+
+def _form_with_trailing_digest(fields: dict[str, str], trained: bytes, digest: str) -> tuple[bytes, str]:
+    # The client's order: text fields, the file, then the file's sha256 (hashed while it was sent).
+    boundary = "b0undary7e1"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="trained_file"; filename="t.pth"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + trained + b"\r\n")
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="trained_sha256"\r\n\r\n{digest}\r\n'
+                 f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_digest_that_follows_its_file_is_checked_before_anything_is_stored(
+    client: TestClient, data_dir: Path, recipe_files: dict[str, Path]
+) -> None:
+    original = client.post("/checkpoints", files={"file": ("o.pth", recipe_files["original"].read_bytes())})
+    assert original.status_code == 201
+    trained = recipe_files["trained"].read_bytes()
+    declared = hashlib.sha256(trained).hexdigest()
+    flipped = bytearray(trained)
+    flipped[-100] ^= 0x80
+    fields = {"architecture": "tiny-convnet", "original": original.json()["id"]}
+
+    body, content_type = _form_with_trailing_digest(fields, bytes(flipped), declared)
+    r = client.post("/merge", content=body, headers={"Content-Type": content_type})
+    assert_refused(r, status=400, fragment="hashes to")
+    assert client.get("/checkpoints").json()["total"] == 1  # only the original
+
+    body, content_type = _form_with_trailing_digest(fields, trained, declared)
+    r = client.post("/merge", content=body, headers={"Content-Type": content_type})
+    assert r.status_code == 201, r.text
+    assert r.json()["artifact"]["lineage"]["inputs"]["trained"] == declared
