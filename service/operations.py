@@ -19,6 +19,7 @@ import torch
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.formats import DEFAULT_LIMITS
 from service.core.frozen import check_frozen_manifests
+from service.core.layout import map_layout
 from service.core.load import load_checkpoint
 from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
@@ -91,6 +92,10 @@ def _open(
     upload = source.upload
     if source.inspection is None:
         source.inspection = store.inspect_upload(upload)
+    if source.inspection.layout is not None:
+        # The parser already unpickled it (in the sandbox); map the tensors where it says they are instead.
+        sd, records = map_layout(upload.path, source.inspection.layout)
+        return _Opened(sd, source.inspection.manifest, upload.sha256, records)
     loaded = load_checkpoint(
         upload.path,
         mmap=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.core.layout import describe_layout
 from service.core.load import load_checkpoint
 from service.core.manifest import build_manifest
 from service.core.types import ArchiveLimits
@@ -24,7 +25,7 @@ def inspect_checkpoint(
         limits: Zip pre-check limits.
 
     Returns:
-        The format, container key, extras, `_metadata` presence and manifest.
+        The format, container key, extras, `_metadata` presence, manifest, and the tensors' layout in the file.
 
     Raises:
         InvalidCheckpoint: Any subclass, from the loader, when the file is not an acceptable checkpoint.
@@ -36,4 +37,5 @@ def inspect_checkpoint(
         extras=dict(loaded.extras),
         has_metadata=loaded.has_metadata,
         manifest=build_manifest(loaded.state_dict),
+        layout=describe_layout(loaded),
     )

@@ -21,6 +21,9 @@ class Inspection:
     extras: dict[str, str]
     has_metadata: bool
     manifest: Manifest
+    # Where the state_dict's tensors are in the file (service.core.layout), when they can be described: lets
+    # the API process map them without unpickling the upload again. Not stored.
+    layout: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -29,6 +32,7 @@ class Inspection:
             "extras": dict(self.extras),
             "has_metadata": self.has_metadata,
             "manifest": self.manifest.to_dict(),
+            "layout": self.layout,
         }
 
     @classmethod
@@ -39,6 +43,7 @@ class Inspection:
             extras={str(k): str(v) for k, v in data["extras"].items()},
             has_metadata=bool(data["has_metadata"]),
             manifest=Manifest.from_dict(data["manifest"]),
+            layout=data.get("layout") if isinstance(data.get("layout"), dict) else None,
         )
 
 
