@@ -4,32 +4,38 @@
 CRC-32 of each on the way. For a merge or strip result whose tensors are memory-mapped from stored checkpoints,
 that reads the whole input through freshly faulted mappings and writes it back out byte for byte.
 
-This writer lets torch pickle (``torch.serialization._save``, so ``data.pkl`` is exactly torch's) and takes over
-the archive: a storage that is a whole record of a known source file is copied file-to-file in the kernel
-(``copy_file_range``) and its CRC-32 is taken from the source's central directory; a helper thread reads the same
-range once to compute the archive's sha256 and to check that CRC (a wrong one is corrected in place, so the
-result is always a valid archive). Other storages are written from memory. The layout is torch's: entries under
-``archive/``, data aligned to the ``.storage_alignment`` record (64 bytes), a data descriptor after each entry,
-zip64 end records. ``torch.load`` (mapped or not) and ``zipfile`` read it; the same input gives the same bytes.
+This writer pickles a state_dict of plain tensors itself, emitting exactly the opcodes torch's pickler emits
+(tests compare the bytes) without torch's per-object hooks, which cost ~40 us a tensor; anything else is pickled
+by ``torch.serialization._save``. It then writes the archive: a storage that is a whole record of a known source
+file is copied file-to-file in the kernel (``copy_file_range``) and its CRC-32 is taken from the source's central
+directory; a helper thread reads the same range once to compute the archive's sha256 and to check that CRC (a
+wrong one is corrected in place, so the result is always a valid archive). Other storages are written from
+memory. The layout is torch's: entries under ``archive/``, data aligned to the ``.storage_alignment`` record (64
+bytes), a data descriptor after each entry, zip64 end records. ``torch.load`` (mapped or not) and ``zipfile``
+read it; the same input gives the same bytes.
 """
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
 import errno
 import hashlib
 import inspect
+import io
 import os
 import pickle
 import queue
 import struct
+import sys
 import threading
 import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -106,10 +112,92 @@ def write_pth(obj: object, fd: int, sources: Iterable[StorageRecords] = ()) -> t
     """
     writer = _ArchiveWriter(fd, list(sources))
     try:
-        torch.serialization._save(obj, writer, pickle, 2, False)  # type: ignore[no-untyped-call]
+        if not _save_state_dict(obj, writer):
+            torch.serialization._save(obj, writer, pickle, 2, False)  # type: ignore[no-untyped-call]
         return writer.finish()
     finally:
         writer.close()
+
+
+def _plain(tensor: object) -> bool:
+    # What torch's Tensor.__reduce_ex__ pickles with its fast path: _rebuild_tensor_v2 / v3 of a CPU storage.
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu" and tensor.layout == torch.strided
+            and not tensor.is_quantized and not tensor.is_nested and not tensor._backward_hooks
+            and not torch._utils._get_obj_state(tensor)  # type: ignore[no-untyped-call]
+            and not torch._utils.get_tensor_metadata(tensor))  # type: ignore[no-untyped-call]
+
+
+def _save_state_dict(obj: object, writer: _ArchiveWriter) -> bool:
+    """Pickle a dict of plain tensors as torch.serialization._save would, and write its records; False if not."""
+    if _FAST is None or not isinstance(obj, dict) or not all(_plain(v) for v in obj.values()):
+        return False
+    data = io.BytesIO()
+    pickler = _StatePickler(data, *_FAST)
+    pickler.dump(obj)
+    writer.write_record("data.pkl", data.getvalue(), len(data.getvalue()))
+    writer.write_record(".format_version", "1", 1)
+    alignment = str(torch.serialization._get_storage_alignment())
+    writer.write_record(".storage_alignment", alignment, len(alignment))
+    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    for key, storage in pickler.storages.items():
+        writer.write_record(f"data/{key}", storage, storage.nbytes())
+    return True
+
+
+class _Pid:
+    """Stands for a storage in the pickle: the persistent id torch's pickler would give it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: tuple[Any, ...]) -> None:
+        self.value = value
+
+
+class _StatePickler(pickle.Pickler):
+    def __init__(self, file: IO[bytes], legacy: Mapping[torch.dtype, Any], v2: Any, v3: Any) -> None:
+        super().__init__(file, protocol=2)
+        self.dispatch_table = {**copyreg.dispatch_table, torch.Tensor: self._reduce_tensor}
+        self.storages: dict[str, torch.UntypedStorage] = {}
+        self._keys: dict[int, str] = {}
+        self._dtypes: dict[int, torch.dtype] = {}
+        self._legacy, self._v2, self._v3 = legacy, v2, v3
+
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.value if type(obj) is _Pid else None
+
+    def _reduce_tensor(self, tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
+        storage = tensor.untyped_storage()
+        key = self._keys.get(storage._cdata)
+        if key is None:
+            key = self._keys[storage._cdata] = str(len(self._keys))
+            self.storages[key] = storage
+        storage_type = self._legacy.get(tensor.dtype)
+        storage_dtype = tensor.dtype if storage_type is not None else torch.uint8
+        if storage.data_ptr():
+            if self._dtypes.setdefault(storage.data_ptr(), storage_dtype) != storage_dtype:
+                raise RuntimeError(
+                    "Cannot save multiple tensors or storages that view the same data as different types")
+        view: tuple[Any, ...] = (tensor.storage_offset(), tuple(tensor.size()), tensor.stride(),
+                                 tensor.requires_grad, OrderedDict())
+        if storage_type is not None:
+            numel = storage.nbytes() // tensor.element_size()
+            return self._v2, (_Pid(("storage", storage_type, key, "cpu", numel)), *view)
+        return self._v3, (_Pid(("storage", torch.UntypedStorage, key, "cpu", storage.nbytes())), *view, tensor.dtype)
+
+
+def _fast_pickling() -> tuple[dict[torch.dtype, Any], Any, Any] | None:
+    # The private pieces of torch's format the fast path reproduces; without any of them, torch pickles.
+    try:
+        legacy = {dtype: getattr(torch, name) for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+        fast = (legacy, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_tensor_v3)
+        torch.serialization._get_storage_alignment  # noqa: B018
+        torch._utils._get_obj_state  # noqa: B018
+    except AttributeError:
+        return None
+    return fast
+
+
+_FAST = _fast_pickling()
 
 
 @dataclass

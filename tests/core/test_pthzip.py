@@ -195,3 +195,37 @@ def test_without_torchs_private_save_the_public_one_is_used(tmp_path: Path, monk
 
 def test_this_torch_has_the_private_save_we_rely_on() -> None:
     assert pthzip.available()
+
+
+def test_a_plain_state_dict_is_pickled_without_torchs_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = _state_dicts()["every_dtype"]
+    reference = _torch_bytes(sd)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("torch.serialization._save was used")
+
+    monkeypatch.setattr(torch.serialization, "_save", refuse)
+    _write(sd, tmp_path / "ours.pth")
+    ours = (tmp_path / "ours.pth").read_bytes()
+    last = zipfile.ZipFile(io.BytesIO(ours)).getinfo("archive/.data/serialization_id")
+    assert ours[:last.header_offset] == reference[:last.header_offset]
+
+
+def test_anything_else_is_pickled_by_torch(tmp_path: Path) -> None:
+    sd: OrderedDict[str, object] = OrderedDict(w=torch.ones(3), p=torch.nn.Parameter(torch.zeros(2)), n=5)
+    reference = _torch_bytes(sd)
+    _write(sd, tmp_path / "ours.pth")
+    ours = (tmp_path / "ours.pth").read_bytes()
+    last = zipfile.ZipFile(io.BytesIO(ours)).getinfo("archive/.data/serialization_id")
+    assert ours[:last.header_offset] == reference[:last.header_offset]
+    back = torch.load(tmp_path / "ours.pth", weights_only=True)
+    assert isinstance(back["p"], torch.nn.Parameter) and back["n"] == 5
+
+
+def test_one_storage_viewed_as_two_dtypes_is_refused_as_torch_refuses_it(tmp_path: Path) -> None:
+    base = torch.zeros(4)
+    sd = OrderedDict(f=base, i=base.view(torch.int32))
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        torch.save(sd, io.BytesIO())
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        _write(sd, tmp_path / "ours.pth")
