@@ -239,6 +239,13 @@ def _candidates(keys: Sequence[str]) -> list[tuple[str, ...] | None]:
     return candidates
 
 
+def _leaves_all_unchanged(keys: Sequence[str], candidate: tuple[str, ...] | None) -> bool:
+    # A cheap, conservative test (C-level string scans) that saves transforming every key.
+    if candidate is None:
+        return not any(wrapper in key for wrapper in _WRAPPER_OF for key in keys)
+    return not candidate or not any(key.startswith(candidate) for key in keys)
+
+
 def match_prefixes(keys: Iterable[str], expected_keys: Iterable[str]) -> PrefixMatch:
     """Find the strip transform under which a checkpoint's keys best match an architecture's keys.
 
@@ -257,6 +264,8 @@ def match_prefixes(keys: Iterable[str], expected_keys: Iterable[str]) -> PrefixM
     expected = set(expected_keys)
     best: PrefixMatch | None = None
     for candidate in _candidates(key_list):
+        if best is not None and _leaves_all_unchanged(key_list, candidate):
+            continue  # the same keys as the empty transform, which came first and wins the tie
         transformed = {_transform_key(k, candidate) for k in key_list}
         if len(transformed) != len(set(key_list)):
             continue

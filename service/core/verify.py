@@ -7,6 +7,7 @@ returns a report and never raises for a failed check: the caller decides whether
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,8 +47,8 @@ class ArchitectureSpec:
 
     keys: dict[str, TensorSpec]
 
-    @property
-    def schema_fingerprint(self) -> str:
+    @functools.cached_property
+    def schema_fingerprint(self) -> str:  # a spec is never changed after it is built; hashing 20k keys is not free
         return compute_schema_fingerprint((k, s.shape, s.dtype) for k, s in self.keys.items())
 
     def to_dict(self) -> dict[str, Any]:
