@@ -52,6 +52,7 @@ from service.errors import (
     UnsafeCheckpoint,
     UnsupportedFormat,
 )
+from service.runtime import tune_gc
 from service.store.inspection import inspect_checkpoint
 from service.store.types import Inspection
 
@@ -410,6 +411,7 @@ def _serve(conn: Connection) -> None:
     # A terminal's Ctrl-C reaches the whole process group; the API process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # parallelism is across workers; fewer threads, less address space per job
+    tune_gc(freeze=True)  # torch and the parser are imported: nothing alive now needs collecting
     if not _send(conn, {"ready": True, "pid": os.getpid()}):
         return
     start_vm = _vm_bytes()

@@ -28,6 +28,7 @@ from service.api.work import WorkPool
 from service.config import Settings
 from service.core.types import ArchiveLimits
 from service.registry import ArchitectureRegistry
+from service.runtime import tune_gc
 from service.sandbox import ParserSandbox
 from service.store import ArtifactStore, Inspector, inspect_checkpoint
 
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tune_gc()
         await anyio.to_thread.run_sync(services.store.collect_garbage)
         task = asyncio.create_task(_collect_periodically(services))
         try:

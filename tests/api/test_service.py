@@ -117,3 +117,17 @@ def test_parser_workers_restart_after_the_app_restarts(tmp_path: Path, recipe_fi
     with TestClient(app) as c:  # started again: a parse starts a new worker
         r = c.post("/checkpoints", content=recipe_files["trained"].read_bytes(), headers=headers)
         assert r.status_code == 201, r.text
+
+
+def test_the_service_collects_cycles_less_often(settings: Settings) -> None:
+    import gc
+
+    from service.runtime import GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # Python's default
+    try:
+        with TestClient(create_app(settings)):
+            assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
