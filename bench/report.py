@@ -39,7 +39,7 @@ def compute_figures(res: Any, targets: dict[str, float]) -> list[dict[str, Any]]
 
     recipe = _med(raw, "recipe.work_s")
     size = _fmt(res.inputs.get("big", {}).get("trained_bytes"), "bytes")
-    row("P1", f"POST /merge end to end (client.merge: hash, upload {size}, strip, merge, verify, store) "
+    row("P1", f"POST /merge end to end (client.merge: upload {size} with its sha256, strip, merge, verify, store) "
         "÷ the recipe script's work", _div(_med(raw, "merge.end_to_end_s"), recipe), targets["P1"], "ratio",
         f"vs the script's wall time incl. Python and torch start-up: "
         f"{_fmt(_div(_med(raw, 'merge.end_to_end_s'), _med(raw, 'recipe.wall_s')), 'ratio')}")
@@ -141,8 +141,9 @@ def render(res: Any, rows: list[dict[str, Any]], *, partial: bool) -> str:
                          f"(plain torch load+load+save: {_fmt(_med(raw, f'floor.{label}_s'), 's')}) | |")
     lines += [
         "",
-        "Definitions. *End to end* is the wall time of one client call: the client hashes a local file and asks "
-        "(HEAD) whether the service has it before sending it, as `CheckpointClient.merge` and `push` always do. "
+        "Definitions. *End to end* is the wall time of one client call: `push` (and `merge` for a local original) "
+        "hashes the file and asks (HEAD) whether the service has it before sending it; `merge` streams a local "
+        "trained file straight away, hashing it while sending, and sends the digest after it. "
         "*POST … alone* is the time from sending that request to its response (httpx event hooks). The recipe "
         "figure is the script's own work after `import torch` (start-up excluded, which favours the script). "
         "*Anonymous memory* is RssAnon of the server process and all its children (the sandbox's parser "
