@@ -40,6 +40,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from service.core.hashing import PARALLEL_MIN_BYTES, hashing_pool
+
 __all__ = ["Record", "StorageRecords", "available", "write_pth"]
 
 _ARCHIVE = b"archive/"
@@ -423,8 +425,11 @@ class _Hasher:
             n = os.preadv(fd, [view[:want]], record.offset + done)
             if n <= 0:
                 raise OSError(errno.EIO, f"source record ended after {done} of {record.size} bytes")
-            self._digest.update(view[:n])
-            crc = zlib.crc32(view[:n], crc)
+            chunk = view[:n]
+            # CRC-32 on another core while this one runs sha256 (both release the GIL)
+            crc_so_far = hashing_pool().submit(zlib.crc32, chunk, crc) if n >= PARALLEL_MIN_BYTES else None
+            self._digest.update(chunk)
+            crc = zlib.crc32(chunk, crc) if crc_so_far is None else crc_so_far.result()
             done += n
         if crc != record.crc:
             entry.crc = crc
