@@ -50,6 +50,7 @@ _ARCHIVE = b"archive/"
 _COPY_MIN = 1 << 20
 _FLUSH = 4 << 20
 _CHUNK = 8 << 20
+_EARLY_SYNC_BYTES = 64 << 20
 # Offsets and sizes from here on need zip64 fields (a module constant so that tests can force them).
 _ZIP64_AT = 0xFFFFFFFF
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -315,6 +316,9 @@ class _ArchiveWriter:
         # id: torch's is a hash of the record names, then a combined CRC; ours is derived the same deterministic way.
         self._small("version", b"3\n")
         self._flush()
+        if self._pos >= _EARLY_SYNC_BYTES:
+            # Put the bytes on disk while the helper still hashes (the caller's fsync then has only the tail).
+            os.fdatasync(self._fd)
         self._hasher.sync()  # the CRCs of copied records are checked (and corrected) before the id combines them
         names = hashlib.blake2b(b"\0".join(sorted(e.name for e in self._entries)), digest_size=8).digest()
         self._small(".data/serialization_id", b"%020d%020d" % (int.from_bytes(names, "little"), self._crc_id()))
