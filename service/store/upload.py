@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -14,6 +15,31 @@ from service.store._fs import create_locked_temp, is_no_space, same_file, storag
 
 Chunk = bytes | bytearray | memoryview
 
+
+
+# Below this, the publication's fsync is quick anyway.
+_BACKGROUND_SYNC_BYTES = 16 << 20
+_SYNC_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _start_background_sync(fd: int) -> None:
+    global _SYNC_POOL
+    if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
+        _SYNC_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-upload-sync"))
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # the same file, a new description
+    except OSError:
+        return  # no /proc: publication's fsync does all of it
+    _SYNC_POOL[1].submit(_sync_and_close, own)
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass  # reported again by the publication's fsync on the upload's own descriptor
+    finally:
+        os.close(fd)
 
 
 def _update_all(digest: hashlib._Hash, chunks: Sequence[Chunk]) -> None:
@@ -114,26 +140,25 @@ class PendingUpload:
         self._size += n
 
     def finish(self) -> str:
-        """Make the bytes durable (fsync) and return their sha256; no more writes are accepted.
+        """Accept no more writes, start putting the bytes on disk, and return their sha256.
+
+        The flush to disk runs in the background while the caller inspects the upload; publication fsyncs the
+        file again (`ArtifactStore` does), which then waits only for what is left and reports any write error.
+        The background flush uses its own open file description, so an error it meets is still reported to
+        that fsync (Linux reports a writeback error once to each description).
 
         Returns:
             The hex sha256 of everything written.
 
         Raises:
-            StorageFull: fsync reported a full disk; the upload is aborted.
             StoreError: The upload was aborted.
         """
         if self._closed:
             raise StoreError("the upload was aborted")
         if not self._finished:
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                self.abort()
-                if is_no_space(exc):
-                    raise storage_full(exc) from exc
-                raise
             self._finished = True
+            if self._size >= _BACKGROUND_SYNC_BYTES:
+                _start_background_sync(self._fd)
         return self.sha256
 
     def abort(self) -> None:
