@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -18,6 +21,34 @@ from service.sandbox import ParserSandbox
 from service.store import ArtifactMeta, ArtifactStore
 
 
+class RenderedCache:
+    """A small LRU of response bodies, bounded by their total size; thread-safe."""
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> bytes | None:
+        with self._lock:
+            body = self._items.get(key)
+            if body is not None:
+                self._items.move_to_end(key)
+            return body
+
+    def put(self, key: Hashable, body: bytes) -> None:
+        if len(body) > self.max_bytes // 4:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._bytes += len(body) - (len(old) if old is not None else 0)
+            self._items[key] = body
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 @dataclass(frozen=True)
 class Services:
     """Everything `create_app` builds once and routes share."""
@@ -28,6 +59,8 @@ class Services:
     pool: WorkPool
     metrics: Metrics
     sandbox: ParserSandbox | None = None  # the parser worker pool, closed when the app shuts down
+    # Rendered GET /diff bodies by (ids, options): artifacts never change, so neither does their diff.
+    rendered_diffs: RenderedCache = field(default_factory=lambda: RenderedCache(max_bytes=64 << 20))
 
 
 def get_services(request: Request) -> Services:

@@ -181,3 +181,40 @@ def test_diff_post_file_against_stored_ref(client: TestClient, recipe_files: dic
     assert client.get("/checkpoints").json()["total"] == 1
     missing = client.post("/diff", data={"a": a}, files={"x": ("b.pth", b"123")})
     assert missing.status_code == 400
+
+
+def test_a_repeated_diff_is_served_from_its_rendering_and_follows_deletes(
+    client: TestClient, recipe_files: dict[str, Path]
+) -> None:
+    a = _upload(client, recipe_files["original"])
+    b = _upload(client, recipe_files["trained"])
+    services = client.app.state.services  # type: ignore[attr-defined]
+    url = f"/diff?a={a}&b={b}&normalize_prefixes=true"
+    first = client.get(url)
+    assert first.status_code == 200 and first.headers["content-type"] == "application/json"
+    assert first.json()["summary"]["changed"] > 0
+    key = (a, b, True, (), None, 1000)
+    assert services.rendered_diffs.get(key) == first.content
+    assert client.get(url).content == first.content
+    # other options are other renderings
+    limited = client.get(f"{url}&limit=1&category=changed").json()
+    assert list(limited["keys"]) == ["changed"] and len(limited["keys"]["changed"]["keys"]) == 1
+    # values are never cached (they read the blobs)
+    with_values = client.get(f"{url}&values=true")
+    assert with_values.status_code == 200 and with_values.json()["values"] is not None
+    # a deleted artifact is a 404, whatever was rendered before
+    assert client.delete(f"/checkpoints/{b}").status_code in (200, 204)
+    assert client.get(url).status_code == 404
+
+
+def test_the_rendered_cache_is_bounded_by_bytes() -> None:
+    from service.api.deps import RenderedCache
+
+    cache = RenderedCache(max_bytes=100)
+    cache.put("too big", b"x" * 26)  # over a quarter of the budget: never kept
+    assert cache.get("too big") is None
+    for i in range(5):
+        cache.put(i, bytes([i]) * 25)
+    assert cache.get(0) is None and cache.get(1) == b"\x01" * 25  # the oldest went first
+    cache.put(5, b"y" * 25)  # 1 was used last, so 2 goes now
+    assert cache.get(1) is not None and cache.get(2) is None
