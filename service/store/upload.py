@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
 from service.core.hashing import PARALLEL_MIN_BYTES, hashing_pool
+from service.core.writeback import Writeback
 from service.errors import PayloadTooLarge, StoreError
 from service.store._fs import create_locked_temp, is_no_space, same_file, storage_full, write_all
 
@@ -17,29 +17,8 @@ Chunk = bytes | bytearray | memoryview
 
 
 
-# Below this, the publication's fsync is quick anyway.
-_BACKGROUND_SYNC_BYTES = 16 << 20
-_SYNC_POOL: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _start_background_sync(fd: int) -> None:
-    global _SYNC_POOL
-    if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
-        _SYNC_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-upload-sync"))
-    try:
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # the same file, a new description
-    except OSError:
-        return  # no /proc: publication's fsync does all of it
-    _SYNC_POOL[1].submit(_sync_and_close, own)
-
-
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    except OSError:
-        pass  # reported again by the publication's fsync on the upload's own descriptor
-    finally:
-        os.close(fd)
+# Below this, publication's fsync is quick anyway.
+FINISH_FLUSH_BYTES = 16 << 20
 
 
 def _update_all(digest: hashlib._Hash, chunks: Sequence[Chunk]) -> None:
@@ -65,6 +44,7 @@ class PendingUpload:
         self._finished = False
         self._closed = False
         self._pid = os.getpid()
+        self._writeback = Writeback(self._fd)
 
     @property
     def size(self) -> int:
@@ -138,14 +118,14 @@ class PendingUpload:
         else:
             _update_all(self._hash, chunks)
         self._size += n
+        self._writeback.wrote(n)
 
     def finish(self) -> str:
         """Accept no more writes, start putting the bytes on disk, and return their sha256.
 
-        The flush to disk runs in the background while the caller inspects the upload; publication fsyncs the
-        file again (`ArtifactStore` does), which then waits only for what is left and reports any write error.
-        The background flush uses its own open file description, so an error it meets is still reported to
-        that fsync (Linux reports a writeback error once to each description).
+        The bytes are flushed to disk in the background as they arrive (`service.core.writeback`), and once
+        more here while the caller inspects the upload; publication fsyncs the file (`ArtifactStore` does),
+        which then waits only for what is left and reports any write error.
 
         Returns:
             The hex sha256 of everything written.
@@ -157,8 +137,8 @@ class PendingUpload:
             raise StoreError("the upload was aborted")
         if not self._finished:
             self._finished = True
-            if self._size >= _BACKGROUND_SYNC_BYTES:
-                _start_background_sync(self._fd)
+            if self._size >= FINISH_FLUSH_BYTES:
+                self._writeback.flush(force=True)
         return self.sha256
 
     def abort(self) -> None:

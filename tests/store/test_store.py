@@ -495,23 +495,27 @@ def test_caches_never_outlive_a_delete(store: ArtifactStore, ckpt: Callable[...,
     assert set(store.load(again).state_dict) == set(loaded.state_dict)
 
 
-def test_a_finished_upload_is_flushed_in_the_background_and_leaks_no_descriptor(store: ArtifactStore) -> None:
+def test_an_upload_is_flushed_in_the_background_and_leaks_no_descriptor(store: ArtifactStore) -> None:
+    from service.core import writeback
     from service.store import upload as upload_module
 
     open_fds = len(os.listdir("/proc/self/fd"))
     buf = io.BytesIO()
-    torch.save({"w": torch.randn(upload_module._BACKGROUND_SYNC_BYTES // 4)}, buf)
+    torch.save({"w": torch.randn(upload_module.FINISH_FLUSH_BYTES // 4)}, buf)
     payload = buf.getvalue()
-    for publish in (False, True):
-        with store.open_upload() as up:
-            up.write(payload)
-            assert up.finish() == hashlib.sha256(payload).hexdigest()
-            if publish:
-                store.commit_upload(up)
-        # an abort right after finish() must not disturb the flush (it has a descriptor of its own)
-        assert upload_module._SYNC_POOL is not None
-        upload_module._SYNC_POOL[1].submit(lambda: None).result()  # wait for the flush queued before
-    upload_module._SYNC_POOL[1].shutdown(wait=True)
-    upload_module._SYNC_POOL = None
+    flushes: list[int] = []
+    real = writeback._sync_and_close
+    writeback._sync_and_close = lambda fd: (flushes.append(fd), real(fd))[1]  # type: ignore[assignment]
+    try:
+        for publish in (False, True):
+            with store.open_upload() as up:
+                up.write(payload)
+                assert up.finish() == hashlib.sha256(payload).hexdigest()
+                up._writeback.wait()  # an abort right after finish() must not disturb a flush either
+                if publish:
+                    store.commit_upload(up)
+    finally:
+        writeback._sync_and_close = real  # type: ignore[assignment]
+    assert len(flushes) == 2  # one at finish() each: under the 64 MiB step nothing flushed earlier
     assert len(os.listdir("/proc/self/fd")) == open_fds
     assert store.verify(hashlib.sha256(payload).hexdigest()).ok
