@@ -25,7 +25,7 @@ from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
-from service.core.types import ArchiveLimits, Manifest, TensorEntry
+from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
 from service.registry import ArchitectureRegistry
@@ -263,9 +263,9 @@ def merge_checkpoints(
     return OperationResult(stored.artifact, stored.created, report)
 
 
-def _records(*opened: _Opened) -> list[StorageRecords]:
+def _records(*inputs: _Opened | LoadedCheckpoint) -> list[StorageRecords]:
     # The mapped files the tensors come from: their records are copied file-to-file into the result.
-    return [o.records for o in opened if o.records is not None]
+    return [i.records for i in inputs if i.records is not None]
 
 
 def _manifest_or_none(entries: dict[str, TensorEntry], sd: Mapping[str, torch.Tensor]) -> Manifest | None:
@@ -347,7 +347,7 @@ def strip_checkpoint(
     )
     stored = store.store_state_dict(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
-        sources=[loaded.records] if loaded.records is not None else [],
+        sources=_records(loaded),
     )
     return OperationResult(stored.artifact, stored.created, report)
 
@@ -367,7 +367,7 @@ def convert_checkpoint(
     )
     stored = store.store_state_dict(
         sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
-        sources=[loaded.records] if loaded.records is not None else [],
+        sources=_records(loaded),
     )
     return OperationResult(stored.artifact, stored.created, {})
 

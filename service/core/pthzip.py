@@ -20,6 +20,7 @@ from __future__ import annotations
 import copyreg
 import ctypes
 import errno
+import functools
 import hashlib
 import inspect
 import io
@@ -86,6 +87,7 @@ class StorageRecords:
         return record if record is not None and record.size == nbytes else None
 
 
+@functools.cache
 def available() -> bool:
     """Whether this torch's private ``_save(obj, zip_file, pickle_module, protocol, disable_byteorder)`` exists."""
     save = getattr(torch.serialization, "_save", None)
