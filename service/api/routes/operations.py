@@ -159,8 +159,8 @@ async def diff_get(
         if body is not None:
             return _json(body)
 
-    def run() -> tuple[ManifestDiff, dict[str, Any] | None, dict[str, Any] | None]:
-        return diff_checkpoints(
+    def run() -> bytes:
+        diff, stats, frozen_report = diff_checkpoints(
             store,
             Source(artifact_id=ida),
             Source(artifact_id=idb),
@@ -169,18 +169,24 @@ async def diff_get(
             frozen=_frozen_arg(params.frozen),
             safe_globals=services.settings.safe_globals,
         )
+        return _rendered(ida, idb, diff, stats, frozen_report, params)
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
-    diff, stats, frozen_report = await (services.pool.run(run) if params.values else anyio.to_thread.run_sync(run))
-    body = _diff_out(ida, idb, diff, stats, frozen_report, params).model_dump_json().encode()
+    body = await (services.pool.run(run) if params.values else anyio.to_thread.run_sync(run))
     if key is not None:
         services.rendered_diffs.put(key, body)
     return _json(body)
 
 
-def _json(body: bytes) -> Response:
+def _rendered(a: str, b: str, diff: ManifestDiff, values: dict[str, Any] | None, frozen: dict[str, Any] | None,
+              params: DiffParams) -> bytes:
     # A DiffOut is validated when it is built; FastAPI would dump, validate and dump it again (10 ms for a
-    # 20k-key diff), so the route renders it once and declares DiffOut as its response_model for OpenAPI.
+    # 20k-key diff) on the event loop, so the routes render it once, in their worker thread, and declare DiffOut
+    # as their response_model for OpenAPI.
+    return _diff_out(a, b, diff, values, frozen, params).model_dump_json().encode()
+
+
+def _json(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
@@ -238,8 +244,9 @@ async def diff_post(
     try:
         sa = await _diff_side(services, form, "a")
         sb = await _diff_side(services, form, "b")
-        diff, stats, frozen_report = await services.pool.run(
-            lambda: diff_checkpoints(
+
+        def run() -> bytes:
+            diff, stats, frozen_report = diff_checkpoints(
                 services.store,
                 sa,
                 sb,
@@ -248,12 +255,14 @@ async def diff_post(
                 frozen=_frozen_arg(params.frozen),
                 safe_globals=services.settings.safe_globals,
             )
-        )
-        ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
-        idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
+            ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
+            idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
+            return _rendered(ida, idb, diff, stats, frozen_report, params)
+
+        body = await services.pool.run(run)
     finally:
         await form.abort()
-    return _json(_diff_out(ida, idb, diff, stats, frozen_report, params).model_dump_json().encode())
+    return _json(body)
 
 
 MERGE_FIELDS = frozenset(
