@@ -31,5 +31,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     uvicorn.run("service.api.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10)
+                workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10,
+                http="service.api.http11:H11Protocol")
     return 0
