@@ -12,12 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 # Below this size handing a chunk to another thread costs more than it saves.
 PARALLEL_MIN_BYTES = 256 << 10
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOLS: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+
+
+def process_pool(name: str, workers: int = 4) -> ThreadPoolExecutor:
+    """A named thread pool of this process (recreated after a fork: a child inherits the pool but not its threads)."""
+    pid = os.getpid()
+    pool = _POOLS.get(name)
+    if pool is None or pool[0] != pid:
+        pool = _POOLS[name] = (pid, ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"ckpt-{name}"))
+    return pool[1]
 
 
 def hashing_pool() -> ThreadPoolExecutor:
-    """The process's hashing threads (recreated after a fork: a child inherits the pool but not its threads)."""
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-sha256"))
-    return _POOL[1]
+    """The process's hashing threads."""
+    return process_pool("sha256")

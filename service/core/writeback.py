@@ -10,19 +10,11 @@ once to each description); errors here are ignored for that reason.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+
+from service.core.hashing import process_pool
 
 __all__ = ["Writeback"]
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():  # a forked child has the pool object but not its threads
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-writeback"))
-    return _POOL[1]
-
 
 def _sync_and_close(fd: int) -> None:
     try:
@@ -57,7 +49,7 @@ class Writeback:
         except OSError:
             return  # no /proc: the writer's fsync does all of it
         self._pending = 0
-        self._running = _pool().submit(_sync_and_close, own)
+        self._running = process_pool("writeback").submit(_sync_and_close, own)
 
     def wait(self) -> None:
         """Wait for the flush in flight, if any (its errors are left to the writer's fsync)."""

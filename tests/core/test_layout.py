@@ -17,13 +17,7 @@ from fastapi.testclient import TestClient
 from service.core.layout import describe_layout, map_layout
 from service.core.load import load_checkpoint
 from service.errors import CorruptCheckpoint
-
-
-def _save(obj: object, path: Path, **kwargs: Any) -> Path:
-    buf = io.BytesIO()
-    torch.save(obj, buf, **kwargs)
-    path.write_bytes(buf.getvalue())
-    return path
+from tests.factories import save_pth
 
 
 def _varied() -> OrderedDict[str, torch.Tensor]:
@@ -46,7 +40,7 @@ def _described(path: Path) -> dict[str, Any]:
 
 
 def test_a_mapped_layout_is_what_torch_load_gives(tmp_path: Path) -> None:
-    path = _save(_varied(), tmp_path / "sd.pth")
+    path = save_pth(_varied(), tmp_path / "sd.pth")
     mapped, records = map_layout(path, _described(path))
     reference = torch.load(path, weights_only=True)
     assert list(mapped) == list(reference)
@@ -63,7 +57,7 @@ def test_a_mapped_layout_is_what_torch_load_gives(tmp_path: Path) -> None:
 
 def test_a_container_checkpoints_state_dict_is_described(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    path = _save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "c.pth")
+    path = save_pth({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "c.pth")
     mapped, _ = map_layout(path, _described(path))
     model.load_state_dict(mapped, strict=True)
     assert list(mapped) == list(model.state_dict())
@@ -76,12 +70,12 @@ def test_what_cannot_be_described_exactly_is_not(tmp_path: Path, case: str) -> N
         sd["g"] = torch.ones(2, requires_grad=True)
     else:
         sd._metadata = OrderedDict({"": {1: 2}})  # type: ignore[attr-defined]  # JSON would make the key "1"
-    path = _save(sd, tmp_path / "sd.pth")
+    path = save_pth(sd, tmp_path / "sd.pth")
     assert describe_layout(load_checkpoint(path, mmap=True)) is None
 
 
 def test_files_that_are_not_mapped_have_no_layout(tmp_path: Path) -> None:
-    legacy = _save(OrderedDict(w=torch.ones(3)), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = save_pth(OrderedDict(w=torch.ones(3)), tmp_path / "legacy.pth", legacy=True)
     assert describe_layout(load_checkpoint(legacy, mmap=True)) is None
     st = tmp_path / "w.safetensors"
     safetensors.torch.save_file({"w": torch.ones(3)}, str(st))
@@ -131,7 +125,7 @@ def _hostile(layout: dict[str, Any], case: str) -> dict[str, Any]:
     "records_not_a_list",
 ])
 def test_a_layout_that_does_not_fit_the_file_is_refused(tmp_path: Path, case: str) -> None:
-    path = _save(_varied(), tmp_path / "sd.pth")
+    path = save_pth(_varied(), tmp_path / "sd.pth")
     layout = _described(path)
     map_layout(path, layout)  # the genuine one maps
     with pytest.raises(CorruptCheckpoint):
