@@ -9,11 +9,13 @@
     │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
+    │   └── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
     │   ├── ArtifactInUse            names still point to the artifact (`names`)
     │   ├── NameNotFound             no such name (`name`)
     │   ├── InvalidReference         not a 64-hex id nor a valid name
+    │   ├── AmbiguousReference       an id prefix that several artifacts share (`candidates`)
     │   ├── DigestMismatch           the declared sha256 differs from the bytes (`expected`, `actual`)
     │   ├── PayloadTooLarge          over the configured size limit (`limit`)
     │   └── StorageFull              ENOSPC while writing
@@ -115,6 +117,10 @@ class NameNotFound(StoreError):
 
 class InvalidReference(StoreError):
     title = "Invalid reference"
+
+
+class AmbiguousReference(StoreError):
+    title = "Ambiguous reference"
 
 
 class DigestMismatch(StoreError):

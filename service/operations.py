@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import torch
 
+from service.core.changes import ChangeSummary, changes_from_stats, rollup_modules, summarize_changes
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.formats import DEFAULT_LIMITS
-from service.core.frozen import check_frozen_manifests
+from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
 from service.core.manifest import compute_schema_fingerprint
@@ -27,7 +28,7 @@ from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
-from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
+from service.errors import ArtifactNotFound, FrozenPartChanged, InvalidRequest, VerificationFailed, quote_keys
 from service.registry import ArchitectureRegistry
 from service.store import ArtifactMeta, ArtifactStore, Inspection, Lineage, PendingUpload
 
@@ -59,17 +60,26 @@ class MergeOptions:
     )
     drop_unexpected: bool = False
     output_format: OutputFormat = "pth"
+    # None: no frozen check (the merge cannot know what the training froze); else the frozen part's key prefixes.
     frozen_prefixes: tuple[str, ...] | None = None
+    require_frozen: bool = False  # a changed frozen tensor is an error (FrozenPartChanged) and nothing is stored
+    frozen_atol: float = 0.0  # largest absolute difference of a frozen tensor still counted as unchanged
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "architecture": self.architecture,
             "strip_prefixes": self.strip if isinstance(self.strip, str) else list(self.strip),
             "drop_unexpected": self.drop_unexpected,
             "output_format": self.output_format,
             "frozen_prefixes": list(self.frozen_prefixes) if self.frozen_prefixes is not None else None,
         }
+        # Only when set, so that the lineage (and the id) of a merge without them is what it always was.
+        if self.require_frozen:
+            out["require_frozen"] = True
+        if self.frozen_atol:
+            out["frozen_atol"] = self.frozen_atol
+        return out
 
 
 @dataclass(frozen=True)
@@ -208,11 +218,15 @@ def merge_checkpoints(
     verification = verify_state_dict(merged.state_dict, arch.verify_target())
     o_entries = _carry_manifest(o_sd, o.state_dict, o.manifest)
     t_entries = _carry_manifest(t_sd, t.state_dict, t.manifest)
-    frozen = check_frozen_manifests(
-        Manifest(o_entries, o.manifest.schema_fingerprint),
-        Manifest(t_entries, t.manifest.schema_fingerprint),
-        prefixes=options.frozen_prefixes,
-    )
+    changes = _trained_changes(o_sd, t_sd, o_entries, t_entries)
+    frozen = None
+    if options.frozen_prefixes is not None:
+        fingerprints = check_frozen_manifests(
+            Manifest(o_entries, o.manifest.schema_fingerprint),
+            Manifest(t_entries, t.manifest.schema_fingerprint),
+            prefixes=options.frozen_prefixes,
+        )
+        frozen = with_value_changes(fingerprints, changes.keys, atol=options.frozen_atol)
     mr = merged.report
     report: dict[str, Any] = {
         "architecture": arch.name,
@@ -225,8 +239,9 @@ def merge_checkpoints(
         "metadata": mr.metadata,
         "prefixes": {"original": o_strip, "trained": t_strip},
         "verification": verification.to_dict(),
-        "frozen": frozen.to_dict(),
-        "warnings": _warnings(mr.metadata_warning, frozen.to_dict(), mr.partial_bn_modules),
+        "frozen": frozen.to_dict() if frozen is not None else None,
+        "changes": changes.to_dict(),
+        "warnings": _warnings(mr.metadata_warning, frozen, mr.partial_bn_modules),
     }
     if not verification.ok:
         raise VerificationFailed(
@@ -239,6 +254,12 @@ def merge_checkpoints(
             ),
             missing_keys=sorted(verification.missing),
             unexpected_keys=sorted(verification.unexpected),
+            report=report,
+        )
+    if frozen is not None and options.require_frozen and (frozen.changed or frozen.mismatched):
+        raise FrozenPartChanged(
+            f"require_frozen: {_frozen_changed_text(frozen)}; nothing was stored",
+            changed_keys=list(frozen.changed) + list(frozen.mismatched),
             report=report,
         )
     _commit_inputs(store, (original, trained))
@@ -274,15 +295,54 @@ def _manifest_or_none(entries: dict[str, TensorEntry], sd: Mapping[str, torch.Te
     return Manifest(entries, compute_schema_fingerprint((k, e.shape, e.dtype) for k, e in entries.items()))
 
 
+def _trained_changes(
+    o_sd: Mapping[str, torch.Tensor],
+    t_sd: Mapping[str, torch.Tensor],
+    o_entries: Mapping[str, TensorEntry],
+    t_entries: Mapping[str, TensorEntry],
+) -> ChangeSummary:
+    # What training moved: values are compared only for keys whose fingerprints differ; identical keys add
+    # their ||a||^2 so that a module's relative change has the right denominator.
+    changed: list[str] = []
+    same: list[str] = []
+    for key, ta in o_sd.items():
+        tb = t_sd.get(key)
+        if tb is None or tuple(ta.shape) != tuple(tb.shape):
+            continue
+        ea, eb = o_entries.get(key), t_entries.get(key)
+        if ea is not None and eb is not None and ea.dtype == eb.dtype and ea.fingerprint == eb.fingerprint:
+            same.append(key)
+        else:
+            changed.append(key)
+    return summarize_changes(o_sd, t_sd, keys=changed, same=same)
+
+
+def _format_change(key: str, frozen: FrozenReport) -> str:
+    max_abs, rel = frozen.max_abs.get(key), frozen.rel_change.get(key)
+    if max_abs is None or rel is None:
+        return repr(key)
+    return f"{key!r} (max abs {max_abs:.3g}, relative {rel:.3g})"
+
+
+def _frozen_changed_text(frozen: FrozenReport) -> str:
+    parts = []
+    if frozen.changed:
+        shown = ", ".join(_format_change(k, frozen) for k in frozen.changed[:5])
+        more = f" (+{len(frozen.changed) - 5} more)" if len(frozen.changed) > 5 else ""
+        parts.append(f"{len(frozen.changed)} frozen tensors changed during training: {shown}{more}")
+    if frozen.mismatched:
+        parts.append(f"{len(frozen.mismatched)} frozen tensors changed shape: {quote_keys(frozen.mismatched, limit=5)}")
+    return "; ".join(parts)
+
+
 def _warnings(
-    metadata_warning: str | None, frozen: Mapping[str, Any], partial: Mapping[str, Sequence[str]]
+    metadata_warning: str | None, frozen: FrozenReport | None, partial: Mapping[str, Sequence[str]]
 ) -> list[str]:
     out: list[str] = []
     if metadata_warning:
         out.append(metadata_warning)
-    changed = frozen.get("changed") or []
-    if changed:
-        out.append(f"{len(changed)} frozen tensors changed during training: {quote_keys(changed, limit=5)}")
+    if frozen is not None and (frozen.changed or frozen.mismatched):
+        out.append(_frozen_changed_text(frozen))
     if partial:
         out.append(
             f"BatchNorm modules with partial running stats, refilled from the original: "
@@ -382,7 +442,7 @@ def diff_checkpoints(
     frozen: Sequence[str] | None = None,
     safe_globals: Sequence[str] = (),
     limits: ArchiveLimits = DEFAULT_LIMITS,
-) -> tuple[ManifestDiff, dict[str, Any] | None, dict[str, Any] | None]:
+) -> DiffResult:
     """Diff two checkpoints from their manifests; optionally value statistics and the frozen-part check.
 
     Args:
@@ -396,7 +456,9 @@ def diff_checkpoints(
         limits: Zip pre-check limits for uploads.
 
     Returns:
-        The manifest diff, value statistics (or None), and the frozen report (or None).
+        The manifest diff; with `values`, per-key statistics of the changed keys and the per-module change
+        figures (cached per pair of stored ids); with `frozen`, the frozen report (with each changed key's max
+        abs and relative change when `values` is set too).
     """
     pair = None
     if a.artifact_id is not None and b.artifact_id is not None:
@@ -411,7 +473,7 @@ def diff_checkpoints(
             if cached is not None:
                 _DIFF_CACHE.move_to_end(pair)
     if pair is not None and cached is not None and frozen is None and not values:
-        return cached, None, None
+        return DiffResult(cached)
     ma = _manifest_of(store, a)
     mb = _manifest_of(store, b)
     if pair is not None and cached is not None:
@@ -434,16 +496,73 @@ def diff_checkpoints(
     frozen_report = None
     if frozen is not None:
         fa, fb = (_normalized(ma), _normalized(mb)) if normalize_prefixes else (ma, mb)
-        frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None).to_dict()
-    value_stats = None
-    if values:
+        frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None)
+    if not values:
+        return DiffResult(diff, frozen=frozen_report.to_dict() if frozen_report is not None else None)
+    measured = _VALUES_CACHE.get(pair) if pair is not None else None
+    if measured is None:
         oa = _open(store, a, safe_globals=safe_globals, limits=limits)
         ob = _open(store, b, safe_globals=safe_globals, limits=limits)
         sa, sb = oa.state_dict, ob.state_dict
         if normalize_prefixes:
             sa, sb = dict(strip_prefixes(sa).state_dict), dict(strip_prefixes(sb).state_dict)
-        value_stats = {k: v.to_dict() for k, v in diff_values(sa, sb, keys=diff.changed).items()}
-    return diff, value_stats, frozen_report
+        stats = diff_values(sa, sb, keys=diff.changed)
+        keys = changes_from_stats(stats, sa, same=diff.unchanged)
+        measured = (stats, ChangeSummary(keys, rollup_modules(keys)))
+        if pair is not None:
+            _VALUES_CACHE.put(pair, measured, len(keys))
+    stats, changes = measured
+    if frozen_report is not None:
+        frozen_report = with_value_changes(frozen_report, changes.keys)
+    return DiffResult(
+        diff,
+        values={k: v.to_dict() for k, v in stats.items()},
+        frozen=frozen_report.to_dict() if frozen_report is not None else None,
+        changes=changes,
+    )
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """What `diff_checkpoints` found."""
+
+    diff: ManifestDiff
+    values: dict[str, Any] | None = None  # changed key -> ValueStats.to_dict()
+    frozen: dict[str, Any] | None = None  # FrozenReport.to_dict()
+    changes: ChangeSummary | None = None  # per-key and per-module change figures (values=True)
+
+
+class _SizedLRU:
+    # Values with a size (keys measured); evicts the oldest beyond `max_size` in total. Thread-safe.
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= old[1]
+            self._items[key] = (value, size)
+            self._size += size
+            while len(self._items) > 1 and self._size > self.max_size:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._size -= dropped
+
+
+# (store root, id a, id b, normalize_prefixes) -> (value stats, change figures): artifacts never change, so a
+# repeated values=true diff of two 1 GB checkpoints costs a lookup instead of reading both again.
+_VALUES_CACHE = _SizedLRU(400_000)
 
 
 def _manifest_of(store: ArtifactStore, source: Source) -> Manifest:

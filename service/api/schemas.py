@@ -131,6 +131,9 @@ class DiffOut(BaseModel):
     modules: dict[str, dict[str, int]]
     values: dict[str, dict[str, Any]] | None = None
     frozen: dict[str, Any] | None = None
+    # values=true: per-module change figures (service.core.changes): {"rel_change", "modules": {module: {keys,
+    # changed_keys, numel, changed, rel_change, max_abs}}}, over the keys in both with equal shape and dtype.
+    changes: dict[str, Any] | None = None
 
 
 class TensorSpecIO(BaseModel):

@@ -234,6 +234,28 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_float(value: Any) -> str:
+    return "inf" if value is None else f"{float(value):.3g}"
+
+
+def _print_change_rollup(changes: dict[str, Any], *, depth: int = 1, limit: int = 20) -> None:
+    # The top-level modules (and the whole model): what training moved, by how much.
+    modules: dict[str, Any] = changes.get("modules") or {}
+    if not modules:
+        return
+    total = modules.get("", {})
+    print(f"  changed: {total.get('changed_keys', 0)} of {total.get('keys', 0)} tensors, "
+          f"relative change {_fmt_float(total.get('rel_change'))}")
+    rows = [[m, f"{c.get('changed_keys', 0)}/{c.get('keys', 0)}", _fmt_float(c.get("rel_change")),
+             _fmt_float(c.get("max_abs"))]
+            for m, c in modules.items() if m and m.count(".") < depth and c.get("changed_keys")]
+    if rows:
+        table = _table(["MODULE", "CHANGED", "REL CHANGE", "MAX ABS"], rows[:limit])
+        print("\n".join("    " + line for line in table.splitlines()))
+        if len(rows) > limit:
+            print(f"    ... {len(rows) - limit} more modules (use --json for all)")
+
+
 def _print_verification_failure(exc: Any) -> None:
     print(f"error: {exc.detail or exc.title}", file=sys.stderr)
     _print_keys("missing keys", exc.missing_keys, limit=50, file=sys.stderr)
@@ -249,7 +271,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             _source(args.original), _source(args.trained), architecture=args.architecture,
             strip_prefixes=strip,
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
-            labels=_labels(args.label), frozen_prefixes=frozen, output=args.output, progress=progress)
+            labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
+            frozen_atol=args.frozen_atol, output=args.output, progress=progress)
     if args.json:
         data = result.model_dump(mode="json")
         if args.output:
@@ -264,6 +287,12 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
     filled = list(report.get("filled") or [])
     print(f"  filled from the original: {len(filled)} keys"
           + (f" in {len(report.get('filled_modules') or [])} modules" if filled else ""))
+    _print_change_rollup(report.get("changes") or {})
+    frozen_report = report.get("frozen")
+    if frozen_report:
+        state = "ok, unchanged" if frozen_report.get("ok") else "CHANGED"
+        print(f"  frozen check ({frozen_report.get('checked', '?')} tensors under "
+              f"{', '.join(frozen_report.get('prefixes') or [])}): {state}")
     for warning in report.get("warnings") or []:
         print(f"  warning: {warning}")
     if args.output:
@@ -468,7 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (match the architecture), known, none, or comma-separated prefixes")
     p.add_argument("--drop-unexpected", action="store_true", help="drop keys the architecture does not have")
     p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
-    p.add_argument("--frozen-prefixes", help="comma-separated key prefixes of the frozen part")
+    p.add_argument("--frozen-prefixes",
+                   help="comma-separated key prefixes of the part you froze: check that it did not change "
+                        "(without it: no frozen check, only what changed per module)")
+    p.add_argument("--require-frozen", action="store_true",
+                   help="with --frozen-prefixes: fail (and store nothing) when a frozen tensor changed")
+    p.add_argument("--frozen-atol", type=float, metavar="ATOL",
+                   help="largest difference of a frozen tensor still counted as unchanged (bf16 round trips)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
 
     p = _add(sub, "strip", _cmd_strip, common, help="remove wrapper prefixes (module., _orig_mod., ...)")

@@ -822,6 +822,8 @@ class CheckpointClient:
         name: str | None = None,
         labels: Mapping[str, str] | None = None,
         frozen_prefixes: Sequence[str] | None = None,
+        require_frozen: bool = False,
+        frozen_atol: float | None = None,
         output: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
     ) -> OperationOut:
@@ -842,7 +844,12 @@ class CheckpointClient:
             output_format: `"pth"` or `"safetensors"`.
             name: Point this name at the result.
             labels: Key/value labels for the result.
-            frozen_prefixes: Key prefixes of the frozen part (default: the original's parameters).
+            frozen_prefixes: Key prefixes of the frozen part. Without them there is no frozen check, only the
+                per-module rollup of what changed (`report["changes"]`); with them, changed frozen tensors are a
+                warning naming each with its max abs and relative change.
+            require_frozen: With `frozen_prefixes`: a changed frozen tensor fails the merge
+                (`VerificationError`, title "Frozen part changed") and nothing is stored.
+            frozen_atol: Largest absolute difference of a frozen tensor still counted as unchanged.
             output: Also download the verified result to this file (or directory).
             progress: Called with (bytes done, total) during the uploads and the download.
 
@@ -869,6 +876,10 @@ class CheckpointClient:
             fields.append(("labels", _labels_field(labels) or ""))
         if frozen_prefixes is not None:
             fields.append(("frozen_prefixes", ",".join(frozen_prefixes)))
+        if require_frozen:
+            fields.append(("require_frozen", "true"))
+        if frozen_atol is not None:
+            fields.append(("frozen_atol", repr(float(frozen_atol))))
         uploads: list[tuple[str, Path]] = []
         for role, source in (("original", original), ("trained", trained)):
             path: Path | None

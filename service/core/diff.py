@@ -188,6 +188,12 @@ class ValueStats:
     inf_b: int
     numel: int = 0
     finite: int = 0  # positions where both values are finite: the statistics are over these
+    # The additive figures modules aggregate exactly (service.core.changes): ||a||^2 and ||b - a||^2 over the
+    # finite positions, elements that differ (NaN == NaN), and of those, positions where only one is finite.
+    sq_a: float = 0.0
+    sq_diff: float = 0.0
+    changed: int = 0
+    nonfinite_changed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,6 +207,7 @@ class ValueStats:
             "inf_b": self.inf_b,
             "numel": self.numel,
             "finite": self.finite,
+            "changed": self.changed,
         }
 
 
@@ -257,6 +264,8 @@ class _Sums:
     inf_a: int = 0
     nan_b: int = 0
     inf_b: int = 0
+    changed: int = 0
+    nonfinite_changed: int = 0
 
 
 def _buffer(cache: dict[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
@@ -285,6 +294,9 @@ def _accumulate(sums: _Sums, ca: torch.Tensor, cb: torch.Tensor, cache: dict[str
         sums.inf_a += int(torch.isinf(da).sum())
         sums.inf_b += int(torch.isinf(db).sum())
         both = fin_a & fin_b
+        differs = ~((da == db) | (torch.isnan(da) & torch.isnan(db)))
+        sums.nonfinite_changed += int((differs & ~both).sum())
+        sums.changed += int((differs & ~both).sum())
         da, db = da[both], db[both]
         norm_a, norm_b = _norm(da), _norm(db)
     if da.numel() == 0:
@@ -293,6 +305,7 @@ def _accumulate(sums: _Sums, ca: torch.Tensor, cb: torch.Tensor, cache: dict[str
     diff = da.sub_(db)  # da is not needed any more
     low, high = torch.aminmax(diff)
     sums.count += diff.numel()
+    sums.changed += int(torch.count_nonzero(diff))
     sums.max_abs = max(sums.max_abs, -float(low), float(high))
     sums.sum_abs += float(torch.linalg.vector_norm(diff, 1))
     sums.sq_diff += _norm(diff) ** 2
@@ -325,6 +338,10 @@ def _finish(sums: _Sums, numel: int) -> ValueStats:
         inf_b=sums.inf_b,
         numel=numel,
         finite=count,
+        sq_a=sums.sq_a,
+        sq_diff=sums.sq_diff,
+        changed=sums.changed,
+        nonfinite_changed=sums.nonfinite_changed,
     )
 
 
@@ -356,14 +373,17 @@ def _stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ValueSt
         return torch.zeros(n, dtype=torch.float64).index_add_(0, seg, values.to(torch.float64)).tolist()
 
     counts = [float(s) for s in sizes]
-    nans_a = infs_a = nans_b = infs_b = [0.0] * n
+    nans_a = infs_a = nans_b = infs_b = nonfinite_changed = [0.0] * n
     if not (math.isfinite(_norm(da)) and math.isfinite(_norm(db))):
         fin = torch.isfinite(da) & torch.isfinite(db)
+        differs = ~((da == db) | (torch.isnan(da) & torch.isnan(db)))
+        nonfinite_changed = per_tensor(differs & ~fin)
         nans_a, infs_a = per_tensor(torch.isnan(da)), per_tensor(torch.isinf(da))
         nans_b, infs_b = per_tensor(torch.isnan(db)), per_tensor(torch.isinf(db))
         counts = per_tensor(fin)
         da, db = torch.where(fin, da, 0.0), torch.where(fin, db, 0.0)
     diff = (da - db).abs_()
+    changed = per_tensor(diff != 0)
     max_abs = torch.zeros(n, dtype=torch.float64).scatter_reduce_(0, seg, diff, "amax").tolist()
     sum_abs, sq_diff = per_tensor(diff), per_tensor(diff * diff)
     sq_a, sq_b, dot = per_tensor(da * da), per_tensor(db * db), per_tensor(da * db)
@@ -381,6 +401,8 @@ def _stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ValueSt
             inf_a=int(infs_a[i]),
             nan_b=int(nans_b[i]),
             inf_b=int(infs_b[i]),
+            changed=int(changed[i] + nonfinite_changed[i]),
+            nonfinite_changed=int(nonfinite_changed[i]),
         )
         out.append(_finish(sums, numel))
     return out

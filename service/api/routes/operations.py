@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -13,9 +14,10 @@ from service.api.problems import problem_responses
 from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
 from service.api.uploads import ParsedForm, parse_multipart
-from service.core.diff import ManifestDiff
+from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
 from service.operations import (
+    DiffResult,
     MergeOptions,
     OperationResult,
     Source,
@@ -63,14 +65,8 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
     return _operation_out(request, result)
 
 
-def _diff_out(
-    a: str,
-    b: str,
-    diff: ManifestDiff,
-    values: dict[str, Any] | None,
-    frozen: dict[str, Any] | None,
-    params: DiffParams,
-) -> DiffOut:
+def _diff_out(a: str, b: str, result: DiffResult, params: DiffParams) -> DiffOut:
+    diff = result.diff
     key_prefix, limit = params.key_prefix, params.limit
     keys: dict[str, DiffCategoryKeys] = {}
     for cat in params.category or list(CATEGORIES):
@@ -94,9 +90,20 @@ def _diff_out(
         keys=keys,
         details=details,
         modules=modules,
-        values=values,
-        frozen=frozen,
+        values=result.values,
+        frozen=result.frozen,
+        changes=_changes_out(result.changes, key_prefix),
     )
+
+
+def _changes_out(changes: ChangeSummary | None, key_prefix: str | None) -> dict[str, Any] | None:
+    if changes is None:
+        return None
+    data = changes.to_dict()
+    if key_prefix is not None:
+        base = key_prefix.rstrip(".")
+        data["modules"] = {m: c for m, c in data["modules"].items() if m == "" or m.startswith(base)}
+    return data
 
 
 def _frozen_arg(frozen: str | None) -> list[str] | None:
@@ -160,7 +167,7 @@ async def diff_get(
             return _json(body)
 
     def run() -> bytes:
-        diff, stats, frozen_report = diff_checkpoints(
+        result = diff_checkpoints(
             store,
             Source(artifact_id=ida),
             Source(artifact_id=idb),
@@ -169,7 +176,7 @@ async def diff_get(
             frozen=_frozen_arg(params.frozen),
             safe_globals=services.settings.safe_globals,
         )
-        return _rendered(ida, idb, diff, stats, frozen_report, params)
+        return _rendered(ida, idb, result, params)
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
     body = await (services.pool.run(run) if params.values else anyio.to_thread.run_sync(run))
@@ -178,12 +185,11 @@ async def diff_get(
     return _json(body)
 
 
-def _rendered(a: str, b: str, diff: ManifestDiff, values: dict[str, Any] | None, frozen: dict[str, Any] | None,
-              params: DiffParams) -> bytes:
+def _rendered(a: str, b: str, result: DiffResult, params: DiffParams) -> bytes:
     # A DiffOut is validated when it is built; FastAPI would dump, validate and dump it again (10 ms for a
     # 20k-key diff) on the event loop, so the routes render it once, in their worker thread, and declare DiffOut
     # as their response_model for OpenAPI.
-    return _diff_out(a, b, diff, values, frozen, params).model_dump_json().encode()
+    return _diff_out(a, b, result, params).model_dump_json().encode()
 
 
 def _json(body: bytes) -> Response:
@@ -246,7 +252,7 @@ async def diff_post(
         sb = await _diff_side(services, form, "b")
 
         def run() -> bytes:
-            diff, stats, frozen_report = diff_checkpoints(
+            result = diff_checkpoints(
                 services.store,
                 sa,
                 sb,
@@ -257,7 +263,7 @@ async def diff_post(
             )
             ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
             idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
-            return _rendered(ida, idb, diff, stats, frozen_report, params)
+            return _rendered(ida, idb, result, params)
 
         body = await services.pool.run(run)
     finally:
@@ -276,6 +282,8 @@ MERGE_FIELDS = frozenset(
         "name",
         "labels",
         "frozen_prefixes",
+        "require_frozen",
+        "frozen_atol",
         "original_sha256",
         "trained_sha256",
     }
@@ -307,8 +315,22 @@ MERGE_BODY: dict[str, Any] = {
                         "labels": {"type": "string"},
                         "frozen_prefixes": {
                             "type": "string",
-                            "description": "Comma-separated key prefixes of the frozen part "
-                            "(default: the original's parameters).",
+                            "description": "Comma-separated key prefixes of the frozen part. Without it there "
+                            "is no frozen check, only the per-module rollup of what changed (`report.changes`); "
+                            "with it, changed frozen tensors are a warning with their max abs and relative change.",
+                        },
+                        "require_frozen": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "With frozen_prefixes: a changed frozen tensor is a 422 and nothing is "
+                            "stored (for CI pipelines).",
+                        },
+                        "frozen_atol": {
+                            "type": "number",
+                            "minimum": 0,
+                            "default": 0,
+                            "description": "Largest absolute difference of a frozen tensor still counted as "
+                            "unchanged (e.g. a bfloat16 round trip).",
                         },
                         "original_sha256": {"type": "string"},
                         "trained_sha256": {"type": "string"},
@@ -329,6 +351,18 @@ def _bool(value: str | None, field: str) -> bool:
     if low in ("false", "0", "no", "off", ""):
         return False
     raise InvalidRequest(f"{field} must be true or false, not {value[:32]!r}")
+
+
+def _atol(value: str | None) -> float:
+    if value is None or not value.strip():
+        return 0.0
+    try:
+        atol = float(value)
+    except ValueError:
+        atol = math.nan
+    if not (math.isfinite(atol) and atol >= 0):
+        raise InvalidRequest(f"frozen_atol must be a number >= 0, not {value[:32]!r}")
+    return atol
 
 
 async def _source(services: Any, form: ParsedForm, role: str) -> Source:
@@ -383,12 +417,17 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
         if output_format not in ("pth", "safetensors"):
             raise InvalidRequest(f"output_format must be 'pth' or 'safetensors', not {output_format[:32]!r}")
         frozen_raw = form.fields.get("frozen_prefixes")
+        require_frozen = _bool(form.fields.get("require_frozen"), "require_frozen")
+        if require_frozen and not frozen_raw:
+            raise InvalidRequest("require_frozen needs frozen_prefixes: the key prefixes of the part you froze")
         options = MergeOptions(
             architecture=architecture,
             strip=strip_mode,
             drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
             output_format=output_format,  # type: ignore[arg-type]
             frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip()) if frozen_raw else None,
+            require_frozen=require_frozen,
+            frozen_atol=_atol(form.fields.get("frozen_atol")),
             labels=parse_labels(form.fields.get("labels")),
         )
         original = await _source(services, form, "original")
