@@ -99,6 +99,10 @@ class VerificationFailed(CheckpointServiceError):
     title = "Verification failed"
 
 
+class FrozenPartChanged(VerificationFailed):
+    title = "Frozen part changed"
+
+
 class StoreError(CheckpointServiceError):
     title = "Artifact store error"
 

@@ -27,6 +27,7 @@ from service.api.schemas import Problem
 from service.api.work import WorkPool
 from service.config import Settings
 from service.core.types import ArchiveLimits
+from service.errors import quote_keys
 from service.registry import ArchitectureRegistry
 from service.runtime import tune_gc
 from service.sandbox import ParserSandbox
@@ -64,6 +65,12 @@ def build_services(settings: Settings) -> Services:
     else:
         inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
     store = ArtifactStore(settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds)
+    hex_names = store.hex_names()
+    if hex_names:
+        log.warning(
+            "names made only of hex digits win over the id prefixes they look like (new ones are refused): %s",
+            quote_keys(hex_names),
+        )
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)

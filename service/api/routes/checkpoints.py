@@ -15,7 +15,7 @@ from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestO
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
 from service.operations import convert_checkpoint
-from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload, validate_name
+from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload
 
 router = APIRouter()
 
@@ -100,7 +100,7 @@ async def commit_upload(
 ) -> IngestResult:
     store = services.store
     if name is not None:
-        validate_name(name)  # refuse a bad name before the heavy work
+        store.check_settable_name(name)  # refuse a bad name before the heavy work
     result: IngestResult = await services.pool.run(
         lambda: store.commit_upload(
             upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels

@@ -25,7 +25,7 @@ from service.operations import (
     merge_checkpoints,
     strip_checkpoint,
 )
-from service.store import NAME_RE, validate_name
+from service.store import NAME_RE
 
 router = APIRouter()
 
@@ -49,7 +49,7 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
     """Remove wrapper prefixes (detected, or the given ones) and store the result."""
     store = services.store
     if body.name is not None:
-        validate_name(body.name)
+        store.check_settable_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
     result = await services.pool.run(
         lambda: strip_checkpoint(
@@ -408,7 +408,7 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
         await anyio.to_thread.run_sync(services.registry.get, architecture)  # 404 before any heavy work
         name = form.fields.get("name")
         if name is not None:
-            validate_name(name)
+            services.store.check_settable_name(name)
         strip_raw = form.fields.get("strip_prefixes", "auto").strip() or "auto"
         strip_mode: str | list[str] = strip_raw
         if strip_raw not in ("auto", "known", "none"):
