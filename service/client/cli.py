@@ -258,8 +258,44 @@ def _print_change_rollup(changes: dict[str, Any], *, depth: int = 1, limit: int 
 
 def _print_verification_failure(exc: Any) -> None:
     print(f"error: {exc.detail or exc.title}", file=sys.stderr)
-    _print_keys("missing keys", exc.missing_keys, limit=50, file=sys.stderr)
-    _print_keys("unexpected keys", exc.unexpected_keys, limit=50, file=sys.stderr)
+    verification = (exc.report or {}).get("verification") or {}
+    shapes: dict[str, Any] = verification.get("shape_mismatches") or {}
+    dtypes: dict[str, Any] = verification.get("dtype_mismatches") or {}
+    mismatched = sorted(set(shapes) | set(dtypes))
+    if mismatched:
+        rows = []
+        for key in mismatched[:50]:
+            shape, dtype = shapes.get(key) or {}, dtypes.get(key) or {}
+            rows.append([key, _shape_text(shape.get("expected")), _shape_text(shape.get("got")),
+                         dtype.get("expected", ""), dtype.get("got", "")])
+        print(f"mismatched keys ({len(mismatched)}):", file=sys.stderr)
+        table = _table(["KEY", "EXPECTED SHAPE", "GOT SHAPE", "EXPECTED DTYPE", "GOT DTYPE"], rows)
+        print("\n".join("  " + line for line in table.splitlines()), file=sys.stderr)
+        if len(mismatched) > 50:
+            print(f"  ... {len(mismatched) - 50} more (use --json for all)", file=sys.stderr)
+    for label, keys in (("missing keys", exc.missing_keys), ("unexpected keys", exc.unexpected_keys),
+                        ("changed frozen keys", list(exc.problem.get("changed_keys") or []))):
+        if keys:  # an empty section says nothing
+            _print_keys(label, keys, limit=50, file=sys.stderr)
+
+
+def _shape_text(shape: Any) -> str:
+    if shape is None:
+        return "(same)"
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _hint(exc: Any, args: argparse.Namespace) -> str | None:
+    status = getattr(exc, "status", None)
+    if status == 401:
+        return "pass a token with --token TOKEN or set CKPT_TOKEN (the service has CKPT_API_TOKENS set)"
+    if status == 403:
+        return "this command needs a write token (--token / CKPT_TOKEN)"
+    if status == 409 and args.handler is _cmd_rm and exc.problem.get("names"):
+        names = list(exc.problem.get("names") or [])
+        return (f"`ckpt rm {args.ref} --force` deletes it and its names, or `ckpt name rm {names[0]}` "
+                "removes a name and keeps the checkpoint")
+    return None
 
 
 def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
@@ -544,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, http: Any = None) -> int:
     from service.client.client import CheckpointClient, RetryPolicy
     from service.client.errors import ClientError, ServiceError, VerificationError
 
@@ -555,12 +591,14 @@ def _run(args: argparse.Namespace) -> int:
     args.json = getattr(args, "json", False)
     handler: Handler = args.handler
     kwargs: dict[str, Any] = {"token": token}
+    if http is not None:
+        kwargs["http"] = http
     if timeout is not None:
         kwargs["timeout"] = timeout
     if retries is not None:
         kwargs["retry"] = RetryPolicy(attempts=max(1, retries))
     try:
-        with CheckpointClient(url, **kwargs) as client:
+        with CheckpointClient(url if http is None else None, **kwargs) as client:
             return handler(client, args)
     except VerificationError as exc:
         _print_verification_failure(exc)
@@ -569,6 +607,9 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        hint = _hint(exc, args)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         if args.json:
             _emit_json({"error": exc.problem})
         return 1
@@ -585,11 +626,12 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, http: Any = None) -> int:
     """Entry point of the `ckpt` console script.
 
     Args:
         argv: The arguments (default `sys.argv[1:]`).
+        http: An `httpx.Client` to talk through instead of `--url` (tests pass the app's TestClient).
 
     Returns:
         The exit code: 0 ok, 1 failed operation, 2 usage.
@@ -603,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)  # `serve`
         return code
     try:
-        return _run(args)
+        return _run(args, http)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from service.core.verify import ArchitectureSpec, build_meta_module, spec_from_module
+from service.core.verify import ArchitectureSpec, build_meta_module, spec_from_module, valid_dtype_names
 from service.errors import (
     ArchitectureConflict,
     ArchitectureNotFound,
@@ -467,7 +467,12 @@ def _check_spec(spec: ArchitectureSpec) -> None:
         raise InvalidArchitecture(f"Invalid shape for {quote_keys(bad_shape)}", keys=sorted(bad_shape))
     bad_dtype = [k for k, t in spec.keys.items() if not _is_dtype_name(t.dtype)]
     if bad_dtype:
-        raise InvalidArchitecture(f"Unknown dtype for {quote_keys(bad_dtype)}", keys=sorted(bad_dtype))
+        given = sorted({spec.keys[k].dtype for k in bad_dtype})
+        raise InvalidArchitecture(
+            f"Unknown dtype {', '.join(map(repr, given))} for {quote_keys(bad_dtype)}; valid dtypes: "
+            + ", ".join(valid_dtype_names()),
+            keys=sorted(bad_dtype),
+        )
     empty = [k for k in spec.keys if not k]
     if empty:
         raise InvalidArchitecture("Empty key in architecture spec")
