@@ -599,7 +599,9 @@ def _run(args: argparse.Namespace, http: Any = None) -> int:
         kwargs["retry"] = RetryPolicy(attempts=max(1, retries))
     try:
         with CheckpointClient(url if http is None else None, **kwargs) as client:
-            return handler(client, args)
+            code = handler(client, args)
+            sys.stdout.flush()  # a closed pipe (`ckpt ... | head`) shows up here, not at interpreter exit
+            return code
     except VerificationError as exc:
         _print_verification_failure(exc)
         if args.json:
@@ -621,6 +623,8 @@ def _run(args: argparse.Namespace, http: Any = None) -> int:
     except (UsageError, ValueError) as exc:
         print(f"ckpt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # main() ends quietly
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -649,6 +653,14 @@ def main(argv: Sequence[str] | None = None, *, http: Any = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ckpt arch show X | head`): nothing to say, and nothing more to write. Point
+        # stdout at /dev/null so that the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, as a shell reports a process killed by the closed pipe
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,22 @@ def test_unknown_dtype_lists_the_valid_ones(client: TestClient) -> None:
     assert r.status_code == 422
     assert "Unknown dtype 'float33' for 'w'; valid dtypes: " in r.json()["detail"]
     assert "float32" in r.json()["detail"] and "bfloat16" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("buffering", [-1, 1])
+def test_a_closed_pipe_ends_quietly(
+    client: TestClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, buffering: int
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` that has read what it wanted
+    pipe = os.fdopen(write_end, "w", buffering=buffering)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        code = main(["arch", "show", "tiny-convnet"], http=client)
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            pipe.close()
+    err = capsys.readouterr().err
+    assert code == 141
+    assert err == ""  # no "error: [Errno 32] Broken pipe"
