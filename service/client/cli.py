@@ -142,7 +142,7 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
-    dest = Path(args.output) if args.output else Path.cwd()
+    dest: str | Path = args.output if args.output else Path.cwd()  # a str: a trailing "/" means a directory
     with _progress(f"pull {args.ref}") as progress:
         result = client.pull(args.ref, dest, format=args.format, progress=progress)
     if args.json:
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trained", metavar="TRAINED", help="REF or FILE: the fine-tuned checkpoint")
     p.add_argument("-a", "--arch", "--architecture", dest="architecture", required=True,
                    help="registered architecture name (see `ckpt arch ls`)")
-    p.add_argument("-o", "--output", type=Path, help="write the verified result to this file")
+    p.add_argument("-o", "--output", help="write the verified result to this file (or directory: a trailing /)")
     p.add_argument("--name", help="point this name at the result")
     p.add_argument("--strip-prefixes", default="auto",
                    help="auto (match the architecture), known, none, or comma-separated prefixes")
