@@ -223,6 +223,10 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
                 detail = diff.details.get(cat, {}).get(key)
                 if detail is not None:
                     print(f"    {key}: {detail}")
+    if diff.changes is not None:
+        print()
+        print(f"value changes (modules to depth {args.depth}):")
+        _print_change_rollup(diff.changes, depth=args.depth, limit=50, indent="")
     if diff.frozen is not None:
         changed = list(diff.frozen.get("changed") or [])
         print()
@@ -238,22 +242,22 @@ def _fmt_float(value: Any) -> str:
     return "inf" if value is None else f"{float(value):.3g}"
 
 
-def _print_change_rollup(changes: dict[str, Any], *, depth: int = 1, limit: int = 20) -> None:
+def _print_change_rollup(changes: dict[str, Any], *, depth: int = 1, limit: int = 20, indent: str = "  ") -> None:
     # The top-level modules (and the whole model): what training moved, by how much.
     modules: dict[str, Any] = changes.get("modules") or {}
     if not modules:
         return
     total = modules.get("", {})
-    print(f"  changed: {total.get('changed_keys', 0)} of {total.get('keys', 0)} tensors, "
+    print(f"{indent}changed: {total.get('changed_keys', 0)} of {total.get('keys', 0)} tensors, "
           f"relative change {_fmt_float(total.get('rel_change'))}")
     rows = [[m, f"{c.get('changed_keys', 0)}/{c.get('keys', 0)}", _fmt_float(c.get("rel_change")),
              _fmt_float(c.get("max_abs"))]
             for m, c in modules.items() if m and m.count(".") < depth and c.get("changed_keys")]
     if rows:
         table = _table(["MODULE", "CHANGED", "REL CHANGE", "MAX ABS"], rows[:limit])
-        print("\n".join("    " + line for line in table.splitlines()))
+        print("\n".join(indent + "  " + line for line in table.splitlines()))
         if len(rows) > limit:
-            print(f"    ... {len(rows) - limit} more modules (use --json for all)")
+            print(f"{indent}  ... {len(rows) - limit} more modules (use --json for all)")
 
 
 def _print_verification_failure(exc: Any) -> None:
@@ -509,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="A", help="REF or FILE (the original, for --frozen)")
     p.add_argument("b", metavar="B", help="REF or FILE")
     p.add_argument("-n", "--normalize-prefixes", action="store_true", help="strip wrapper prefixes first")
-    p.add_argument("--values", action="store_true", help="value statistics of changed tensors")
+    p.add_argument("--values", action="store_true",
+                   help="value statistics of changed tensors, and per module: relative change, max abs change")
+    p.add_argument("--depth", type=int, default=1,
+                   help="with --values: show modules up to this many levels deep (default 1)")
     p.add_argument("--frozen", nargs="?", const="true", metavar="PREFIXES",
                    help="check that A's parameters (or the comma-separated key prefixes) are unchanged in B")
     p.add_argument("--category", action="append", help="only this category (repeatable)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -114,3 +115,18 @@ def test_a_closed_pipe_ends_quietly(
     err = capsys.readouterr().err
     assert code == 141
     assert err == ""  # no "error: [Errno 32] Broken pipe"
+
+
+def test_diff_values_prints_a_per_module_table_in_text_mode(
+    client: TestClient, capsys: pytest.CaptureFixture[str], recipe_files: dict[str, Path]
+) -> None:
+    argv = ["diff", str(recipe_files["original"]), str(recipe_files["trained"]), "-n", "--values"]
+    code, out, err = _run(client, capsys, *argv)
+    assert code == 0, err
+    code, raw, _ = _run(client, capsys, *argv, "--json")
+    head = json.loads(raw)["changes"]["modules"]["head"]
+    assert "value changes (modules to depth 1):" in out
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("head "))
+    assert row == ["head", "2/2", f"{head['rel_change']:.3g}", f"{head['max_abs']:.3g}"]
+    assert not any(line.strip().startswith("features ") for line in out.splitlines())  # frozen: unchanged
+    assert "changed: 2 of" in out
