@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tomllib
+from pathlib import Path
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,7 +21,40 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.set_defaults(func=run_serve)
 
 
+def check_config(value: str) -> tuple[Path | None, str | None]:
+    """Resolve a `--config` / CKPT_CONFIG path against the current directory and check that it is usable TOML.
+
+    Args:
+        value: The path as given.
+
+    Returns:
+        (the absolute path, None), or (None, why the service must not start, naming the resolved path).
+    """
+    path = Path(value).expanduser().resolve()
+    try:
+        with path.open("rb") as fh:
+            tomllib.load(fh)
+    except FileNotFoundError:
+        return None, f"config file not found: {path}"
+    except IsADirectoryError:
+        return None, f"config path is a directory, not a TOML file: {path}"
+    except OSError as exc:
+        return None, f"cannot read config file {path}: {exc.strerror}"
+    except tomllib.TOMLDecodeError as exc:
+        return None, f"config file {path} is not valid TOML: {exc}"
+    return path, None
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    # A relative --config means relative to where the user stands; the workers may start elsewhere, so it is
+    # made absolute here, and a file that is missing or not TOML stops the start instead of a silent registry.
+    config = args.config if args.config is not None else os.environ.get("CKPT_CONFIG")
+    if config:
+        path, problem = check_config(config)
+        if problem is not None:
+            print(f"ckpt serve: error: {problem}", file=sys.stderr)
+            return 2
+        args.config = str(path)
     # Flags become CKPT_* variables so that every uvicorn worker process builds the same Settings.
     for flag, env in (("host", "CKPT_HOST"), ("port", "CKPT_PORT"), ("data_dir", "CKPT_DATA_DIR"),
                       ("config", "CKPT_CONFIG")):

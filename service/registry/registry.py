@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import re
+import sys
 import threading
 import tomllib
 import uuid
@@ -349,6 +350,11 @@ class ArchitectureRegistry:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             self._issue(str(path), "config", f"cannot read config file: {_describe(exc)}")
             return
+        try:
+            _extend_python_path(path, document.get("python_path", []))
+        except InvalidArchitecture as exc:
+            self._issue(str(path), "config", exc.detail)
+            return
         tables = document.get("architectures", {})
         if not isinstance(tables, dict):
             self._issue(str(path), "config", "'architectures' must be a table of tables")
@@ -548,6 +554,21 @@ def import_factory(reference: str) -> Callable[..., Any]:
     if not callable(target):
         raise InvalidArchitecture(f"factory {reference!r} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def _extend_python_path(config: Path, entries: object) -> None:
+    # `python_path = ["src", "../models"]`: where the config's own factory modules live, relative to the file,
+    # so that `factory = "my_models:build"` imports without PYTHONPATH.
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise InvalidArchitecture("'python_path' must be a list of directories (relative to the config file)")
+    for entry in reversed(entries):
+        directory = str((config.parent / entry).resolve())
+        if not os.path.isdir(directory):
+            raise InvalidArchitecture(f"python_path entry {entry!r} is not a directory ({directory})")
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    if entries:
+        importlib.invalidate_caches()
 
 
 def _config_factory(table: object) -> tuple[Callable[[], nn.Module], str | None]:
