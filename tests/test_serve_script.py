@@ -4,6 +4,7 @@ the user's own module (python_path), and with only the runtime dependencies inst
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import re
 import signal
@@ -55,7 +56,7 @@ def test_serve_sh_resolves_config_from_the_callers_directory_and_reports_broken_
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(SERVE), "--config", "arch.toml", "--data-dir", "data", "--port", str(port), "--log-level", "warning"],
+            [str(SERVE), "--config", "arch.toml", "--data-dir", "data", "--port", str(port)],
             cwd=user, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
@@ -79,6 +80,14 @@ def test_serve_sh_resolves_config_from_the_callers_directory_and_reports_broken_
         assert check["status"] == "degraded" and "'broken' (config)" in check["detail"]
         assert "'mine'" not in check["detail"]
         assert (user / "data").is_dir()  # --data-dir is relative to the caller too
+        # Item 12: the start-up lines reach the terminal through uvicorn's handler.
+        started = log.read_text()
+        assert f"data directory: {user / 'data'} (0 artifacts)" in started
+        loaded = next(line for line in started.splitlines() if "architectures loaded (" in line)
+        assert "mine, mlp-bn, tiny-convnet" in loaded
+        assert "architectures that failed to load (1): 'broken' (config)" in started
+        assert "auth: off" in started
+        assert f"API docs: http://127.0.0.1:{port}/docs" in started
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -126,3 +135,21 @@ def test_serve_installs_only_the_runtime_dependencies() -> None:
     runtime = [r for r in importlib.metadata.requires("ckpt-service") or [] if "extra ==" not in r]
     names = {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower() for r in runtime}
     assert "torch" in names and not names & {"pytest", "mypy", "ruff", "schemathesis", "pytest-cov"}
+
+
+def test_startup_log_names_data_artifacts_architectures_auth_and_docs(
+    tmp_path: Path, recipe_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", api_tokens="write:w0", port=8123)
+    with TestClient(create_app(settings)) as client:
+        with recipe_files["original"].open("rb") as fh:
+            assert client.post("/checkpoints", files={"file": ("o.pth", fh)},
+                               headers={"Authorization": "Bearer w0"}).status_code == 201
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ckpt.service"), TestClient(create_app(settings)):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "ckpt.service"]
+    assert f"data directory: {settings.data_dir.resolve()} (1 artifacts)" in lines
+    assert any(line.startswith("architectures loaded (") and "mlp-bn, tiny-convnet" in line for line in lines)
+    assert "auth: on (Bearer tokens from CKPT_API_TOKENS)" in lines
+    assert "API docs: http://127.0.0.1:8123/docs" in lines

@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_gc()
         await anyio.to_thread.run_sync(services.store.collect_garbage)
+        await anyio.to_thread.run_sync(_log_startup, services)
         task = asyncio.create_task(_collect_periodically(services))
         try:
             yield
@@ -126,6 +127,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_docs(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+def _log_startup(services: Services) -> None:
+    # What someone starting the service wants to see first: where the data is, what is there, what can merge,
+    # whether it is open to anyone, and where to click.
+    settings, registry = services.settings, services.registry
+    artifacts = services.store.list(limit=1).total
+    loaded = sorted(a.name for a in registry.list())
+    failed = sorted(registry.issues, key=lambda i: i.name)
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    log.info("data directory: %s (%d artifacts)", settings.data_dir.resolve(), artifacts)
+    log.info("architectures loaded (%d): %s", len(loaded), ", ".join(loaded) or "none")
+    if failed:
+        log.warning("architectures that failed to load (%d): %s", len(failed),
+                    "; ".join(f"{i.name!r} ({i.source}): {i.error}" for i in failed))
+    if settings.tokens():
+        log.info("auth: on (Bearer tokens from CKPT_API_TOKENS)")
+    else:
+        log.warning("auth: off, anyone who can reach the port can read and write (set CKPT_API_TOKENS)")
+    log.info("API docs: http://%s:%d/docs", host, settings.port)
 
 
 async def _collect_periodically(services: Services) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tomllib
@@ -65,8 +66,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from service.config import Settings
 
+    from uvicorn.config import LOGGING_CONFIG
+
     settings = Settings()
+    # The service's own start-up lines (data directory, architectures, auth, docs URL) go where uvicorn's go.
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    level = args.log_level.upper()
+    level = level if level in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG") else "DEBUG"  # uvicorn's "trace"
+    log_config["loggers"]["ckpt"] = {"handlers": ["default"], "level": level, "propagate": False}
     uvicorn.run("service.api.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10,
-                http="service.api.http11:H11Protocol")
+                http="service.api.http11:H11Protocol", log_config=log_config)
     return 0
