@@ -63,10 +63,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[env] = str(value)
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from service.config import Settings
-
-    from uvicorn.config import LOGGING_CONFIG
 
     settings = Settings()
     # The service's own start-up lines (data directory, architectures, auth, docs URL) go where uvicorn's go.
