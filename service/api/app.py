@@ -13,6 +13,7 @@ from typing import Any
 import anyio.to_thread
 import fastapi_offline
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
@@ -126,7 +127,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     _install_docs(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    # Keep this the LAST add_middleware: the last added is the outermost, so a preflight OPTIONS is answered
+    # here and never reaches authentication (browsers send preflights without the Authorization header).
+    _install_cors(app, settings)
     return app
+
+
+def _install_cors(app: FastAPI, settings: Settings) -> None:
+    origins = settings.cors_origin_list()
+    if not origins:
+        return
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "If-None-Match", "Range"],
+        expose_headers=["ETag", "X-Checkpoint-Id", "Retry-After", "Content-Disposition"],
+        max_age=600,
+    )
 
 
 def _log_startup(services: Services) -> None:
