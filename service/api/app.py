@@ -41,6 +41,15 @@ merge the trained state_dict with the original (BatchNorm running stats dropped 
 verify with `load_state_dict(strict=True)` against the real architecture, and keep every result in a
 content-addressed artifact directory. Errors are RFC 9457 `application/problem+json`."""
 
+# The groups of /docs, in this order.
+OPENAPI_TAGS = [
+    {"name": "checkpoints", "description": "Upload, inspect, download, list and delete stored checkpoints."},
+    {"name": "names", "description": "Mutable human names for checkpoints, like registry tags."},
+    {"name": "operations", "description": "Strip wrapper prefixes, diff, and merge with strict verification."},
+    {"name": "architectures", "description": "The model architectures merges are verified against."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
 # Swagger UI and ReDoc assets ship inside the fastapi-offline wheel: no CDN, for air-gapped clusters.
 _STATIC = Path(fastapi_offline.__file__).parent / "static"
 
@@ -117,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=OPENAPI_TAGS,
         docs_url=None,
         redoc_url=None,
     )
@@ -206,7 +216,8 @@ def _install_docs(app: FastAPI) -> None:
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                         tags=app.openapi_tags)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}

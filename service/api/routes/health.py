@@ -14,7 +14,13 @@ from service.api.schemas import Health
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, operation_id="healthz")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    operation_id="healthz",
+    summary="Check that the process answers",
+    tags=["health"],
+)
 async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
@@ -24,6 +30,8 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     operation_id="readyz",
+    summary="Check that the service is ready",
+    tags=["health"],
     responses={503: {"model": Health, "description": "Not ready"}},
 )
 def readyz(services: ServicesDep) -> Response:
@@ -58,6 +66,8 @@ def architectures_check(services: Services) -> dict[str, str]:
 @router.get(
     "/metrics",
     operation_id="metrics",
+    summary="Prometheus metrics",
+    tags=["health"],
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 def metrics(metrics: MetricsDep) -> Response:
