@@ -21,7 +21,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"  # service.client.client.DEFAULT_URL, with
 
 EPILOG = """\
 references:
-  REF is an artifact id (64 hex) or a name. Where a command also takes a FILE (diff, merge), an argument
+  REF is an artifact id (64 hex), a unique prefix of one (8 or more hex digits, as `ckpt ls` prints them),
+  or a name. Where a command also takes a FILE (diff, merge), an argument
   that names an existing local file is sent as a file (or as its id when the service already has its
   bytes); anything else is a REF.
 
@@ -34,6 +35,7 @@ exit codes:
   1  the operation failed: the service refused it (a failed verification prints the missing and
      unexpected keys), a download did not verify, or the service could not be reached
   2  usage error (bad arguments, a missing local file)
+  141  the output pipe closed early (`ckpt ... | head`); nothing is printed about it
 """
 
 Handler = Callable[["CheckpointClient", argparse.Namespace], int]
@@ -312,11 +314,18 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             strip_prefixes=strip,
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
             labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
-            frozen_atol=args.frozen_atol, output=args.output, progress=progress)
+            frozen_atol=args.frozen_atol, progress=progress)
+        written = None
+        if args.output:
+            # By name when it has one, so that `-o out/` writes out/NAME.pth.
+            pulled = client.pull(args.name or result.id, args.output, progress=progress)
+            if pulled.id != result.id:  # the name moved meanwhile: say so rather than hand over another model
+                raise UsageError(f"{args.name!r} now points to {pulled.id}, not to the merge result {result.id}")
+            written = pulled.path
     if args.json:
         data = result.model_dump(mode="json")
-        if args.output:
-            data["output"] = str(args.output)
+        if written is not None:
+            data["output"] = str(written)
         _emit_json(data)
         return 0
     report = result.report
@@ -335,8 +344,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
               f"{', '.join(frozen_report.get('prefixes') or [])}): {state}")
     for warning in report.get("warnings") or []:
         print(f"  warning: {warning}")
-    if args.output:
-        print(f"wrote {args.output}  (sha256 verified)")
+    if written is not None:
+        print(f"wrote {written}  (sha256 verified)")
     return 0
 
 

@@ -61,3 +61,13 @@ def test_cli_pull_with_trailing_slash_creates_the_directory(
     assert (tmp_path / "dir" / "orig.pth").is_file()
     assert stat.S_IMODE((tmp_path / "dir" / "orig.pth").stat().st_mode) == 0o644
     assert "wrote " in capsys.readouterr().out
+
+
+def test_merge_output_directory_names_the_file_after_the_name(
+    client: TestClient, recipe_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    code = main(["merge", str(recipe_files["original"]), str(recipe_files["trained"]), "-a", "tiny-convnet",
+                 "--name", "final", "-o", f"{out}/"], http=client)
+    assert code == 0
+    assert f"wrote {out / 'final.pth'}  (sha256 verified)" in capsys.readouterr().out
