@@ -160,6 +160,7 @@ def measure_changes(
     *,
     keys: Iterable[str],
     same: Iterable[str] = (),
+    known_sq_a: Mapping[str, float] | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> dict[str, KeyChange]:
     """Measure how far each key moved from `a` to `b`.
@@ -171,17 +172,22 @@ def measure_changes(
             side or of different shapes are skipped.
         same: Keys known to be identical (equal fingerprints): only ||a||^2 is computed, so that modules'
             relative changes have the right denominator.
+        known_sq_a: ||a||^2 of some `same` keys, known already (a caller's cache): not computed again.
         chunk_elements: Elements per chunk.
 
     Returns:
         Key to `KeyChange`, `keys` first, then `same`.
     """
     stats = diff_values(a, b, keys=keys, chunk_elements=chunk_elements)
-    return changes_from_stats(stats, a, same=same)
+    return changes_from_stats(stats, a, same=same, known_sq_a=known_sq_a)
 
 
 def changes_from_stats(
-    stats: Mapping[str, ValueStats], a: Mapping[str, torch.Tensor], *, same: Iterable[str] = ()
+    stats: Mapping[str, ValueStats],
+    a: Mapping[str, torch.Tensor],
+    *,
+    same: Iterable[str] = (),
+    known_sq_a: Mapping[str, float] | None = None,
 ) -> dict[str, KeyChange]:
     """`measure_changes` for a caller that already has `diff_values` statistics of the keys that may differ.
 
@@ -189,6 +195,7 @@ def changes_from_stats(
         stats: Key to `ValueStats` (from `diff_values`).
         a: The first state_dict, for the ||a||^2 of `same`.
         same: Keys known to be identical.
+        known_sq_a: ||a||^2 of some `same` keys, known already.
 
     Returns:
         Key to `KeyChange`.
@@ -200,7 +207,8 @@ def changes_from_stats(
         if key in out or not isinstance(ta, torch.Tensor) or ta.is_meta:
             continue
         numel = ta.numel() * (2 if ta.is_complex() else 1)
-        out[key] = KeyChange(numel, 0, _sq_norm(ta, buffers), 0.0, 0.0)
+        known = known_sq_a.get(key) if known_sq_a is not None else None
+        out[key] = KeyChange(numel, 0, known if known is not None else _sq_norm(ta, buffers), 0.0, 0.0)
     return out
 
 
