@@ -130,6 +130,8 @@ _EMPTY = ModuleChange(0, 0, 0, 0, 0.0, 0.0, 0.0)
 
 def _sq_norm(t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> float:
     t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
     if t.is_complex():
         t = torch.view_as_real(t.resolve_conj().resolve_neg())
     flat = t.reshape(-1)
