@@ -64,21 +64,22 @@ class ProblemJSONResponse(JSONResponse):
             return super().render(content)
         except (UnicodeEncodeError, ValueError, TypeError):
             # Lone surrogates (keys of a crafted pickle) cannot be encoded; NaN is not JSON.
-            return json.dumps(_renderable(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            return json.dumps(json_safe(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _renderable(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """A copy of `value` that JSON can always encode: lone surrogates escaped, NaN and infinities as null."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {_renderable(str(k)): _renderable(v) for k, v in value.items()}
+        return {json_safe(str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_renderable(v) for v in value]
+        return [json_safe(v) for v in value]
     if value is None or isinstance(value, bool | int):
         return value
-    return _renderable(str(value))
+    return json_safe(str(value))
 
 
 def problem_response(
@@ -100,7 +101,7 @@ def problem_response(
     try:
         body.update(jsonable_encoder(extensions or {}))
     except (TypeError, ValueError):
-        body.update(_renderable(extensions or {}))
+        body.update(json_safe(extensions or {}))
     return ProblemJSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 

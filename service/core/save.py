@@ -209,6 +209,10 @@ def check_safetensors_output(tensors: Mapping[str, torch.Tensor], *, max_expande
             f"safetensors cannot hold the dtypes of {len(keys)} keys ({listed}); download or store as pth",
             keys=keys, dtypes=sorted(by_dtype),
         )
+    not_utf8 = [k for k in tensors if not _is_utf8(k)]
+    if not_utf8:
+        shown = sorted(k.encode("utf-8", "backslashreplace").decode("utf-8") for k in not_utf8)
+        raise UnconvertibleCheckpoint(f"safetensors keys must be valid UTF-8: {quote_keys(shown)}", keys=shown)
     if _SAFETENSORS_RESERVED in tensors:
         raise UnconvertibleCheckpoint(
             f"safetensors reserves the key {_SAFETENSORS_RESERVED!r} for its header; the checkpoint has a tensor "
@@ -217,6 +221,14 @@ def check_safetensors_output(tensors: Mapping[str, torch.Tensor], *, max_expande
         )
     if max_expanded_bytes is not None:
         check_expansion(tensors, budget=max_expanded_bytes, what="the safetensors output")
+
+
+def _is_utf8(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.api.problems import ProblemJSONResponse, problem_response
 from service.config import Settings
+from service.core.manifest import build_manifest
+from service.store import ArtifactStore
 from tests.core.test_expansion import TiedLM, alias_state_dict
 from tests.hardening.hostile_support import assert_refused
 
@@ -187,3 +189,22 @@ def test_an_oversized_multipart_boundary_is_a_400(inproc: TestClient, route: str
     body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--{boundary}--\r\n".encode()
     r = inproc.post(route, content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert_refused(r, status=400, fragment="boundary has 300 characters")
+
+
+def test_a_poison_key_stored_before_the_check_gives_no_5xx(tmp_path: Path) -> None:
+    # An artifact stored by an older version, which accepted the key: its manifest is given, so no parse refuses it.
+    data = tmp_path / "data"
+    store = ArtifactStore(data)
+    sd = {"w\ud800": torch.ones(2), "b": torch.ones(1)}
+    art = store.store_state_dict(sd, manifest=build_manifest(sd)).artifact.id
+    plain = store.store_state_dict({"b": torch.ones(1)}).artifact.id
+    with TestClient(create_app(Settings(data_dir=data, sandbox=False))) as c:
+        for params in ({}, {"values": "true", "frozen": "true"}):
+            r = c.get("/diff", params={"a": art, "b": plain, **params})
+            assert r.status_code == 200, r.text
+            assert json.loads(r.content)["keys"]["only_in_a"]["keys"] == ["w\\ud800"]
+        r = c.get(f"/checkpoints/{art}/file", params={"format": "safetensors"})
+        assert_refused(r, status=422, fragment="must be valid UTF-8")
+        assert r.json()["keys"] == ["w\\ud800"]
+        r = c.post("/strip", json={"checkpoint": art, "output_format": "safetensors"})
+        assert_refused(r, status=422, fragment="must be valid UTF-8")
