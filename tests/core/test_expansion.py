@@ -138,3 +138,14 @@ def test_every_allowed_dtype_round_trips(tmp_path: Path, dtype: torch.dtype) -> 
     save_checkpoint({"t": tensor}, out, format="safetensors")
     assert safetensors.torch.load_file(out)["t"].dtype == dtype
     assert load_checkpoint(out).state_dict["t"].dtype == dtype
+
+
+def test_a_sparse_tensor_counts_its_dense_size(tmp_path: Path) -> None:
+    # One stored value, 4 TiB when densified (which hashing it for the manifest would do): refused first.
+    path = tmp_path / "sparse.pth"
+    with torch.sparse.check_sparse_tensor_invariants():
+        sparse = torch.sparse_coo_tensor(torch.tensor([[0], [0]]), torch.tensor([1.0]), (1 << 20, 1 << 20))
+    torch.save({"w": sparse, "b": torch.ones(2)}, path)
+    with pytest.raises(ExpansionLimitExceeded) as info:
+        inspect_checkpoint(path)
+    assert info.value.extensions["expanded_bytes"] == (1 << 42) + 8

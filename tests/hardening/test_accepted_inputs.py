@@ -65,6 +65,8 @@ def _exotic() -> dict[str, Builder]:
         per_channel = torch.quantize_per_channel(torch.randn(4, 3), torch.tensor([0.1, 0.2, 0.3, 0.4]),
                                                  torch.zeros(4, dtype=torch.int64), 0, torch.quint8)
         complex32 = torch.ones(3, dtype=torch.complex32)
+    with torch.sparse.check_sparse_tensor_invariants():
+        sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2], [1, 0]]), torch.tensor([1.0, 2.0]), (3, 3))
     storage = torch.arange(24, dtype=torch.float32)
     embed = nn.Embedding(50, 8)
     dtypes = {str(dt).removeprefix("torch."): torch.ones(3).to(dt) for dt in (
@@ -89,6 +91,7 @@ def _exotic() -> dict[str, Builder]:
         "container": _saved({"epoch": 3, "state_dict": nn.Linear(2, 2).state_dict(), "opt": {"lr": 0.1}}),
         "legacy": _saved({"w": torch.ones(3), "i": torch.arange(3)}, _use_new_zipfile_serialization=False),
         "safetensors": _safetensors({"w": torch.ones(3), "b": torch.arange(2, dtype=torch.int8)}),
+        "sparse": _saved({"s": sparse, "w": torch.ones(2)}),
         "aliases_within_bound": _saved({f"a.{i}": storage for i in range(8)}),
     }
 
@@ -209,7 +212,7 @@ def test_every_accepted_file_survives_every_operation(corpus: dict[str, Path], r
             r = runner.call("POST", "/merge", f"{name} merge uploads", data={"architecture": arch}, files=files)
             runner.created(r, f"{name} merge uploads")
     print(f"\naccepted {len(accepted)} of {len(corpus)} files; {runner.requests} requests; "
-          f"{runner.loaded} outputs loaded")
+          f"{runner.loaded} outputs loaded; accepted hostile files: {sorted(set(accepted) - set(_exotic()))}")
     # The exotic files are legal: all of them must be accepted, or the test would prove little.
     assert set(_exotic()) <= set(accepted), sorted(set(_exotic()) - set(accepted))
     assert runner.loaded > 0
