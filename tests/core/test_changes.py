@@ -89,6 +89,8 @@ def test_relative_change_of_a_zero_tensor() -> None:
     assert KeyChange(2, 1, 0.0, 1.0, 1.0).rel_change == math.inf
 
 
+# quantize_per_tensor is deprecated in torch 2.13 (it still works, and checkpoints hold quantized tensors).
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_quantized_tensors_are_measured_by_their_dequantized_values() -> None:
     torch.manual_seed(0)
     q = torch.quantize_per_tensor(torch.randn(16), 0.1, 0, torch.qint8)
