@@ -1,4 +1,4 @@
-"""The artifact store: a content-addressed directory of checkpoints (layout: README, "The artifact directory")."""
+"""The artifact store: a content-addressed directory of checkpoints (layout: docs/artifact-store.md)."""
 
 from service.store.ids import ID_RE, NAME_RE, is_id, validate_id, validate_name
 from service.store.inspection import inspect_checkpoint

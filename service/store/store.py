@@ -1,6 +1,6 @@
 """The artifact store: a content-addressed directory of checkpoints, safe with several processes on one root.
 
-The layout and the on-disk format are described in the README, section "The artifact directory".
+The layout and the on-disk format are described in docs/artifact-store.md.
 """
 
 from __future__ import annotations
