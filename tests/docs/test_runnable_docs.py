@@ -82,16 +82,30 @@ def test_readme_keeps_the_two_commands() -> None:
     assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
-LINK = re.compile(r"\]\((?!https?://|mailto:|#)(?P<target>[^)#\s]+)(?:#[^)]*)?\)")
+LINK = re.compile(r"\]\((?!https?://|mailto:)(?P<target>[^)#\s]*)(?:#(?P<anchor>[^)\s]*))?\)")
 
 
-def test_relative_links_resolve() -> None:
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown page (outside code blocks)."""
+    found, fenced = set(), False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if re.match(r"^\s*(```|~~~)", line):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"^#{1,6}\s+(.*?)\s*$", line)):
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-"))
+    return found
+
+
+def test_relative_links_and_anchors_resolve() -> None:
     broken = []
     for doc in documents():
         for match in LINK.finditer(doc.read_text(encoding="utf-8")):
-            target = (doc.parent / match.group("target")).resolve()
-            if not target.exists() and _rel(target) not in PENDING_PAGES:
-                broken.append(f"{_rel(doc)}: {match.group('target')}")
+            target = (doc.parent / match.group("target")).resolve() if match.group("target") else doc
+            if not target.exists():
+                if _rel(target) not in PENDING_PAGES:
+                    broken.append(f"{_rel(doc)}: {match.group(0)}")
+            elif match.group("anchor") and target.suffix == ".md" and match.group("anchor") not in anchors(target):
+                broken.append(f"{_rel(doc)}: {match.group(0)} (no such heading)")
     assert not broken, "\n".join(broken)
 
 
