@@ -40,6 +40,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from service.core.budget import Job, budget_exceeded, current_job
 from service.core.types import ArchiveLimits
 from service.errors import (
     ArchiveLimitExceeded,
@@ -87,6 +88,7 @@ class ParserSandbox:
         self,
         *,
         workers: int = 2,
+        read_workers: int = 1,
         memory_headroom: int = _GIB,
         time_limit: float = 120.0,
         seconds_per_gb: float = 30.0,
@@ -98,7 +100,9 @@ class ParserSandbox:
         """Configure the pool; no process starts until the first `inspect`.
 
         Args:
-            workers: Most parser processes alive at once (and so parses at once).
+            workers: Most parses at once for writes (uploads, merges).
+            read_workers: Most parses at once for reads (`current_job().kind == "read"`, e.g. POST /diff), in
+                processes of their own: a flood of reads never takes a worker a write needs.
             memory_headroom: Address space a job may use beyond the worker's size before the job and the
                 file size, in bytes.
             time_limit: Wall-clock seconds a job may take, plus `seconds_per_gb` per GiB of file.
@@ -111,9 +115,11 @@ class ParserSandbox:
         Raises:
             ValueError: A count or limit is out of range.
         """
-        if workers < 1 or memory_headroom < 0 or time_limit <= 0 or seconds_per_gb < 0 or wait_seconds < 0:
+        if min(workers, read_workers) < 1 or min(memory_headroom, seconds_per_gb, wait_seconds) < 0 or time_limit <= 0:
             raise ValueError("workers must be >= 1 and the limits must not be negative")
         self.workers = workers
+        self.read_workers = read_workers
+        self._busy: dict[str, int] = {"read": 0, "write": 0}
         self.memory_headroom = memory_headroom
         self.time_limit = time_limit
         self.seconds_per_gb = seconds_per_gb
@@ -143,6 +149,9 @@ class ParserSandbox:
         Args:
             path: The checkpoint file; the worker opens it by path.
 
+        The parse runs as the calling thread's job (`service.core.budget.current_job`): a read takes one of
+        the read workers, and the job's time budget cuts the parse short (the worker is killed and replaced).
+
         Returns:
             What `service.store.inspect_checkpoint` returns, rebuilt from the worker's JSON.
 
@@ -151,29 +160,32 @@ class ParserSandbox:
                 it), or the parser crashed, ran out of memory or timed out on it (`parser_failure` says which).
             InvalidRequest: A configured safe global cannot be used.
             Overloaded: Every worker stayed busy for `wait_seconds`.
+            TimeBudgetExceeded: The job's time budget ran out before or during the parse.
             OSError: The file cannot be read.
         """
         size = os.stat(path).st_size
         deadline = self.time_limit + self.seconds_per_gb * size / _GIB
+        current = current_job()
+        kind = current.kind
         job = json.dumps({"path": os.fspath(path), **self._job_options}).encode()
         while True:
-            worker = self._acquire()
+            worker = self._acquire(kind)
             try:
                 worker.conn.send_bytes(job)
             except OSError:
                 # The worker died while idle; the file has not been looked at yet, so try another one.
-                self._discard(worker)
+                self._discard(worker, kind)
                 continue
             break
         try:
-            reply = self._await_reply(worker, deadline)
+            reply = self._await_reply(worker, deadline, current)
         except BaseException:
-            self._discard(worker)
+            self._discard(worker, kind)
             raise
         if reply.get("retire") is True:
-            self._discard(worker)
+            self._discard(worker, kind)
         else:
-            self._release(worker)
+            self._release(worker, kind)
         return self._result(reply, path)
 
     __call__ = inspect
@@ -201,24 +213,29 @@ class ParserSandbox:
 
     # ---- pool -----------------------------------------------------------------------------------------------
 
-    def _acquire(self) -> _Worker:
+    def _acquire(self, kind: str) -> _Worker:
         end = time.monotonic() + self.wait_seconds
+        cap = self.read_workers if kind == "read" else self.workers
         with self._cond:
             while True:
                 if self._closed:
                     raise Overloaded("the parser sandbox is shut down", retry_after=self.retry_after)
-                while self._idle:
-                    worker = self._idle.pop()
-                    if worker.process.is_alive():
-                        return worker
-                    self._forget(worker)
-                if len(self._alive) + self._starting < self.workers:
-                    self._starting += 1
-                    break
+                if self._busy[kind] < cap:
+                    # An idle worker serves either kind; each kind is capped by its own busy count.
+                    while self._idle:
+                        worker = self._idle.pop()
+                        if worker.process.is_alive():
+                            self._busy[kind] += 1
+                            return worker
+                        self._forget(worker)
+                    if len(self._alive) + self._starting < self.workers + self.read_workers:
+                        self._starting += 1
+                        self._busy[kind] += 1
+                        break
                 left = end - time.monotonic()
                 if left <= 0:
                     raise Overloaded(
-                        f"all {self.workers} checkpoint parser workers are busy; retry in {self.retry_after} s",
+                        f"all {cap} checkpoint parser workers for {kind}s are busy; retry in {self.retry_after} s",
                         retry_after=self.retry_after,
                     )
                 self._cond.wait(left)
@@ -227,36 +244,45 @@ class ParserSandbox:
         except BaseException:
             with self._cond:
                 self._starting -= 1
-                self._cond.notify()
+                self._busy[kind] -= 1
+                self._cond.notify_all()
             raise
         with self._cond:
             self._starting -= 1
             self._alive.add(worker)
         return worker
 
-    def _release(self, worker: _Worker) -> None:
+    def _release(self, worker: _Worker, kind: str) -> None:
         with self._cond:
+            self._busy[kind] -= 1
             if self._closed:
                 self._forget(worker)
             else:
                 self._idle.append(worker)
-            self._cond.notify()
+            self._cond.notify_all()  # waiters of both kinds: one of them may now go
         if self._closed:
             worker.stop()
 
-    def _discard(self, worker: _Worker) -> None:
+    def _discard(self, worker: _Worker, kind: str) -> None:
         worker.kill()
         with self._cond:
+            self._busy[kind] -= 1
             self._forget(worker)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _forget(self, worker: _Worker) -> None:
         self._alive.discard(worker)
 
     # ---- jobs -----------------------------------------------------------------------------------------------
 
-    def _await_reply(self, worker: _Worker, deadline: float) -> dict[str, Any]:
-        if not worker.conn.poll(deadline):
+    def _await_reply(self, worker: _Worker, deadline: float, job: Job) -> dict[str, Any]:
+        left = job.remaining()
+        if left is not None and left < deadline:
+            # The request's budget ends first: past it the worker is killed (the caller discards it).
+            if not worker.conn.poll(max(left, 0.0)):
+                log.warning("parser worker %d ran past the request's time budget; killing it", worker.pid)
+                raise budget_exceeded(job)
+        elif not worker.conn.poll(deadline):
             log.warning("parser worker %d timed out after %.0f s; killing it", worker.pid, deadline)
             raise InvalidCheckpoint(
                 f"the checkpoint parser timed out on this file after {deadline:.0f} s",

@@ -27,11 +27,18 @@ class CheckpointFormat(StrEnum):
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """Cheap zip pre-checks applied before torch sees an archive."""
+    """Cheap pre-checks applied before torch sees a file."""
 
-    max_entries: int = 200_000
+    # Tensors or mapping entries in one checkpoint (safetensors: header entries), counted before any per-key
+    # work; a zip archive may hold this many entries plus a few records of its own.
+    max_keys: int = 500_000
     max_total_bytes: int = 64 << 30
     max_name_length: int = 1024
+
+    @property
+    def max_entries(self) -> int:
+        """Zip entries allowed: one per storage (at most one per key) and torch's own records."""
+        return self.max_keys + 64
 
 
 @dataclass(frozen=True)
