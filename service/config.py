@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Everything the service can be told. Tests build `Settings(data_dir=tmp_path)` directly."""
 
-    model_config = SettingsConfigDict(env_prefix="CKPT_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="CKPT_", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="The artifact directory (created if missing).")
     config: Path | None = Field(None, description="TOML file with [architectures.NAME] factories.")
@@ -57,12 +57,9 @@ class Settings(BaseSettings):
 
     # One key-count limit, checked while parsing and before any per-key work: tensors or mapping entries in a
     # pickle, tensors in a safetensors header, and (plus a few records) entries in a zip archive.
-    # CKPT_ARCHIVE_MAX_ENTRIES is still read, as a deprecated alias.
-    max_keys: int = Field(
-        500_000,
-        ge=1,
-        validation_alias=AliasChoices("max_keys", "archive_max_entries"),
-        description="Most keys (tensors or entries) in one checkpoint; 422 above it.",
+    max_keys: int = Field(500_000, ge=1, description="Most keys (tensors or entries) in one checkpoint; 422 above.")
+    archive_max_entries: int | None = Field(
+        None, ge=1, description="Deprecated alias of max_keys (CKPT_MAX_KEYS wins when both are set)."
     )
     archive_max_total_bytes: int = 64 << 30
 
@@ -75,6 +72,12 @@ class Settings(BaseSettings):
 
     tmp_grace_seconds: int = Field(3600, description="Age after which crash-left temp files are removed.")
     gc_interval_seconds: int = 600
+
+    @model_validator(mode="after")
+    def _fold_deprecated(self) -> Settings:
+        if self.archive_max_entries is not None and "max_keys" not in self.model_fields_set:
+            self.max_keys = self.archive_max_entries
+        return self
 
     def tokens(self) -> dict[str, str]:
         """Map each configured token to its scope ("read" or "write")."""

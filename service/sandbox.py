@@ -167,6 +167,9 @@ class ParserSandbox:
         deadline = self.time_limit + self.seconds_per_gb * size / _GIB
         current = current_job()
         kind = current.kind
+        left = current.remaining()
+        if left is not None and left <= 0:
+            raise budget_exceeded(current)
         job = json.dumps({"path": os.fspath(path), **self._job_options}).encode()
         while True:
             worker = self._acquire(kind)

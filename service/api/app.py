@@ -88,15 +88,22 @@ def build_services(settings: Settings) -> Services:
         kind="read",
         time_budget=settings.heavy_time_budget_seconds,
     )
+    metrics = Metrics()
+    for work_pool in (pool, read_pool):
+        metrics.heavy_admitted.labels(work_pool.kind).set_function(functools.partial(_admitted, work_pool))
     return Services(
         settings=settings,
         store=store,
         registry=registry,
         pool=pool,
-        metrics=Metrics(),
+        metrics=metrics,
         sandbox=sandbox,
         read_pool=read_pool,
     )
+
+
+def _admitted(pool: WorkPool) -> float:
+    return float(pool.inflight)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

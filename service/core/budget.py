@@ -40,8 +40,8 @@ _local = threading.local()
 
 def current_job() -> Job:
     """The job this thread is running (a budget-less write outside any job)."""
-    job: Job = getattr(_local, "job", _NO_JOB)
-    return job
+    job: Job | None = getattr(_local, "job", None)
+    return job if job is not None else _NO_JOB
 
 
 @contextmanager

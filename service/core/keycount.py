@@ -4,7 +4,7 @@ torch's weights-only unpickler is a Python loop, and every tensor it rebuilds co
 and the fingerprint: a 95 MB file of one million one-element views held a worker for two minutes. This pass
 runs the C unpickler over the same pickle with every global replaced by one inert class (no code from the file
 runs: `find_class` never returns anything else), counts persistent references (each tensor names its storage
-through one) and the entries set on mappings, and stops at the first one past the limit.
+through one) and the entries set on each mapping (an `OrderedDict` state_dict), and stops past the limit.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ class _Counter:
         if self.tensors > self.limit:
             raise _TooMany
 
-    def entry(self) -> None:
-        self.entries += 1
-        if self.entries > self.limit:
+    def entries_of_one(self, count: int) -> None:
+        self.entries = max(self.entries, count)
+        if count > self.limit:
             raise _TooMany
 
 
@@ -51,7 +51,7 @@ def _inert_class(counter: _Counter) -> type:
             return object.__new__(cls)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            pass
+            self.items_set = 0
 
         def __call__(self, *args: Any, **kwargs: Any) -> Inert:
             return Inert()
@@ -60,7 +60,8 @@ def _inert_class(counter: _Counter) -> type:
             pass
 
         def __setitem__(self, key: Any, value: Any) -> None:
-            counter.entry()
+            self.items_set += 1
+            counter.entries_of_one(self.items_set)
 
         def append(self, value: Any) -> None:
             pass
@@ -86,7 +87,7 @@ class _CountingUnpickler(pickle.Unpickler):
 
 
 def count_keys(path: Path, fmt: CheckpointFormat, *, limit: int) -> int | None:
-    """The larger of the tensor count and the mapping-entry count, or None once it passes `limit`.
+    """The larger of the tensor count and the largest mapping's entry count, or None once past `limit`.
 
     Args:
         path: A torch zip or legacy checkpoint.
