@@ -70,6 +70,7 @@ def build_services(settings: Settings) -> Services:
         tmp_grace_seconds=settings.tmp_grace_seconds,
         conversion_cache_bytes=settings.conversion_cache_bytes,
         conversion_cache_max_age_seconds=settings.conversion_cache_max_age_seconds,
+        limits=limits,
     )
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():

@@ -27,7 +27,7 @@ import torch
 from service.core.load import load_checkpoint
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
-from service.core.types import CheckpointFormat, LoadedCheckpoint, Manifest
+from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, Manifest
 from service.errors import (
     ArtifactInUse,
     ArtifactNotFound,
@@ -173,6 +173,7 @@ class ArtifactStore:
         tmp_grace_seconds: float = 3600,
         conversion_cache_bytes: int = 8 << 30,
         conversion_cache_max_age_seconds: float = 7 * 86400,
+        limits: ArchiveLimits | None = None,
     ) -> None:
         """Open (and create if needed) a store.
 
@@ -182,6 +183,8 @@ class ArtifactStore:
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
             conversion_cache_bytes: Size bound of the conversion cache (`convert`), kept by `collect_garbage`.
             conversion_cache_max_age_seconds: Conversions unused this long are removed by `collect_garbage`.
+            limits: Pre-check limits for loading stored blobs (the service's `CKPT_MAX_KEYS`); default limits
+                when None.
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
@@ -196,6 +199,7 @@ class ArtifactStore:
         # Recent memory-mapped loads by (id, safe globals); see `load`.
         self._loaded_cache: OrderedDict[tuple[str, tuple[str, ...]], LoadedCheckpoint] = OrderedDict()
         self.tmp_grace_seconds = float(tmp_grace_seconds)
+        self._limits = limits if limits is not None else ArchiveLimits()
         self._blobs = self.root / "blobs"
         self._manifests = self.root / "manifests"
         self._meta = self.root / "meta"
@@ -471,7 +475,7 @@ class ArtifactStore:
         if hit is not None:
             return replace(hit, state_dict=_shallow_copy(hit.state_dict))
         loaded = load_checkpoint(
-            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals
+            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals, limits=self._limits
         )
         if loaded.mmapped:
             # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained
