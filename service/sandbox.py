@@ -80,7 +80,8 @@ _ALLOCATION_FAILURES = ("can't allocate memory", "Cannot allocate memory", "std:
 class ParserSandbox:
     """A bounded pool of parser processes; `inspect` is the store's `Inspector`.
 
-    Workers start lazily, one at a time as jobs need them, up to `workers`; they are stopped by `close`, when
+    Workers start lazily, one at a time as jobs need them, up to `workers` for writes and `read_workers` for reads
+    (see `inspect`); they are stopped by `close`, when
     the sandbox is garbage-collected, or when the API process exits (a worker exits when its pipe closes).
     """
 
@@ -102,7 +103,7 @@ class ParserSandbox:
         Args:
             workers: Most parses at once for writes (uploads, merges).
             read_workers: Most parses at once for reads (`current_job().kind == "read"`, e.g. POST /diff), in
-                processes of their own: a flood of reads never takes a worker a write needs.
+                processes of their own: a flood of reads never takes a worker, warm or not, a write needs.
             memory_headroom: Address space a job may use beyond the worker's size before the job and the
                 file size, in bytes.
             time_limit: Wall-clock seconds a job may take, plus `seconds_per_gb` per GiB of file.
@@ -119,7 +120,6 @@ class ParserSandbox:
             raise ValueError("workers must be >= 1 and the limits must not be negative")
         self.workers = workers
         self.read_workers = read_workers
-        self._busy: dict[str, int] = {"read": 0, "write": 0}
         self.memory_headroom = memory_headroom
         self.time_limit = time_limit
         self.seconds_per_gb = seconds_per_gb
@@ -131,9 +131,9 @@ class ParserSandbox:
             "headroom": memory_headroom,
         }
         self._cond = threading.Condition()
-        self._idle: list[_Worker] = []
-        self._alive: set[_Worker] = set()  # idle, busy and starting
-        self._starting = 0
+        self._idle: dict[str, list[_Worker]] = {"read": [], "write": []}
+        self._alive: set[_Worker] = set()  # idle and busy
+        self._starting: dict[str, int] = {"read": 0, "write": 0}
         self._closed = False
         self._finalizer = weakref.finalize(self, _stop_all, self._alive)
 
@@ -177,18 +177,18 @@ class ParserSandbox:
                 worker.conn.send_bytes(job)
             except OSError:
                 # The worker died while idle; the file has not been looked at yet, so try another one.
-                self._discard(worker, kind)
+                self._discard(worker)
                 continue
             break
         try:
             reply = self._await_reply(worker, deadline, current)
         except BaseException:
-            self._discard(worker, kind)
+            self._discard(worker)
             raise
         if reply.get("retire") is True:
-            self._discard(worker, kind)
+            self._discard(worker)
         else:
-            self._release(worker, kind)
+            self._release(worker)
         return self._result(reply, path)
 
     __call__ = inspect
@@ -202,7 +202,8 @@ class ParserSandbox:
         with self._cond:
             workers = set(self._alive)
             self._alive.clear()
-            self._idle.clear()
+            for idle in self._idle.values():
+                idle.clear()
             self._cond.notify_all()
         _stop_all(workers)
 
@@ -210,7 +211,8 @@ class ParserSandbox:
         """Stop every worker (busy ones are killed). Later `inspect` calls raise `Overloaded`."""
         with self._cond:
             self._closed = True
-            self._idle.clear()
+            for idle in self._idle.values():
+                idle.clear()
             self._cond.notify_all()
         self._finalizer()
 
@@ -223,18 +225,17 @@ class ParserSandbox:
             while True:
                 if self._closed:
                     raise Overloaded("the parser sandbox is shut down", retry_after=self.retry_after)
-                if self._busy[kind] < cap:
-                    # An idle worker serves either kind; each kind is capped by its own busy count.
-                    while self._idle:
-                        worker = self._idle.pop()
-                        if worker.process.is_alive():
-                            self._busy[kind] += 1
-                            return worker
-                        self._forget(worker)
-                    if len(self._alive) + self._starting < self.workers + self.read_workers:
-                        self._starting += 1
-                        self._busy[kind] += 1
-                        break
+                # Each kind has workers of its own: a read never takes a write's warm worker, nor its place.
+                idle = self._idle[kind]
+                while idle:
+                    worker = idle.pop()
+                    if worker.process.is_alive():
+                        return worker
+                    self._forget(worker)
+                owned = self._starting[kind] + sum(1 for w in self._alive if w.kind == kind)
+                if owned < cap:
+                    self._starting[kind] += 1
+                    break
                 left = end - time.monotonic()
                 if left <= 0:
                     raise Overloaded(
@@ -243,33 +244,30 @@ class ParserSandbox:
                     )
                 self._cond.wait(left)
         try:
-            worker = _Worker.start()
+            worker = _Worker.start(kind)
         except BaseException:
             with self._cond:
-                self._starting -= 1
-                self._busy[kind] -= 1
+                self._starting[kind] -= 1
                 self._cond.notify_all()
             raise
         with self._cond:
-            self._starting -= 1
+            self._starting[kind] -= 1
             self._alive.add(worker)
         return worker
 
-    def _release(self, worker: _Worker, kind: str) -> None:
+    def _release(self, worker: _Worker) -> None:
         with self._cond:
-            self._busy[kind] -= 1
             if self._closed:
                 self._forget(worker)
             else:
-                self._idle.append(worker)
-            self._cond.notify_all()  # waiters of both kinds: one of them may now go
+                self._idle[worker.kind].append(worker)
+            self._cond.notify_all()  # waiters of both kinds share the condition
         if self._closed:
             worker.stop()
 
-    def _discard(self, worker: _Worker, kind: str) -> None:
+    def _discard(self, worker: _Worker) -> None:
         worker.kill()
         with self._cond:
-            self._busy[kind] -= 1
             self._forget(worker)
             self._cond.notify_all()
 
@@ -365,19 +363,20 @@ def _raise_reported(error: Mapping[str, Any]) -> NoReturn:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, conn: Connection, kind: str = "write") -> None:
         self.process = process
         self.conn = conn
         self.pid: int = process.pid
+        self.kind = kind  # the kind of job it serves: "read" or "write"
 
     @classmethod
-    def start(cls) -> _Worker:
+    def start(cls, kind: str = "write") -> _Worker:
         ctx = _context()
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_serve, args=(child_conn,), name="ckpt-parser", daemon=True)
         process.start()
         child_conn.close()  # only the worker holds its end: its death is an EOF here
-        worker = cls(process, parent_conn)
+        worker = cls(process, parent_conn, kind)
         try:
             if not parent_conn.poll(_STARTUP_SECONDS):
                 raise OSError("no ready message")
