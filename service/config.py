@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         None, ge=1, description="Deprecated alias of max_keys (CKPT_MAX_KEYS wins when both are set)."
     )
     archive_max_total_bytes: int = 64 << 30
+    # Keys that view one storage make a small file that expands to gigabytes (service.core.expansion).
+    max_expansion_ratio: float = Field(
+        4.0, gt=0, description="An upload's keys may expand to this many times its size, plus 64 MiB; 422 above."
+    )
+    max_expanded_bytes: int | None = Field(
+        None, gt=0, description="Absolute cap on the bytes an upload or a safetensors output expands to "
+        "(default: 4 x max_upload_bytes)."
+    )
 
     conversion_cache_bytes: int = Field(
         8 << 30, ge=0, description="Size bound of the conversion cache (downloads with ?format=); LRU past it."
@@ -78,6 +86,9 @@ class Settings(BaseSettings):
         if self.archive_max_entries is not None and "max_keys" not in self.model_fields_set:
             self.max_keys = self.archive_max_entries
         return self
+    def expanded_bytes_cap(self) -> int:
+        """`max_expanded_bytes`, or 4 x `max_upload_bytes` when unset."""
+        return self.max_expanded_bytes if self.max_expanded_bytes is not None else 4 * self.max_upload_bytes
 
     def tokens(self) -> dict[str, str]:
         """Map each configured token to its scope ("read" or "write")."""

@@ -45,7 +45,12 @@ _STATIC = Path(fastapi_offline.__file__).parent / "static"
 
 def build_services(settings: Settings) -> Services:
     """Build the long-lived objects of one app from its settings."""
-    limits = ArchiveLimits(max_keys=settings.max_keys, max_total_bytes=settings.archive_max_total_bytes)
+    limits = ArchiveLimits(
+        max_keys=settings.max_keys,
+        max_total_bytes=settings.archive_max_total_bytes,
+        max_expansion_ratio=settings.max_expansion_ratio,
+        max_expanded_bytes=settings.expanded_bytes_cap(),
+    )
     inspector: Inspector
     sandbox: ParserSandbox | None = None
     if settings.sandbox:

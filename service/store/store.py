@@ -10,6 +10,7 @@ import binascii
 import builtins
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -24,14 +25,23 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
+from service.core.expansion import expansion_budget
 from service.core.load import load_checkpoint
+from service.core.manifest import fingerprint_tensor, is_quantized_dtype
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
-from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, Manifest
+from service.core.types import (
+    CURRENT_FINGERPRINT_VERSION,
+    ArchiveLimits,
+    CheckpointFormat,
+    LoadedCheckpoint,
+    Manifest,
+)
 from service.errors import (
     ArtifactInUse,
     ArtifactNotFound,
     DigestMismatch,
+    InvalidCheckpoint,
     InvalidReference,
     InvalidRequest,
     NameNotFound,
@@ -64,6 +74,7 @@ from service.store.types import (
 )
 from service.store.upload import Chunk, PendingUpload
 
+log = logging.getLogger("ckpt.store")
 _MARKER = "ckpt-store.json"
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _MAX_LABELS = 64
@@ -183,14 +194,16 @@ class ArtifactStore:
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
             conversion_cache_bytes: Size bound of the conversion cache (`convert`), kept by `collect_garbage`.
             conversion_cache_max_age_seconds: Conversions unused this long are removed by `collect_garbage`.
-            limits: Pre-check limits for loading stored blobs (the service's `CKPT_MAX_KEYS`); default limits
-                when None.
+            limits: The parse limits the inspector applies, also to stored blobs when they are loaded
+                (`CKPT_MAX_KEYS`); their expansion bound also holds every safetensors file the store writes
+                (`store_state_dict`, `convert`).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
         """
         self.root = Path(root)
         self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
+        self.limits = limits if limits is not None else ArchiveLimits()
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
         self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()
@@ -199,7 +212,6 @@ class ArtifactStore:
         # Recent memory-mapped loads by (id, safe globals); see `load`.
         self._loaded_cache: OrderedDict[tuple[str, tuple[str, ...]], LoadedCheckpoint] = OrderedDict()
         self.tmp_grace_seconds = float(tmp_grace_seconds)
-        self._limits = limits if limits is not None else ArchiveLimits()
         self._blobs = self.root / "blobs"
         self._manifests = self.root / "manifests"
         self._meta = self.root / "meta"
@@ -363,7 +375,8 @@ class ArtifactStore:
             artifact_id: A 64-hex id.
 
         Returns:
-            The manifest computed at ingest.
+            The manifest computed at ingest. One written with an older fingerprint version is brought up to date
+            on first use (`_upgrade_manifest`), so that it compares right with manifests written now.
 
         Raises:
             InvalidReference: Not a well-formed id.
@@ -383,9 +396,37 @@ class ArtifactStore:
                 raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
             except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
+            if cached.fingerprint_version < CURRENT_FINGERPRINT_VERSION:
+                cached = self._upgrade_manifest(artifact_id, cached)
             self._cache_manifest(artifact_id, cached)
         # A copy of the entry table: callers may change theirs without touching the cache.
-        return Manifest(dict(cached.entries), cached.schema_fingerprint)
+        return Manifest(dict(cached.entries), cached.schema_fingerprint, cached.fingerprint_version)
+
+    def _upgrade_manifest(self, artifact_id: str, manifest: Manifest) -> Manifest:
+        # Version 1 hashed a quantized tensor's int_repr only; every other tensor hashes the same in version 2, so
+        # only quantized entries are recomputed (from the blob) and only then is the file rewritten.
+        stale = [k for k, e in manifest.entries.items() if is_quantized_dtype(e.dtype)]
+        if not stale:
+            return replace(manifest, fingerprint_version=CURRENT_FINGERPRINT_VERSION)
+        try:
+            state_dict = self.load(artifact_id).state_dict
+        except InvalidCheckpoint as exc:  # e.g. it needs safe globals the store is not told about
+            log.warning("cannot recompute the fingerprints of artifact %s: %s", artifact_id, exc.detail)
+            return manifest
+        entries = dict(manifest.entries)
+        for key in stale:
+            tensor = state_dict.get(key)
+            if tensor is None:
+                log.warning("artifact %s has no tensor %r to recompute its fingerprint", artifact_id, key)
+                return manifest
+            entries[key] = replace(entries[key], fingerprint=fingerprint_tensor(tensor))
+        upgraded = Manifest(entries, manifest.schema_fingerprint, CURRENT_FINGERPRINT_VERSION)
+        with self._id_lock(artifact_id):
+            if self._read_meta(artifact_id) is not None:  # not deleted meanwhile
+                publish_bytes(self._tmp, self._manifest_file(artifact_id), _dump(upgraded.to_dict()), mode=0o444,
+                              replace=True)
+        log.info("recomputed %d quantized fingerprints of artifact %s", len(stale), artifact_id)
+        return upgraded
 
     def _cache_manifest(self, artifact_id: str, manifest: Manifest) -> None:
         with self._manifest_cache_lock:
@@ -475,7 +516,7 @@ class ArtifactStore:
         if hit is not None:
             return replace(hit, state_dict=_shallow_copy(hit.state_dict))
         loaded = load_checkpoint(
-            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals, limits=self._limits
+            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals, limits=self.limits
         )
         if loaded.mmapped:
             # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained
@@ -510,14 +551,19 @@ class ArtifactStore:
             InvalidReference: Not a well-formed id.
             ArtifactNotFound: No such artifact.
             InvalidRequest: The state_dict cannot be written in that format.
+            UnconvertibleCheckpoint: safetensors cannot hold a key's dtype, or a key is ``__metadata__``.
+            ExpansionLimitExceeded: The safetensors output would expand past the bound.
             StorageFull: No space for the converted bytes.
         """
-        self._require_meta(artifact_id)
+        meta = self._require_meta(artifact_id)
+        # The same expansion bound as every safetensors write, checked before anything is allocated.
+        budget = expansion_budget([meta.size], self.limits) if format == "safetensors" else None
 
         def write(path: Path) -> tuple[str, int]:
             loaded = self.load(artifact_id, safe_globals=safe_globals)
             sources = [loaded.records] if loaded.records is not None else []
-            return save_checkpoint_hashed(loaded.state_dict, path, format=format, sources=sources)
+            return save_checkpoint_hashed(loaded.state_dict, path, format=format, sources=sources,
+                                          max_expanded_bytes=budget)
 
         return self.conversions.get_or_convert(artifact_id, format, write)
 
@@ -792,6 +838,7 @@ class ArtifactStore:
         filename: str | None = None,
         manifest: Manifest | None = None,
         sources: Sequence[StorageRecords] = (),
+        expanded_from: Sequence[str] | None = None,
     ) -> IngestResult:
         """Save a state_dict the service computed (a merge, strip or convert result) as an artifact.
 
@@ -804,6 +851,9 @@ class ArtifactStore:
             manifest: Its manifest, when the caller already built it; otherwise the saved file is inspected.
             sources: The storage records of the mapped loads the tensors come from (`LoadedCheckpoint.records`):
                 those storages are copied file-to-file instead of through memory.
+            expanded_from: The stored artifacts the tensors come from. A safetensors file holds every key's
+                bytes on its own, so before anything is written its keys may expand to at most the
+                `expansion_budget` of these artifacts' sizes (None: of nothing, so only the absolute cap).
 
         Returns:
             The artifact and whether it was created (the same state_dict gives the same id).
@@ -811,15 +861,22 @@ class ArtifactStore:
         Raises:
             StorageFull: The disk filled up; nothing is kept.
             InvalidRequest: Bad labels, filename or lineage.
+            UnconvertibleCheckpoint: safetensors cannot hold a key's dtype, or a key is ``__metadata__``.
+            ExpansionLimitExceeded: The safetensors output would expand past the bound.
         """
         labels_ = _check_labels(labels)
         filename_ = _check_filename(filename)
         lineage_ = _check_lineage(lineage)
+        budget = None
+        if format == "safetensors":
+            sizes = [self.metadata(i).size for i in expanded_from] if expanded_from is not None else []
+            budget = expansion_budget(sizes, self.limits) if sizes else self.limits.max_expanded_bytes
         with locked_work_dir(self._tmp, "work-") as work:
             path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
             try:
                 # hashed while it is written: the file is not read a second time
-                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources)
+                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources,
+                                                           max_expanded_bytes=budget)
             except OSError as exc:
                 if is_no_space(exc):
                     raise storage_full(exc) from exc
