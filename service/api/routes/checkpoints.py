@@ -15,7 +15,15 @@ from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestO
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
 from service.operations import convert_checkpoint
-from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload, validate_name
+from service.store import (
+    NAME_RE,
+    ArtifactMeta,
+    ArtifactStore,
+    IngestResult,
+    PendingUpload,
+    is_id,
+    validate_name,
+)
 
 router = APIRouter()
 
@@ -245,6 +253,7 @@ def _stored_kind(fmt: str) -> str:
 )
 async def download_checkpoint(
     request: Request,
+    ref: RefPath,
     artifact: ArtifactDep,
     services: ServicesDep,
     format: Literal["pth", "safetensors"] | None = None,
@@ -259,8 +268,10 @@ async def download_checkpoint(
         )
         target = result.artifact
     etag = f'"{target.id}"'
+    # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).
+    cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     suffix = ".safetensors" if target.format == "safetensors" else ".pth"
     return FileResponse(
         services.store.blob_path(target.id),
@@ -269,7 +280,7 @@ async def download_checkpoint(
         headers={
             "ETag": etag,
             "X-Checkpoint-Id": target.id,
-            "Cache-Control": "public, max-age=31536000, immutable",
+            "Cache-Control": cache_control,
         },
     )
 
