@@ -8,7 +8,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
 # The methods of RFC 9110 and PATCH. Any other token from the request line is counted as "other": a label taken
 # verbatim from the client would let it create one series per made-up method.
 STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})

@@ -25,11 +25,23 @@ def run_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             os.environ[env] = str(value)
+    import sys
+
     import uvicorn
+    from pydantic import ValidationError
 
+    from service.api.app import check_safe_globals
     from service.config import Settings
+    from service.errors import InvalidSettings
 
-    settings = Settings()
+    # Settings that fail open (an unknown token scope, an allowlist entry that resolves to nothing) stop here,
+    # with the setting's name, before uvicorn starts; create_app checks them again in every worker.
+    try:
+        settings = Settings()
+        check_safe_globals(settings.safe_globals)
+    except (ValidationError, InvalidSettings) as exc:
+        print(f"ckpt serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run("service.api.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10,
                 http="service.api.http11:H11Protocol")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import torch
 from service.core.load import load_checkpoint
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
-from service.core.types import CheckpointFormat, LoadedCheckpoint, Manifest
+from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, Manifest
 from service.errors import (
     ArtifactInUse,
     ArtifactNotFound,
@@ -165,20 +166,30 @@ class ArtifactStore:
     LAYOUT_VERSION = 1
 
     def __init__(
-        self, root: Path, *, inspector: Inspector | None = None, tmp_grace_seconds: float = 3600
+        self,
+        root: Path,
+        *,
+        inspector: Inspector | None = None,
+        tmp_grace_seconds: float = 3600,
+        limits: ArchiveLimits | None = None,
     ) -> None:
         """Open (and create if needed) a store.
 
         Args:
             root: The store directory.
-            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process.
+            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process, with
+                `limits`.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
+            limits: Zip pre-check limits of every load of a stored artifact (and of the default inspector).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
         """
         self.root = Path(root)
-        self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
+        self.limits = limits if limits is not None else ArchiveLimits()
+        self._inspector: Inspector = (
+            inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
+        )
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
         self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()
@@ -455,7 +466,7 @@ class ArtifactStore:
         if hit is not None:
             return replace(hit, state_dict=_shallow_copy(hit.state_dict))
         loaded = load_checkpoint(
-            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals
+            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals, limits=self.limits
         )
         if loaded.mmapped:
             # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained

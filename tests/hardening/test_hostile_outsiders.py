@@ -4,11 +4,12 @@ check and the body limits. Raw sockets where the point is what the server does b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -101,3 +102,117 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, Any]]:
             break
         body += chunk
     return status, json.loads(body) if body else {}
+
+
+HUNDRED_MIB = 100 << 20
+JSON_ROUTES = [("PUT", "/names/x"), ("POST", "/strip"), ("POST", "/architectures")]
+WRITE_ROUTES = [*JSON_ROUTES, ("POST", "/checkpoints"), ("POST", "/merge"), ("DELETE", "/names/x")]
+
+
+@pytest.mark.parametrize(("method", "path"), WRITE_ROUTES)
+def test_no_token_is_refused_from_the_headers_before_any_body_byte(server: Server, method: str, path: str) -> None:
+    # Only the headers are sent, announcing 100 MiB: a server that waited for the body would never answer.
+    with connect(server) as sock:
+        sock.sendall(head(method, path, {"Content-Type": "application/json", "Content-Length": str(HUNDRED_MIB)}))
+        status, body = read_response(sock)
+    assert status == 401 and body["type"] == "urn:ckpt:problem:unauthorized"
+
+
+@pytest.mark.parametrize(("method", "path"), WRITE_ROUTES)
+def test_a_read_token_is_refused_a_write_before_any_body_byte(server: Server, method: str, path: str) -> None:
+    headers = {"Content-Type": "application/json", "Content-Length": str(HUNDRED_MIB),
+               "Authorization": f"Bearer {READ_TOKEN}"}
+    with connect(server) as sock:
+        sock.sendall(head(method, path, headers))
+        status, body = read_response(sock)
+    assert status == 403 and body["type"] == "urn:ckpt:problem:forbidden"
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+def test_bad_json_without_a_token_is_401_not_422(server: Server, method: str, path: str) -> None:
+    r = httpx.request(method, server.url + path, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+def test_a_json_body_over_the_limit_by_content_length_is_413_before_reading(
+    server: Server, method: str, path: str
+) -> None:
+    headers = {"Content-Type": "application/json", "Content-Length": str((1 << 20) + 1),
+               "Authorization": f"Bearer {WRITE_TOKEN}"}
+    with connect(server) as sock:
+        sock.sendall(head(method, path, headers))
+        status, body = read_response(sock)
+    assert status == 413 and body["limit"] == 1 << 20
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+def test_a_chunked_json_body_over_the_limit_is_413_while_reading(server: Server, method: str, path: str) -> None:
+    headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked",
+               "Authorization": f"Bearer {WRITE_TOKEN}"}
+    piece = b"[" + b"[]," * (64 << 10)  # about 192 KiB a chunk, never closed
+    with connect(server) as sock:
+        sock.sendall(head(method, path, headers))
+        for _ in range(6):  # over 1 MiB in all, then nothing more: the answer must not need the end
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        status, body = read_response(sock)
+    assert status == 413 and body["limit"] == 1 << 20
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+def test_a_stalled_json_body_is_408(server: Server, method: str, path: str) -> None:
+    headers = {"Content-Type": "application/json", "Content-Length": "100",
+               "Authorization": f"Bearer {WRITE_TOKEN}"}
+    with connect(server) as sock:
+        sock.sendall(head(method, path, headers) + b'{"id": ')  # and then nothing: the fixture's idle time is 1 s
+        status, body = read_response(sock)
+    assert status == 408 and body["type"] == "urn:ckpt:problem:request-timeout"
+
+
+def test_a_json_body_under_the_limit_still_works(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {WRITE_TOKEN}"}
+    spec = {"name": "tiny-spec", "keys": {"w": {"shape": [2, 3], "dtype": "float32"}}}
+    padded = json.dumps(spec) + " " * ((1 << 20) - len(json.dumps(spec)))  # exactly the limit
+    r = httpx.post(f"{server.url}/architectures", content=padded.encode(),
+                   headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+    r = httpx.put(f"{server.url}/names/x", json={"id": "0" * 64}, headers=auth)
+    assert r.status_code == 404  # parsed and run: no such artifact
+
+
+def test_a_100_mib_body_in_flight_without_a_token(server: Server, figures: dict[str, Any]) -> None:
+    # The attack of the review: a 100 MiB `[[],[],...]` body streamed at full speed without a token.
+    body_piece = b"[]," * ((1 << 20) // 3)
+    headers = {"Content-Type": "application/json", "Content-Length": str(HUNDRED_MIB)}
+    sent = 0
+
+    def send_body(sock: socket.socket) -> None:
+        nonlocal sent
+        try:
+            while sent < HUNDRED_MIB:
+                chunk = body_piece[: HUNDRED_MIB - sent]
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the server closed the connection after its answer
+
+    before = tree_memory(server.pid).rss_anon
+    with MemorySampler(server.pid) as memory, connect(server) as sock:
+        start = time.perf_counter()
+        sock.sendall(head("PUT", "/names/x", headers))
+        sender = threading.Thread(target=send_body, args=(sock,), daemon=True)
+        sender.start()
+        status, _ = read_response(sock)
+        seconds = time.perf_counter() - start
+        with contextlib.suppress(OSError):  # the server may have reset it already
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(30)
+    figures.update(
+        seconds_to_401=round(seconds, 4),
+        body_bytes_sent_before_close=sent,
+        api_rss_anon_before_mib=round(before / 2**20, 1),
+        api_rss_anon_peak_mib=round(memory.peak_rss_anon / 2**20, 1),
+    )
+    assert status == 401
+    # The body is never buffered: far less than its size reaches the server's memory.
+    assert memory.peak_rss_anon - before < 32 << 20

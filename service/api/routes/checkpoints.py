@@ -14,7 +14,6 @@ from service.api.problems import problem_responses
 from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestOut, NameIn, NameOut, TensorEntryOut
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
-from service.operations import convert_checkpoint
 from service.store import (
     NAME_RE,
     ArtifactMeta,
@@ -110,7 +109,7 @@ async def commit_upload(
     if name is not None:
         validate_name(name)  # refuse a bad name before the heavy work
     result: IngestResult = await services.pool.run(
-        lambda: store.commit_upload(
+        lambda: services.operations.commit_upload(
             upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels
         )
     )
@@ -143,7 +142,7 @@ async def upload_checkpoint(
     filename: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> ArtifactOut:
     """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
-    limit = services.settings.max_upload_bytes
+    limit = services.operations.max_upload_bytes
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await parse_multipart(
@@ -261,11 +260,7 @@ async def download_checkpoint(
     """Download the blob, streamed, with ETag and Range; `format=safetensors` converts on the way out."""
     target = artifact
     if format is not None and format != _stored_kind(artifact.format):
-        result = await services.pool.run(
-            lambda: convert_checkpoint(
-                services.store, artifact.id, output_format=format, safe_globals=services.settings.safe_globals
-            )
-        )
+        result = await services.pool.run(lambda: services.operations.convert(artifact.id, output_format=format))
         target = result.artifact
     etag = f'"{target.id}"'
     # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).

@@ -15,14 +15,7 @@ from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, Operation
 from service.api.uploads import ParsedForm, parse_multipart
 from service.core.diff import ManifestDiff
 from service.errors import InvalidRequest, VerificationFailed
-from service.operations import (
-    MergeOptions,
-    OperationResult,
-    Source,
-    diff_checkpoints,
-    merge_checkpoints,
-    strip_checkpoint,
-)
+from service.operations import MergeOptions, OperationResult, Source
 from service.store import NAME_RE, validate_name
 
 router = APIRouter()
@@ -50,13 +43,7 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
         validate_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
     result = await services.pool.run(
-        lambda: strip_checkpoint(
-            store,
-            artifact_id,
-            prefixes=body.prefixes,
-            output_format=body.output_format,
-            safe_globals=services.settings.safe_globals,
-        )
+        lambda: services.operations.strip(artifact_id, prefixes=body.prefixes, output_format=body.output_format)
     )
     if body.name is not None:
         result = OperationResult(await point_name(store, body.name, result.artifact.id), result.created, result.report)
@@ -160,14 +147,12 @@ async def diff_get(
             return _json(body)
 
     def run() -> bytes:
-        diff, stats, frozen_report = diff_checkpoints(
-            store,
+        diff, stats, frozen_report = services.operations.diff(
             Source(artifact_id=ida),
             Source(artifact_id=idb),
             normalize_prefixes=params.normalize_prefixes,
             values=params.values,
             frozen=_frozen_arg(params.frozen),
-            safe_globals=services.settings.safe_globals,
         )
         return _rendered(ida, idb, diff, stats, frozen_report, params)
 
@@ -239,21 +224,19 @@ async def diff_post(
         services.store,
         file_fields=frozenset({"a", "b"}),
         text_fields=frozenset({"a", "b"}),
-        max_file_bytes=services.settings.max_upload_bytes,
+        max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
         sa = await _diff_side(services, form, "a")
         sb = await _diff_side(services, form, "b")
 
         def run() -> bytes:
-            diff, stats, frozen_report = diff_checkpoints(
-                services.store,
+            diff, stats, frozen_report = services.operations.diff(
                 sa,
                 sb,
                 normalize_prefixes=params.normalize_prefixes,
                 values=params.values,
                 frozen=_frozen_arg(params.frozen),
-                safe_globals=services.settings.safe_globals,
             )
             ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
             idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
@@ -359,13 +342,12 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
 )
 async def merge(request: Request, response: Response, services: ServicesDep) -> OperationOut:
     """Strip, merge, verify strictly against the architecture, and only then store (422 stores nothing)."""
-    settings = services.settings
     form = await parse_multipart(
         request,
         services.store,
         file_fields=frozenset({"original_file", "trained_file"}),
         text_fields=MERGE_FIELDS,
-        max_file_bytes=settings.max_upload_bytes,
+        max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
         architecture = form.fields.get("architecture")
@@ -395,14 +377,7 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
         trained = await _source(services, form, "trained")
         try:
             result = await services.pool.run(
-                lambda: merge_checkpoints(
-                    services.store,
-                    services.registry,
-                    original=original,
-                    trained=trained,
-                    options=options,
-                    safe_globals=settings.safe_globals,
-                )
+                lambda: services.operations.merge(original=original, trained=trained, options=options)
             )
         except VerificationFailed:
             services.metrics.verification_failures.inc()
