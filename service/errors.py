@@ -6,6 +6,8 @@
     │   ├── CorruptCheckpoint        truncated, garbage, empty, inconsistent archive
     │   ├── UnsupportedFormat        recognised but not accepted (TorchScript, ...)
     │   ├── ArchiveLimitExceeded     zip pre-checks: too many entries, too large, compressed, bad names
+    │   │   └── ExpansionLimitExceeded  keys expand to far more bytes than the file holds (`expanded_bytes`)
+    │   ├── UnconvertibleCheckpoint  the target format cannot hold some keys or dtypes (`keys`, `dtypes`)
     │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
@@ -24,6 +26,7 @@
     ├── InvalidRequest               a request option that is inconsistent (e.g. both `trained` and a file)
     │   └── RequestTimeout           the client stopped sending its body
     ├── Overloaded                   the bounded work pool is full (`retry_after`)
+    ├── TimeBudgetExceeded           a request's heavy work ran past its time budget (`budget_seconds`)
     ├── AuthError
     │   ├── Unauthorized             no or unknown token
     │   └── Forbidden                a read token used for a write
@@ -80,6 +83,14 @@ class UnsupportedFormat(InvalidCheckpoint):
 
 class ArchiveLimitExceeded(InvalidCheckpoint):
     title = "Archive limit exceeded"
+
+
+class ExpansionLimitExceeded(ArchiveLimitExceeded):
+    title = "Expansion limit exceeded"
+
+
+class UnconvertibleCheckpoint(InvalidCheckpoint):
+    title = "Checkpoint cannot be converted"
 
 
 class ContainerKeyError(InvalidCheckpoint):
@@ -160,6 +171,10 @@ class Overloaded(CheckpointServiceError):
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail, retry_after=retry_after)
         self.retry_after = retry_after
+
+
+class TimeBudgetExceeded(CheckpointServiceError):
+    title = "Time budget exceeded"
 
 
 class AuthError(CheckpointServiceError):

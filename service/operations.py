@@ -1,4 +1,4 @@
-"""Application operations: strip, merge, diff and convert over stored artifacts.
+"""Application operations: strip, merge and diff over stored artifacts (conversions: `ArtifactStore.convert`).
 
 This layer sits between the API and store/core/registry: it composes core functions over artifacts and decides
 what gets stored. It is synchronous and CPU/IO-heavy; the API runs it in its bounded work pool, and a script can
@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
+from service.core.expansion import expansion_budget
 from service.core.frozen import check_frozen_manifests
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
@@ -24,11 +25,20 @@ from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
+from service.core.save import check_safetensors_output
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
 from service.registry import ArchitectureRegistry
-from service.store import ArtifactMeta, ArtifactStore, IngestResult, Inspection, Lineage, PendingUpload
+from service.store import (
+    ArtifactMeta,
+    ArtifactStore,
+    ConvertedBlob,
+    IngestResult,
+    Inspection,
+    Lineage,
+    PendingUpload,
+)
 
 OutputFormat = Literal["pth", "safetensors"]
 
@@ -241,6 +251,10 @@ def merge_checkpoints(
             unexpected_keys=sorted(verification.unexpected),
             report=report,
         )
+    if options.output_format == "safetensors":
+        # Before the inputs are committed: a merge that cannot be written stores nothing.
+        sizes = [_source_size(store, s) for s in (original, trained)]
+        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
     _commit_inputs(store, (original, trained))
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
@@ -259,8 +273,16 @@ def merge_checkpoints(
         labels=dict(options.labels),
         manifest=out_manifest,
         sources=_records(o, t),
+        expanded_from=[original.artifact_id, trained.artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
+
+
+def _source_size(store: ArtifactStore, source: Source) -> int:
+    if source.artifact_id is not None:
+        return store.metadata(source.artifact_id).size
+    assert source.upload is not None
+    return source.upload.size
 
 
 def _records(*inputs: _Opened | LoadedCheckpoint) -> list[StorageRecords]:
@@ -347,29 +369,9 @@ def strip_checkpoint(
     )
     stored = store.store_state_dict(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
-        sources=_records(loaded),
+        sources=_records(loaded), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
-
-
-def convert_checkpoint(
-    store: ArtifactStore, artifact_id: str, *, output_format: OutputFormat, safe_globals: Sequence[str] = ()
-) -> OperationResult:
-    """Store `artifact_id`'s state_dict in another format (lineage `convert`)."""
-    loaded = store.load(artifact_id, safe_globals=safe_globals)
-    sd = loaded.state_dict
-    entries = _carry_manifest(sd, sd, store.manifest(artifact_id))
-    lineage = Lineage(
-        operation="convert",
-        inputs={"checkpoint": artifact_id},
-        params={"output_format": output_format},
-        report={},
-    )
-    stored = store.store_state_dict(
-        sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
-        sources=_records(loaded),
-    )
-    return OperationResult(stored.artifact, stored.created, {})
 
 
 def diff_checkpoints(
@@ -557,11 +559,9 @@ class Operations:
             self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals
         )
 
-    def convert(self, artifact_id: str, *, output_format: OutputFormat) -> OperationResult:
-        """`convert_checkpoint` with the service's allowlist and limits."""
-        return convert_checkpoint(
-            self.store, artifact_id, output_format=output_format, safe_globals=self.safe_globals
-        )
+    def convert(self, artifact_id: str, *, output_format: OutputFormat) -> ConvertedBlob:
+        """`ArtifactStore.convert` (the conversion cache) with the service's allowlist and limits."""
+        return self.store.convert(artifact_id, output_format, safe_globals=self.safe_globals)
 
     def merge(self, *, original: Source, trained: Source, options: MergeOptions) -> OperationResult:
         """`merge_checkpoints` with the service's registry, allowlist and limits."""

@@ -54,9 +54,11 @@ def build_services(settings: Settings) -> Services:
         InvalidSettings: A setting is unusable (an allowlist entry that does not resolve); start-up stops.
     """
     limits = ArchiveLimits(
-        max_entries=settings.archive_max_entries,
+        max_keys=settings.max_keys,
         max_total_bytes=settings.archive_max_total_bytes,
         max_name_length=settings.archive_max_name_length,
+        max_expansion_ratio=settings.max_expansion_ratio,
+        max_expanded_bytes=settings.expanded_bytes_cap(),
     )
     safe_globals = check_safe_globals(settings.safe_globals)
     inspector: Inspector
@@ -65,6 +67,7 @@ def build_services(settings: Settings) -> Services:
         # Workers start with the first upload, not here: most apps (and tests) never parse anything.
         sandbox = ParserSandbox(
             workers=settings.sandbox_workers,
+            read_workers=settings.sandbox_read_workers,
             memory_headroom=settings.sandbox_memory_headroom,
             time_limit=settings.sandbox_time_limit_seconds,
             seconds_per_gb=settings.sandbox_seconds_per_gb,
@@ -77,7 +80,12 @@ def build_services(settings: Settings) -> Services:
     else:
         inspector = functools.partial(inspect_checkpoint, safe_globals=safe_globals, limits=limits)
     store = ArtifactStore(
-        settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds, limits=limits
+        settings.data_dir,
+        inspector=inspector,
+        tmp_grace_seconds=settings.tmp_grace_seconds,
+        conversion_cache_bytes=settings.conversion_cache_bytes,
+        conversion_cache_max_age_seconds=settings.conversion_cache_max_age_seconds,
+        limits=limits,
     )
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
@@ -89,7 +97,19 @@ def build_services(settings: Settings) -> Services:
         concurrency=settings.heavy_concurrency,
         queue=settings.heavy_queue,
         retry_after=settings.retry_after_seconds,
+        kind="write",
+        time_budget=settings.heavy_time_budget_seconds,
     )
+    read_pool = WorkPool(
+        concurrency=settings.read_concurrency,
+        queue=settings.read_queue,
+        retry_after=settings.retry_after_seconds,
+        kind="read",
+        time_budget=settings.heavy_time_budget_seconds,
+    )
+    metrics = Metrics()
+    for work_pool in (pool, read_pool):
+        metrics.heavy_admitted.labels(work_pool.kind).set_function(functools.partial(_admitted, work_pool))
     tokens = settings.tokens()
     if not tokens and not is_loopback(settings.host):
         log.warning(
@@ -102,10 +122,15 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         operations=operations,
         pool=pool,
-        metrics=Metrics(),
+        metrics=metrics,
         tokens=tokens,
         sandbox=sandbox,
+        read_pool=read_pool,
     )
+
+
+def _admitted(pool: WorkPool) -> float:
+    return float(pool.inflight)
 
 
 def check_safe_globals(names: Sequence[str]) -> tuple[str, ...]:

@@ -1,6 +1,6 @@
 """The artifact store: a content-addressed directory of checkpoints, safe with several processes on one root.
 
-The layout and the on-disk format are described in the README, section "The artifact directory".
+The layout and the on-disk format are described in docs/artifact-store.md.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import builtins
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -25,14 +26,23 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
+from service.core.expansion import expansion_budget
 from service.core.load import load_checkpoint
+from service.core.manifest import fingerprint_tensor, is_quantized_dtype
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
-from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, Manifest
+from service.core.types import (
+    CURRENT_FINGERPRINT_VERSION,
+    ArchiveLimits,
+    CheckpointFormat,
+    LoadedCheckpoint,
+    Manifest,
+)
 from service.errors import (
     ArtifactInUse,
     ArtifactNotFound,
     DigestMismatch,
+    InvalidCheckpoint,
     InvalidReference,
     InvalidRequest,
     NameNotFound,
@@ -50,6 +60,7 @@ from service.store._fs import (
     storage_full,
     unlink_quietly,
 )
+from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import is_id, validate_id, validate_name
 from service.store.inspection import inspect_checkpoint
 from service.store.types import (
@@ -64,6 +75,7 @@ from service.store.types import (
 )
 from service.store.upload import Chunk, PendingUpload
 
+log = logging.getLogger("ckpt.store")
 _MARKER = "ckpt-store.json"
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _MAX_LABELS = 64
@@ -171,6 +183,8 @@ class ArtifactStore:
         *,
         inspector: Inspector | None = None,
         tmp_grace_seconds: float = 3600,
+        conversion_cache_bytes: int = 8 << 30,
+        conversion_cache_max_age_seconds: float = 7 * 86400,
         limits: ArchiveLimits | None = None,
     ) -> None:
         """Open (and create if needed) a store.
@@ -180,7 +194,11 @@ class ArtifactStore:
             inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process, with
                 `limits`.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
-            limits: Zip pre-check limits of every load of a stored artifact (and of the default inspector).
+            conversion_cache_bytes: Size bound of the conversion cache (`convert`), kept by `collect_garbage`.
+            conversion_cache_max_age_seconds: Conversions unused this long are removed by `collect_garbage`.
+            limits: The parse limits of the default inspector and of every load of a stored blob
+                (`CKPT_MAX_KEYS`, archive limits); their expansion bound also holds every safetensors file the
+                store writes (`store_state_dict`, `convert`).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
@@ -209,6 +227,13 @@ class ArtifactStore:
             self._check_marker()
             for d in (self._blobs, self._manifests, self._meta, self._names, self._tmp, self._locks):
                 d.mkdir(exist_ok=True)
+            # Converted downloads: beside the artifacts, never listed, disposable.
+            self.conversions = ConversionCache(
+                self.root / "cache" / "conversions",
+                tmp_dir=self._tmp,
+                max_bytes=conversion_cache_bytes,
+                max_age_seconds=conversion_cache_max_age_seconds,
+            )
         except OSError as exc:
             if is_no_space(exc):
                 raise storage_full(exc) from exc
@@ -354,7 +379,8 @@ class ArtifactStore:
             artifact_id: A 64-hex id.
 
         Returns:
-            The manifest computed at ingest.
+            The manifest computed at ingest. One written with an older fingerprint version is brought up to date
+            on first use (`_upgrade_manifest`), so that it compares right with manifests written now.
 
         Raises:
             InvalidReference: Not a well-formed id.
@@ -374,9 +400,37 @@ class ArtifactStore:
                 raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
             except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
+            if cached.fingerprint_version < CURRENT_FINGERPRINT_VERSION:
+                cached = self._upgrade_manifest(artifact_id, cached)
             self._cache_manifest(artifact_id, cached)
         # A copy of the entry table: callers may change theirs without touching the cache.
-        return Manifest(dict(cached.entries), cached.schema_fingerprint)
+        return Manifest(dict(cached.entries), cached.schema_fingerprint, cached.fingerprint_version)
+
+    def _upgrade_manifest(self, artifact_id: str, manifest: Manifest) -> Manifest:
+        # Version 1 hashed a quantized tensor's int_repr only; every other tensor hashes the same in version 2, so
+        # only quantized entries are recomputed (from the blob) and only then is the file rewritten.
+        stale = [k for k, e in manifest.entries.items() if is_quantized_dtype(e.dtype)]
+        if not stale:
+            return replace(manifest, fingerprint_version=CURRENT_FINGERPRINT_VERSION)
+        try:
+            state_dict = self.load(artifact_id).state_dict
+        except InvalidCheckpoint as exc:  # e.g. it needs safe globals the store is not told about
+            log.warning("cannot recompute the fingerprints of artifact %s: %s", artifact_id, exc.detail)
+            return manifest
+        entries = dict(manifest.entries)
+        for key in stale:
+            tensor = state_dict.get(key)
+            if tensor is None:
+                log.warning("artifact %s has no tensor %r to recompute its fingerprint", artifact_id, key)
+                return manifest
+            entries[key] = replace(entries[key], fingerprint=fingerprint_tensor(tensor))
+        upgraded = Manifest(entries, manifest.schema_fingerprint, CURRENT_FINGERPRINT_VERSION)
+        with self._id_lock(artifact_id):
+            if self._read_meta(artifact_id) is not None:  # not deleted meanwhile
+                publish_bytes(self._tmp, self._manifest_file(artifact_id), _dump(upgraded.to_dict()), mode=0o444,
+                              replace=True)
+        log.info("recomputed %d quantized fingerprints of artifact %s", len(stale), artifact_id)
+        return upgraded
 
     def _cache_manifest(self, artifact_id: str, manifest: Manifest) -> None:
         with self._manifest_cache_lock:
@@ -480,6 +534,42 @@ class ArtifactStore:
                     cache.popitem(last=False)
             return replace(loaded, state_dict=_shallow_copy(loaded.state_dict))
         return loaded
+
+    def convert(
+        self, artifact_id: str, format: Literal["pth", "safetensors"], *, safe_globals: Sequence[str] = ()
+    ) -> ConvertedBlob:
+        """An artifact's bytes in another format, from the conversion cache (converted on the first request).
+
+        Nothing is added to the artifacts: the result is not listed, and GC may remove it (it is converted
+        again when asked for). Its sha256 is kept with it, so a cache hit reads no tensor.
+
+        Args:
+            artifact_id: A 64-hex id.
+            format: "pth" (torch zip) or "safetensors".
+            safe_globals: Extra globals allowed while unpickling the source.
+
+        Returns:
+            The converted bytes' path, sha256 and size.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+            InvalidRequest: The state_dict cannot be written in that format.
+            UnconvertibleCheckpoint: safetensors cannot hold a key's dtype, or a key is ``__metadata__``.
+            ExpansionLimitExceeded: The safetensors output would expand past the bound.
+            StorageFull: No space for the converted bytes.
+        """
+        meta = self._require_meta(artifact_id)
+        # The same expansion bound as every safetensors write, checked before anything is allocated.
+        budget = expansion_budget([meta.size], self.limits) if format == "safetensors" else None
+
+        def write(path: Path) -> tuple[str, int]:
+            loaded = self.load(artifact_id, safe_globals=safe_globals)
+            sources = [loaded.records] if loaded.records is not None else []
+            return save_checkpoint_hashed(loaded.state_dict, path, format=format, sources=sources,
+                                          max_expanded_bytes=budget)
+
+        return self.conversions.get_or_convert(artifact_id, format, write)
 
     def verify(self, artifact_id: str) -> VerifyBlobResult:
         """Re-hash a blob to detect corruption on disk.
@@ -752,6 +842,7 @@ class ArtifactStore:
         filename: str | None = None,
         manifest: Manifest | None = None,
         sources: Sequence[StorageRecords] = (),
+        expanded_from: Sequence[str] | None = None,
     ) -> IngestResult:
         """Save a state_dict the service computed (a merge, strip or convert result) as an artifact.
 
@@ -764,6 +855,9 @@ class ArtifactStore:
             manifest: Its manifest, when the caller already built it; otherwise the saved file is inspected.
             sources: The storage records of the mapped loads the tensors come from (`LoadedCheckpoint.records`):
                 those storages are copied file-to-file instead of through memory.
+            expanded_from: The stored artifacts the tensors come from. A safetensors file holds every key's
+                bytes on its own, so before anything is written its keys may expand to at most the
+                `expansion_budget` of these artifacts' sizes (None: of nothing, so only the absolute cap).
 
         Returns:
             The artifact and whether it was created (the same state_dict gives the same id).
@@ -771,15 +865,22 @@ class ArtifactStore:
         Raises:
             StorageFull: The disk filled up; nothing is kept.
             InvalidRequest: Bad labels, filename or lineage.
+            UnconvertibleCheckpoint: safetensors cannot hold a key's dtype, or a key is ``__metadata__``.
+            ExpansionLimitExceeded: The safetensors output would expand past the bound.
         """
         labels_ = _check_labels(labels)
         filename_ = _check_filename(filename)
         lineage_ = _check_lineage(lineage)
+        budget = None
+        if format == "safetensors":
+            sizes = [self.metadata(i).size for i in expanded_from] if expanded_from is not None else []
+            budget = expansion_budget(sizes, self.limits) if sizes else self.limits.max_expanded_bytes
         with locked_work_dir(self._tmp, "work-") as work:
             path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
             try:
                 # hashed while it is written: the file is not read a second time
-                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources)
+                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources,
+                                                           max_expanded_bytes=budget)
             except OSError as exc:
                 if is_no_space(exc):
                     raise storage_full(exc) from exc
@@ -903,6 +1004,7 @@ class ArtifactStore:
             self._forget_manifest(artifact_id)
             unlink_quietly(self._manifest_file(artifact_id))
             unlink_quietly(self._blob(artifact_id))
+        self.conversions.forget(artifact_id)
         return pointing
 
     # ---- names --------------------------------------------------------------------------------------------
@@ -980,7 +1082,9 @@ class ArtifactStore:
     def collect_garbage(self, *, grace_seconds: float | None = None) -> int:
         """Remove crash leftovers: unlocked temp files and orphan blobs/manifests older than the grace period.
 
-        A live upload (its writer holds the flock) is never removed, whatever its age.
+        A live upload (its writer holds the flock) is never removed, whatever its age. The conversion cache
+        is trimmed too: conversions of deleted artifacts, unused past their maximum age, and the least recently
+        used past its size bound.
 
         Args:
             grace_seconds: Minimum age (by mtime); defaults to the store's `tmp_grace_seconds`.
@@ -1017,5 +1121,6 @@ class ArtifactStore:
                             removed += 1
                         except FileNotFoundError:
                             continue
+        removed += self.conversions.trim(exists=self.exists)
         return removed
 

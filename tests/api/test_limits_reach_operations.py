@@ -21,7 +21,7 @@ from service.api.app import create_app
 from service.config import Settings
 
 SMALL = {
-    "archive_max_entries": 3,
+    "max_keys": 1,
     "archive_max_total_bytes": 64,
     "archive_max_name_length": 5,
 }

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic_core import PydanticSerializationError
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
-from service.api.problems import problem_responses
+from service.api.problems import json_safe, problem_responses
 from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
 from service.api.uploads import ParsedForm, parse_multipart
+from service.api.work import Admission
 from service.core.diff import ManifestDiff
 from service.errors import InvalidRequest, VerificationFailed
 from service.operations import MergeOptions, OperationResult, Source
@@ -157,7 +160,7 @@ async def diff_get(
         return _rendered(ida, idb, diff, stats, frozen_report, params)
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
-    body = await (services.pool.run(run) if params.values else anyio.to_thread.run_sync(run))
+    body = await (services.read_pool.run(run) if params.values else anyio.to_thread.run_sync(run))
     if key is not None:
         services.rendered_diffs.put(key, body)
     return _json(body)
@@ -168,7 +171,12 @@ def _rendered(a: str, b: str, diff: ManifestDiff, values: dict[str, Any] | None,
     # A DiffOut is validated when it is built; FastAPI would dump, validate and dump it again (10 ms for a
     # 20k-key diff) on the event loop, so the routes render it once, in their worker thread, and declare DiffOut
     # as their response_model for OpenAPI.
-    return _diff_out(a, b, diff, values, frozen, params).model_dump_json().encode()
+    out = _diff_out(a, b, diff, values, frozen, params)
+    try:
+        return out.model_dump_json().encode()
+    except PydanticSerializationError:
+        # Keys of artifacts stored before keys had to be UTF-8 (lone surrogates) are escaped, not a 500.
+        return json.dumps(json_safe(out.model_dump()), ensure_ascii=False).encode()
 
 
 def _json(body: bytes) -> Response:
@@ -219,6 +227,13 @@ async def diff_post(
     params: DiffParamsDep,
 ) -> Response:
     """Diff two checkpoints given as uploaded files (parts `a`, `b`) or refs; nothing is stored."""
+    # A read: admitted to the read pool before the body is read, so a full pool answers 503 at once and
+    # read-scope uploads never take a write's slot.
+    async with services.read_pool.admit() as slot:
+        return await _diff_uploaded(request, services, params, slot)
+
+
+async def _diff_uploaded(request: Request, services: Any, params: DiffParams, slot: Admission) -> Response:
     form = await parse_multipart(
         request,
         services.store,
@@ -242,7 +257,7 @@ async def diff_post(
             idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
             return _rendered(ida, idb, diff, stats, frozen_report, params)
 
-        body = await services.pool.run(run)
+        body = await slot.run(run)
     finally:
         await form.abort()
     return _json(body)
@@ -342,6 +357,11 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
 )
 async def merge(request: Request, response: Response, services: ServicesDep) -> OperationOut:
     """Strip, merge, verify strictly against the architecture, and only then store (422 stores nothing)."""
+    async with services.pool.admit() as slot:  # before the body: a full pool answers 503 at once
+        return await _merge(request, response, services, slot)
+
+
+async def _merge(request: Request, response: Response, services: Any, slot: Admission) -> OperationOut:
     form = await parse_multipart(
         request,
         services.store,
@@ -376,7 +396,7 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
         original = await _source(services, form, "original")
         trained = await _source(services, form, "trained")
         try:
-            result = await services.pool.run(
+            result = await slot.run(
                 lambda: services.operations.merge(original=original, trained=trained, options=options)
             )
         except VerificationFailed:
