@@ -19,7 +19,6 @@ import torch
 from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.expansion import expansion_budget
-from service.core.formats import DEFAULT_LIMITS
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
@@ -32,7 +31,15 @@ from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, Tensor
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, FrozenPartChanged, InvalidRequest, VerificationFailed, quote_keys
 from service.registry import ArchitectureRegistry
-from service.store import ArtifactMeta, ArtifactStore, Inspection, Lineage, PendingUpload
+from service.store import (
+    ArtifactMeta,
+    ArtifactStore,
+    ConvertedBlob,
+    IngestResult,
+    Inspection,
+    Lineage,
+    PendingUpload,
+)
 
 OutputFormat = Literal["pth", "safetensors"]
 
@@ -191,7 +198,7 @@ def merge_checkpoints(
     trained: Source,
     options: MergeOptions,
     safe_globals: Sequence[str] = (),
-    limits: ArchiveLimits = DEFAULT_LIMITS,
+    limits: ArchiveLimits | None = None,
 ) -> OperationResult:
     """Strip, merge, verify strictly against the architecture, and only then store.
 
@@ -202,7 +209,7 @@ def merge_checkpoints(
         trained: The fine-tuned checkpoint; its values win.
         options: Architecture and merge options.
         safe_globals: Extra globals allowed while unpickling.
-        limits: Zip pre-check limits for uploads.
+        limits: Zip pre-check limits for uploads; None: the store's.
 
     Returns:
         The stored result and the merge report.
@@ -210,6 +217,7 @@ def merge_checkpoints(
     Raises:
         VerificationFailed: The merged state_dict does not load strictly; nothing is stored.
     """
+    limits = limits or store.limits
     arch = registry.get(options.architecture)
     expected = list(arch.spec.keys)
     o = _open(store, original, safe_globals=safe_globals, limits=limits)
@@ -445,7 +453,7 @@ def diff_checkpoints(
     values: bool = False,
     frozen: Sequence[str] | None = None,
     safe_globals: Sequence[str] = (),
-    limits: ArchiveLimits = DEFAULT_LIMITS,
+    limits: ArchiveLimits | None = None,
 ) -> DiffResult:
     """Diff two checkpoints from their manifests; optionally value statistics and the frozen-part check.
 
@@ -457,13 +465,14 @@ def diff_checkpoints(
         values: Also compute numeric statistics of changed keys (opens the blobs).
         frozen: None for no frozen check; [] for the original's parameters; else key prefixes to check.
         safe_globals: Extra globals allowed while unpickling.
-        limits: Zip pre-check limits for uploads.
+        limits: Zip pre-check limits for uploads; None: the store's.
 
     Returns:
         The manifest diff; with `values`, per-key statistics of the changed keys and the per-module change
         figures (cached per pair of stored ids); with `frozen`, the frozen report (with each changed key's max
         abs and relative change when `values` is set too).
     """
+    limits = limits or store.limits
     pair = None
     if a.artifact_id is not None and b.artifact_id is not None:
         # Two stored artifacts never change, and neither does their diff: dashboards ask for the same one
@@ -616,3 +625,104 @@ def _normalized(manifest: Manifest) -> Manifest:
     renamed = strip_prefixes(manifest.entries)  # type: ignore[arg-type]
     entries: dict[str, TensorEntry] = dict(renamed.state_dict)  # type: ignore[arg-type]
     return Manifest(entries, manifest.schema_fingerprint)
+
+
+class Operations:
+    """The operations of one service, built once from its settings: the only thing the API's routes call.
+
+    It holds the store, the registry, the unpickling allowlist and the limits, so that no call site picks a
+    setting (or forgets one and falls back to a library default). The module-level functions above stay the
+    building blocks; a method here is the same verb with the service's allowlist and limits filled in.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        registry: ArchitectureRegistry,
+        *,
+        safe_globals: Sequence[str] = (),
+        max_upload_bytes: int = 32 << 30,
+    ) -> None:
+        """Bind the operations to a store and a registry.
+
+        Args:
+            store: The artifact store; its `limits` are the archive limits of every load.
+            registry: The architectures merges verify against.
+            safe_globals: Extra "module.qualname" globals unpickling may accept (already validated).
+            max_upload_bytes: The largest accepted upload.
+        """
+        self.store = store
+        self.registry = registry
+        self.safe_globals: tuple[str, ...] = tuple(safe_globals)
+        self.max_upload_bytes = max_upload_bytes
+
+    @property
+    def limits(self) -> ArchiveLimits:
+        """The zip pre-check limits of every load and parse."""
+        return self.store.limits
+
+    def open_upload(self) -> PendingUpload:
+        """Start a streaming upload bounded by `max_upload_bytes`."""
+        return self.store.open_upload(max_bytes=self.max_upload_bytes)
+
+    def commit_upload(
+        self,
+        upload: PendingUpload,
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> IngestResult:
+        """Parse (with the service's limits and allowlist) and publish an upload; see `ArtifactStore`."""
+        return self.store.commit_upload(
+            upload, expected_sha256=expected_sha256, filename=filename, labels=dict(labels or {})
+        )
+
+    def load(self, artifact_id: str) -> LoadedCheckpoint:
+        """Load a stored checkpoint with the service's allowlist and limits."""
+        return self.store.load(artifact_id, safe_globals=self.safe_globals)
+
+    def strip(
+        self, artifact_id: str, *, prefixes: Sequence[str] | None = None, output_format: OutputFormat = "pth"
+    ) -> OperationResult:
+        """`strip_checkpoint` with the service's allowlist and limits."""
+        return strip_checkpoint(
+            self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals
+        )
+
+    def convert(self, artifact_id: str, *, output_format: OutputFormat) -> ConvertedBlob:
+        """`ArtifactStore.convert` (the conversion cache) with the service's allowlist and limits."""
+        return self.store.convert(artifact_id, output_format, safe_globals=self.safe_globals)
+
+    def merge(self, *, original: Source, trained: Source, options: MergeOptions) -> OperationResult:
+        """`merge_checkpoints` with the service's registry, allowlist and limits."""
+        return merge_checkpoints(
+            self.store,
+            self.registry,
+            original=original,
+            trained=trained,
+            options=options,
+            safe_globals=self.safe_globals,
+            limits=self.limits,
+        )
+
+    def diff(
+        self,
+        a: Source,
+        b: Source,
+        *,
+        normalize_prefixes: bool = False,
+        values: bool = False,
+        frozen: Sequence[str] | None = None,
+    ) -> DiffResult:
+        """`diff_checkpoints` with the service's allowlist and limits."""
+        return diff_checkpoints(
+            self.store,
+            a,
+            b,
+            normalize_prefixes=normalize_prefixes,
+            values=values,
+            frozen=frozen,
+            safe_globals=self.safe_globals,
+            limits=self.limits,
+        )

@@ -165,3 +165,18 @@ class ArchitectureIn(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, Any] = {}
+
+
+ReadinessStatus = Literal["ok", "degraded", "unavailable"]
+
+
+class ReadinessCheck(BaseModel):
+    status: ReadinessStatus
+    detail: str
+
+
+class Readiness(BaseModel):
+    """GET /readyz: the worst check decides; 200 for ok and degraded, 503 for unavailable."""
+
+    status: ReadinessStatus
+    checks: dict[str, ReadinessCheck]

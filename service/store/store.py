@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import functools
 import hashlib
 import json
 import logging
@@ -191,20 +192,23 @@ class ArtifactStore:
 
         Args:
             root: The store directory.
-            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process.
+            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process, with
+                `limits`.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
             conversion_cache_bytes: Size bound of the conversion cache (`convert`), kept by `collect_garbage`.
             conversion_cache_max_age_seconds: Conversions unused this long are removed by `collect_garbage`.
-            limits: The parse limits the inspector applies, also to stored blobs when they are loaded
-                (`CKPT_MAX_KEYS`); their expansion bound also holds every safetensors file the store writes
-                (`store_state_dict`, `convert`).
+            limits: The parse limits of the default inspector and of every load of a stored blob
+                (`CKPT_MAX_KEYS`, archive limits); their expansion bound also holds every safetensors file the
+                store writes (`store_state_dict`, `convert`).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
         """
         self.root = Path(root)
-        self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
         self.limits = limits if limits is not None else ArchiveLimits()
+        self._inspector: Inspector = (
+            inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
+        )
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
         self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()

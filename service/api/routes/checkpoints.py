@@ -15,7 +15,14 @@ from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestO
 from service.api.uploads import parse_multipart, read_raw_body
 from service.api.work import Admission
 from service.errors import InvalidRequest
-from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload
+from service.store import (
+    NAME_RE,
+    ArtifactMeta,
+    ArtifactStore,
+    IngestResult,
+    PendingUpload,
+    is_id,
+)
 
 router = APIRouter()
 
@@ -103,7 +110,7 @@ async def commit_upload(
     if name is not None:
         store.check_settable_name(name)  # refuse a bad name before the heavy work
     result: IngestResult = await slot.run(
-        lambda: store.commit_upload(
+        lambda: services.operations.commit_upload(
             upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels
         )
     )
@@ -153,7 +160,7 @@ async def _upload(
     sha256: str | None,
     filename: str | None,
 ) -> ArtifactOut:
-    limit = services.settings.max_upload_bytes
+    limit = services.operations.max_upload_bytes
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await parse_multipart(
@@ -271,6 +278,7 @@ def _stored_kind(fmt: str) -> str:
 )
 async def download_checkpoint(
     request: Request,
+    ref: RefPath,
     artifact: ArtifactDep,
     services: ServicesDep,
     format: Literal["pth", "safetensors"] | None = None,
@@ -284,12 +292,14 @@ async def download_checkpoint(
         converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
         if converted is None:
             converted = await services.read_pool.run(
-                lambda: store.convert(artifact.id, format, safe_globals=services.settings.safe_globals)
+                lambda: services.operations.convert(artifact.id, output_format=format)
             )
         path, digest, suffix = converted.path, converted.sha256, f".{format}"
     etag = f'"{digest}"'
+    # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).
+    cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     return FileResponse(
         path if path is not None else store.blob_path(artifact.id),
         media_type="application/octet-stream",
@@ -298,7 +308,7 @@ async def download_checkpoint(
             "ETag": etag,
             # The sha256 of the bytes sent, so that `ckpt pull` verifies a converted download too.
             "X-Checkpoint-Id": digest,
-            "Cache-Control": "public, max-age=31536000, immutable",
+            "Cache-Control": cache_control,
         },
     )
 

@@ -19,15 +19,7 @@ from service.api.uploads import ParsedForm, parse_multipart
 from service.api.work import Admission
 from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
-from service.operations import (
-    DiffResult,
-    MergeOptions,
-    OperationResult,
-    Source,
-    diff_checkpoints,
-    merge_checkpoints,
-    strip_checkpoint,
-)
+from service.operations import DiffResult, MergeOptions, OperationResult, Source
 from service.store import NAME_RE
 
 router = APIRouter()
@@ -57,13 +49,7 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
         store.check_settable_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
     result = await services.pool.run(
-        lambda: strip_checkpoint(
-            store,
-            artifact_id,
-            prefixes=body.prefixes,
-            output_format=body.output_format,
-            safe_globals=services.settings.safe_globals,
-        )
+        lambda: services.operations.strip(artifact_id, prefixes=body.prefixes, output_format=body.output_format)
     )
     if body.name is not None:
         result = OperationResult(await point_name(store, body.name, result.artifact.id), result.created, result.report)
@@ -174,14 +160,12 @@ async def diff_get(
             return _json(body)
 
     def run() -> bytes:
-        result = diff_checkpoints(
-            store,
+        result = services.operations.diff(
             Source(artifact_id=ida),
             Source(artifact_id=idb),
             normalize_prefixes=params.normalize_prefixes,
             values=params.values,
             frozen=_frozen_arg(params.frozen),
-            safe_globals=services.settings.safe_globals,
         )
         return _rendered(ida, idb, result, params)
 
@@ -266,21 +250,19 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
         services.store,
         file_fields=frozenset({"a", "b"}),
         text_fields=frozenset({"a", "b"}),
-        max_file_bytes=services.settings.max_upload_bytes,
+        max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
         sa = await _diff_side(services, form, "a")
         sb = await _diff_side(services, form, "b")
 
         def run() -> bytes:
-            result = diff_checkpoints(
-                services.store,
+            result = services.operations.diff(
                 sa,
                 sb,
                 normalize_prefixes=params.normalize_prefixes,
                 values=params.values,
                 frozen=_frozen_arg(params.frozen),
-                safe_globals=services.settings.safe_globals,
             )
             ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
             idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
@@ -421,13 +403,12 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
 
 
 async def _merge(request: Request, response: Response, services: Any, slot: Admission) -> OperationOut:
-    settings = services.settings
     form = await parse_multipart(
         request,
         services.store,
         file_fields=frozenset({"original_file", "trained_file"}),
         text_fields=MERGE_FIELDS,
-        max_file_bytes=settings.max_upload_bytes,
+        max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
         architecture = form.fields.get("architecture")
@@ -462,14 +443,7 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         trained = await _source(services, form, "trained")
         try:
             result = await slot.run(
-                lambda: merge_checkpoints(
-                    services.store,
-                    services.registry,
-                    original=original,
-                    trained=trained,
-                    options=options,
-                    safe_globals=settings.safe_globals,
-                )
+                lambda: services.operations.merge(original=original, trained=trained, options=options)
             )
         except VerificationFailed:
             services.metrics.verification_failures.inc()
