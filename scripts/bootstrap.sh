@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv if missing and install the package, CPU torch pinned by constraints.txt.
-#   scripts/bootstrap.sh            the package with its dev tools (tests, linters): `.[dev]`
+#   scripts/bootstrap.sh            the package with its dev tools (tests, linters) and the frameworks whose own
+#                                   saving code writes the test corpus: `.[dev,corpus]`
 #   scripts/bootstrap.sh --runtime  only what the service needs to run: `.` (what scripts/serve.sh uses)
 # Re-runs are fast: it reinstalls only when pyproject.toml or constraints.txt changed, or when the dev tools are
 # wanted and only the runtime is installed (a dev install serves the runtime too).
@@ -14,7 +15,7 @@ elif [ "$#" -gt 0 ]; then
   echo "usage: scripts/bootstrap.sh [--runtime]" >&2
   exit 2
 fi
-target='.[dev]'
+target='.[dev,corpus]'
 [ "$mode" = runtime ] && target='.'
 if [ -n "${CKPT_BOOTSTRAP_PRINT:-}" ]; then
   echo "bootstrap ($mode): python -m pip install -q -c constraints.txt -e $target"

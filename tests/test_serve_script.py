@@ -130,7 +130,7 @@ def test_serve_installs_only_the_runtime_dependencies() -> None:
     assert "bootstrap (runtime): python -m pip install -q -c constraints.txt -e .\n" in served.stdout
     assert "[dev]" not in served.stdout
     dev = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh")], env=env, capture_output=True, text=True)
-    assert dev.stdout.strip().endswith("-e .[dev]")
+    assert dev.stdout.strip().endswith("-e .[dev,corpus]")
     # ...and the runtime dependencies hold none of the dev tools.
     runtime = [r for r in importlib.metadata.requires("ckpt-service") or [] if "extra ==" not in r]
     names = {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower() for r in runtime}

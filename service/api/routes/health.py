@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from service.api.deps import MetricsDep, Services, ServicesDep
 from service.api.schemas import Health, Readiness, ReadinessCheck
 from service.config import is_loopback
-from service.errors import quote_keys
 
 router = APIRouter()
 
@@ -35,6 +34,8 @@ _RANK = {"ok": 0, "degraded": 1, "unavailable": 2}
     "/readyz",
     response_model=Readiness,
     operation_id="readyz",
+    summary="Check that the service is ready",
+    tags=["health"],
     responses={503: {"model": Readiness, "description": "Not ready"}},
 )
 def readyz(services: ServicesDep) -> Response:
@@ -68,15 +69,14 @@ def _store_check(services: Services) -> ReadinessCheck:
 
 
 def _architectures_check(services: Services) -> ReadinessCheck:
-    registry = services.registry
-    loaded = len(registry.list())
-    failed = sorted({issue.name for issue in registry.issues})
-    if failed:
-        return ReadinessCheck(
-            status="degraded",
-            detail=f"{len(failed)} architectures failed to load: {quote_keys(failed)}; {loaded} loaded",
-        )
-    return ReadinessCheck(status="ok", detail=f"{loaded} architectures loaded")
+    loaded = len(services.registry.list())
+    issues = services.registry.issues
+    if not issues:
+        return ReadinessCheck(status="ok", detail=f"{loaded} architectures loaded")
+    failed = "; ".join(f"{i.name!r} ({i.source}): {i.error}" for i in sorted(issues, key=lambda i: i.name))
+    return ReadinessCheck(
+        status="degraded", detail=f"{loaded} loaded, {len(issues)} failed to load: {failed}"
+    )
 
 
 def _auth_check(services: Services) -> ReadinessCheck:
