@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     # Unset: the service is open.
     api_tokens: str | None = None
 
+    url_signing_secret: str | None = Field(
+        None,
+        description="Secret for signed download URLs; unset: generated once into <data_dir>/url-signing.key (0600).",
+    )
+    download_url_ttl_seconds: int = Field(
+        300, ge=1, le=86400, description="How long a signed download URL stays valid."
+    )
+
     # Globals that weights_only unpickling may additionally accept, as "module.qualname" strings.
     # Applied per load through torch.serialization.safe_globals (scoped), never add_safe_globals.
     safe_globals: list[str] = Field(default_factory=list)

@@ -22,8 +22,9 @@ from service import __version__
 from service.api.deps import Services
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from service.api.routes import architectures, checkpoints, health, operations
+from service.api.routes import architectures, checkpoints, health, operations, ui
 from service.api.schemas import Problem
+from service.api.signing import DownloadSigner, load_signing_secret
 from service.api.work import WorkPool
 from service.config import Settings
 from service.core.types import ArchiveLimits
@@ -79,8 +80,12 @@ def build_services(settings: Settings) -> Services:
         queue=settings.heavy_queue,
         retry_after=settings.retry_after_seconds,
     )
+    signer = DownloadSigner(
+        load_signing_secret(settings.url_signing_secret, settings.data_dir), settings.download_url_ttl_seconds
+    )
     return Services(
-        settings=settings, store=store, registry=registry, pool=pool, metrics=Metrics(), sandbox=sandbox
+        settings=settings, store=store, registry=registry, pool=pool, metrics=Metrics(), sandbox=sandbox,
+        signer=signer,
     )
 
 
@@ -121,8 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     install_problem_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    for module in (checkpoints, operations, architectures, health):
+    for module in (checkpoints, operations, architectures, health, ui):
         app.include_router(module.router)
+    app.mount("/ui/static", ui.static_files, name="ui-static")
     _install_docs(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -13,6 +13,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.metrics import Metrics
+from service.api.signing import DownloadSigner
 from service.api.work import WorkPool
 from service.config import Settings
 from service.errors import Forbidden, Unauthorized
@@ -59,6 +60,7 @@ class Services:
     pool: WorkPool
     metrics: Metrics
     sandbox: ParserSandbox | None = None  # the parser worker pool, closed when the app shuts down
+    signer: DownloadSigner = field(default_factory=lambda: DownloadSigner(b"unset"))  # create_app sets it
     # Rendered GET /diff bodies by (ids, options): artifacts never change, so neither does their diff.
     rendered_diffs: RenderedCache = field(default_factory=lambda: RenderedCache(max_bytes=64 << 20))
 
@@ -142,5 +144,24 @@ def require_write(
         raise Forbidden("this operation needs a write token")
 
 
+def require_read_or_signature(
+    request: Request,
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    # A signed URL (POST /checkpoints/{ref}/download-url) stands for a read token, for its one file and format.
+    sig = request.query_params.get("sig")
+    if sig is None:
+        _scope_of(services.settings, credentials)
+        return
+    services.signer.check(
+        request.path_params.get("ref", ""),
+        request.query_params.get("format"),
+        request.query_params.get("expires"),
+        sig,
+    )
+
+
 ReadAuth = Depends(require_read)
+ReadOrSignedAuth = Depends(require_read_or_signature)
 WriteAuth = Depends(require_write)

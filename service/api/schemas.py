@@ -65,6 +65,13 @@ class ArtifactOut(BaseModel):
     download_url: str
 
 
+class DownloadUrlOut(BaseModel):
+    url: str = Field(description="GET it without a token until `expires`; it opens this artifact in this format only.")
+    id: str
+    format: Literal["pth", "safetensors"]
+    expires: int = Field(description="Unix seconds.")
+
+
 class ArtifactPage(BaseModel):
     items: list[ArtifactOut]
     next_cursor: str | None

@@ -9,9 +9,18 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from service.api.deps import ArtifactDep, ReadAuth, RefPath, ServicesDep, StoreDep, WriteAuth
+from service.api.deps import ArtifactDep, ReadAuth, ReadOrSignedAuth, RefPath, ServicesDep, StoreDep, WriteAuth
 from service.api.problems import problem_responses
-from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestOut, NameIn, NameOut, TensorEntryOut
+from service.api.schemas import (
+    ArtifactOut,
+    ArtifactPage,
+    DeletedOut,
+    DownloadUrlOut,
+    ManifestOut,
+    NameIn,
+    NameOut,
+    TensorEntryOut,
+)
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
 from service.operations import convert_checkpoint
@@ -228,7 +237,7 @@ def _stored_kind(fmt: str) -> str:
 @router.get(
     "/checkpoints/{ref}/file",
     operation_id="download_checkpoint",
-    dependencies=[ReadAuth],
+    dependencies=[ReadOrSignedAuth],
     response_class=FileResponse,
     responses={
         200: {
@@ -249,7 +258,7 @@ async def download_checkpoint(
     services: ServicesDep,
     format: Literal["pth", "safetensors"] | None = None,
 ) -> Response:
-    """Download the blob, streamed, with ETag and Range; `format=safetensors` converts on the way out."""
+    """Download the blob (Range, ETag; `format=safetensors` converts); a Bearer token or `expires`+`sig`."""
     target = artifact
     if format is not None and format != _stored_kind(artifact.format):
         result = await services.pool.run(
@@ -272,6 +281,28 @@ async def download_checkpoint(
             "Cache-Control": "public, max-age=31536000, immutable",
         },
     )
+
+
+@router.post(
+    "/checkpoints/{ref}/download-url",
+    response_model=DownloadUrlOut,
+    operation_id="sign_download_url",
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401, 404),
+)
+def sign_download_url(
+    request: Request,
+    artifact: ArtifactDep,
+    services: ServicesDep,
+    format: Literal["pth", "safetensors"] | None = None,
+) -> DownloadUrlOut:
+    """A download URL that needs no token, for this artifact and format, valid for a few minutes."""
+    fmt = format or _stored_kind(artifact.format)
+    expires, sig = services.signer.sign(artifact.id, fmt)
+    url = request.url_for("download_checkpoint", ref=artifact.id).include_query_params(
+        format=fmt, expires=expires, sig=sig
+    )
+    return DownloadUrlOut(url=str(url), id=artifact.id, format=fmt, expires=expires)
 
 
 @router.get(
