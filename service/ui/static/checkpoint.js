@@ -88,7 +88,11 @@
     if (report.prefixes) {
       const dl = el("dl", { class: "meta" });
       for (const [side, value] of Object.entries(report.prefixes)) {
-        dl.append(el("dt", {}, side), el("dd", {}, JSON.stringify(value)));
+        const applied = Object.entries((value && value.applied) || {});
+        const text = applied.length
+          ? applied.map(([prefix, n]) => "'" + prefix + "' from " + fmtInt(n) + " keys").join(", ")
+          : (value && value.applied ? "none" : JSON.stringify(value));
+        dl.append(el("dt", {}, side), el("dd", {}, text));
       }
       box.append(el("h3", {}, "Prefixes removed"), dl);
     }

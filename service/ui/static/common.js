@@ -122,7 +122,8 @@ const CK = (() => {
   function ui(path) { return root + "/ui/" + path; }
   function checkpointUrl(id) { return ui("checkpoints/" + encodeURIComponent(id)); }
 
-  function fmtInt(n) { return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"); }
+  const INT = new Intl.NumberFormat("en-US");  // one formatter: toLocaleString builds one per call
+  function fmtInt(n) { return n === null || n === undefined ? "–" : INT.format(n); }
   function fmtBytes(n) {
     if (n === null || n === undefined) return "–";
     const units = ["B", "KiB", "MiB", "GiB", "TiB"];

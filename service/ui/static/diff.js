@@ -4,7 +4,7 @@
 
 (() => {
   const { el, svg, api, start, checkpointUrl, fmtInt, fmtSci, shortId, buildTree, renderTree } = CK;
-  const TABLE_ROWS = 500;
+  const TABLE_ROWS = 200;
   const CHART_BARS = 60;
   const form = document.getElementById("controls");
   const inputs = {
@@ -16,6 +16,7 @@
   };
   let state = readUrl();
   let data = null;
+  let generation = 0;  // a newer load wins: an older response arriving late is dropped
 
   function readUrl() {
     const q = new URLSearchParams(location.search);
@@ -67,21 +68,29 @@
     }
     writeUrl();
     const q = new URLSearchParams({ a: state.a, b: state.b, values: "true", limit: "100000" });
+    // The page lists only the keys that do not match; changed and unchanged keys are counted, not listed.
+    for (const cat of ["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch"]) q.append("category", cat);
     if (state.normalize) q.set("normalize_prefixes", "true");
     if (state.frozen.trim()) q.set("frozen", state.frozen.trim());
-    performance.clearMarks();
-    performance.clearMeasures();
+    const gen = ++generation;
+    const responseMark = "diff:response:" + gen;
     const [diff, ma, mb] = await Promise.all([
-      api("/diff?" + q.toString(), { mark: "diff:response" }),
+      api("/diff?" + q.toString(), { mark: responseMark }),
       api("/checkpoints/" + encodeURIComponent(state.a)),
       api("/checkpoints/" + encodeURIComponent(state.b)),
     ]);
+    if (gen !== generation) return;
+    performance.mark("diff:parsed:" + gen);
     data = { diff, ma, mb };
+    delete document.body.dataset.painted;
     renderAll();
+    performance.mark("diff:rendered:" + gen);
     // Painted: the frame after the DOM changes has been rendered.
     requestAnimationFrame(() => setTimeout(() => {
-      performance.mark("diff:painted");
-      performance.measure("diff:response-to-paint", "diff:response", "diff:painted");
+      if (gen !== generation) return;
+      performance.mark("diff:painted:" + gen);
+      performance.clearMeasures("diff:response-to-paint");
+      performance.measure("diff:response-to-paint", responseMark, "diff:painted:" + gen);
       document.body.dataset.painted = "true";
     }, 0));
   }
@@ -113,7 +122,10 @@
     renderTrees();
   }
 
+  let rowsCache = { key: null, rows: [] };
   function moduleRows() {
+    const cacheKey = [state.sortKey, state.sortDir, state.frozen].join("\n");
+    if (rowsCache.data === data && rowsCache.key === cacheKey) return rowsCache.rows;
     const mods = (data.diff.changes && data.diff.changes.modules) || {};
     const prefixes = frozenPrefixes();
     const rows = [];
@@ -131,6 +143,7 @@
       if (key === "module") return dir * (a < b ? -1 : a > b ? 1 : 0);
       return dir * (a - b) || (x.module < y.module ? -1 : 1);
     });
+    rowsCache = { key: cacheKey, data, rows };
     return rows;
   }
 
