@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     download_url_ttl_seconds: int = Field(
         300, ge=1, le=86400, description="How long a signed download URL stays valid."
     )
+    cors_origins: str | None = Field(
+        None,
+        description="Origins a browser dashboard may call the API from, comma separated "
+        "(e.g. 'https://dash.example.org,http://localhost:3000'; '*' for any). Unset: no CORS headers.",
+    )
 
     # Globals that weights_only unpickling may additionally accept, as "module.qualname" strings.
     # Applied per load through torch.serialization.safe_globals (scoped), never add_safe_globals.
@@ -58,6 +63,10 @@ class Settings(BaseSettings):
 
     tmp_grace_seconds: int = Field(3600, description="Age after which crash-left temp files are removed.")
     gc_interval_seconds: int = 600
+
+    def cors_origin_list(self) -> list[str]:
+        """The configured CORS origins (empty: CORS is off)."""
+        return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
 
     def tokens(self) -> dict[str, str]:
         """Map each configured token to its scope ("read" or "write")."""

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from service.core.changes import ChangeSummary, changes_from_stats, rollup_modules, summarize_changes
+from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.formats import DEFAULT_LIMITS
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
@@ -314,7 +314,17 @@ def _trained_changes(
             same.append(key)
         else:
             changed.append(key)
-    return summarize_changes(o_sd, t_sd, keys=changed, same=same)
+    # ||a||^2 of an unchanged tensor depends only on its content, and the same original is merged with one
+    # trained checkpoint after another: remember it by (fingerprint, dtype, shape) instead of reading the whole
+    # frozen backbone again for every merge.
+    content = {k: (o_entries[k].fingerprint, o_entries[k].dtype, tuple(o_entries[k].shape))
+               for k in same if k in o_entries}
+    known = {k: v for k, c in content.items() if (v := _SQ_NORMS.get(c)) is not None}
+    keys = measure_changes(o_sd, t_sd, keys=changed, same=same, known_sq_a=known)
+    for key, c in content.items():
+        if key not in known and key in keys:
+            _SQ_NORMS.put(c, keys[key].sq_a, 1)
+    return ChangeSummary(keys, rollup_modules(keys))
 
 
 def _format_change(key: str, frozen: FrozenReport) -> str:
@@ -563,6 +573,8 @@ class _SizedLRU:
 # (store root, id a, id b, normalize_prefixes) -> (value stats, change figures): artifacts never change, so a
 # repeated values=true diff of two 1 GB checkpoints costs a lookup instead of reading both again.
 _VALUES_CACHE = _SizedLRU(400_000)
+# (fingerprint, dtype, shape) -> ||a||^2, for the unchanged keys of merges.
+_SQ_NORMS = _SizedLRU(1_000_000)
 
 
 def _manifest_of(store: ArtifactStore, source: Source) -> Manifest:

@@ -13,6 +13,7 @@ from typing import Any
 import anyio.to_thread
 import fastapi_offline
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
@@ -40,6 +41,15 @@ DESCRIPTION = """Post-process PyTorch checkpoints of frozen-backbone fine-tunes:
 merge the trained state_dict with the original (BatchNorm running stats dropped by `track_running_stats=False`),
 verify with `load_state_dict(strict=True)` against the real architecture, and keep every result in a
 content-addressed artifact directory. Errors are RFC 9457 `application/problem+json`."""
+
+# The groups of /docs, in this order.
+OPENAPI_TAGS = [
+    {"name": "checkpoints", "description": "Upload, inspect, download, list and delete stored checkpoints."},
+    {"name": "names", "description": "Mutable human names for checkpoints, like registry tags."},
+    {"name": "operations", "description": "Strip wrapper prefixes, diff, and merge with strict verification."},
+    {"name": "architectures", "description": "The model architectures merges are verified against."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
 
 # Swagger UI and ReDoc assets ship inside the fastapi-offline wheel: no CDN, for air-gapped clusters.
 _STATIC = Path(fastapi_offline.__file__).parent / "static"
@@ -105,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_gc()
         await anyio.to_thread.run_sync(services.store.collect_garbage)
+        await anyio.to_thread.run_sync(_log_startup, services)
         task = asyncio.create_task(_collect_periodically(services))
         try:
             yield
@@ -120,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=OPENAPI_TAGS,
         docs_url=None,
         redoc_url=None,
     )
@@ -131,7 +143,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/ui/static", ui.static_files, name="ui-static")
     _install_docs(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    # Keep this the LAST add_middleware: the last added is the outermost, so a preflight OPTIONS is answered
+    # here and never reaches authentication (browsers send preflights without the Authorization header).
+    _install_cors(app, settings)
     return app
+
+
+def _install_cors(app: FastAPI, settings: Settings) -> None:
+    origins = settings.cors_origin_list()
+    if not origins:
+        return
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "If-None-Match", "Range"],
+        expose_headers=["ETag", "X-Checkpoint-Id", "Retry-After", "Content-Disposition"],
+        max_age=600,
+    )
+
+
+def _log_startup(services: Services) -> None:
+    # What someone starting the service wants to see first: where the data is, what is there, what can merge,
+    # whether it is open to anyone, and where to click.
+    settings, registry = services.settings, services.registry
+    artifacts = services.store.list(limit=1).total
+    loaded = sorted(a.name for a in registry.list())
+    failed = sorted(registry.issues, key=lambda i: i.name)
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    log.info("data directory: %s (%d artifacts)", settings.data_dir.resolve(), artifacts)
+    log.info("architectures loaded (%d): %s", len(loaded), ", ".join(loaded) or "none")
+    if failed:
+        log.warning("architectures that failed to load (%d): %s", len(failed),
+                    "; ".join(f"{i.name!r} ({i.source}): {i.error}" for i in failed))
+    if settings.tokens():
+        log.info("auth: on (Bearer tokens from CKPT_API_TOKENS)")
+    else:
+        log.warning("auth: off, anyone who can reach the port can read and write (set CKPT_API_TOKENS)")
+    log.info("API docs: http://%s:%d/docs", host, settings.port)
 
 
 async def _collect_periodically(services: Services) -> None:
@@ -172,7 +222,8 @@ def _install_docs(app: FastAPI) -> None:
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                         tags=app.openapi_tags)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}

@@ -453,6 +453,10 @@ def diff_values(
             continue
         if ta.is_meta or tb.is_meta or ta.is_complex() != tb.is_complex():
             continue  # no values to compare, or no common real representation without copying
+        if ta.is_quantized or tb.is_quantized:
+            # Compared by their dequantized values (one float copy of the tensor, as torch offers no view).
+            ta = ta.dequantize() if ta.is_quantized else ta
+            tb = tb.dequantize() if tb.is_quantized else tb
         numel = ta.numel() * (2 if ta.is_complex() else 1)
         if numel > small_max:
             found[key] = _stats(ta, tb, chunk_elements)

@@ -87,3 +87,14 @@ def test_nonfinite_disagreement_is_an_infinite_max_abs_and_counts_as_changed() -
 def test_relative_change_of_a_zero_tensor() -> None:
     assert KeyChange(2, 0, 0.0, 0.0, 0.0).rel_change == 0.0
     assert KeyChange(2, 1, 0.0, 1.0, 1.0).rel_change == math.inf
+
+
+def test_quantized_tensors_are_measured_by_their_dequantized_values() -> None:
+    torch.manual_seed(0)
+    q = torch.quantize_per_tensor(torch.randn(16), 0.1, 0, torch.qint8)
+    q2 = torch.quantize_per_tensor(q.dequantize() + 0.5, 0.1, 0, torch.qint8)
+    out = measure_changes({"m.q": q, "m.s": q}, {"m.q": q2, "m.s": q}, keys=["m.q"], same=["m.s"])
+    da, db = q.dequantize().double(), q2.dequantize().double()
+    assert out["m.q"].sq_diff == pytest.approx(float((db - da).pow(2).sum()), rel=1e-9)
+    assert out["m.q"].changed == int((da != db).sum())
+    assert out["m.s"].sq_a == pytest.approx(float(da.pow(2).sum()), rel=1e-9)

@@ -127,6 +127,8 @@ async def commit_upload(
     status_code=201,
     response_model=ArtifactOut,
     operation_id="upload_checkpoint",
+    summary="Upload a checkpoint",
+    tags=["checkpoints"],
     dependencies=[WriteAuth],
     openapi_extra=UPLOAD_BODY,
     responses={
@@ -182,6 +184,8 @@ async def upload_checkpoint(
 @router.head(
     "/checkpoints/{ref}",
     operation_id="checkpoint_exists",
+    summary="Check whether a checkpoint is stored",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -200,6 +204,8 @@ def checkpoint_exists(artifact: ArtifactDep) -> Response:
     "/checkpoints/{ref}",
     response_model=ArtifactOut,
     operation_id="get_checkpoint",
+    summary="Get a checkpoint's metadata and lineage",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -212,6 +218,8 @@ def get_checkpoint(request: Request, artifact: ArtifactDep) -> ArtifactOut:
     "/checkpoints/{ref}/manifest",
     response_model=ManifestOut,
     operation_id="get_manifest",
+    summary="Get a checkpoint's manifest: keys, shapes, dtypes",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -237,6 +245,8 @@ def _stored_kind(fmt: str) -> str:
 @router.get(
     "/checkpoints/{ref}/file",
     operation_id="download_checkpoint",
+    summary="Download a checkpoint file",
+    tags=["checkpoints"],
     dependencies=[ReadOrSignedAuth],
     response_class=FileResponse,
     responses={
@@ -287,6 +297,8 @@ async def download_checkpoint(
     "/checkpoints/{ref}/download-url",
     response_model=DownloadUrlOut,
     operation_id="sign_download_url",
+    summary="Get a signed download URL (no token needed to follow it)",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -309,6 +321,8 @@ def sign_download_url(
     "/checkpoints",
     response_model=ArtifactPage,
     operation_id="list_checkpoints",
+    summary="List checkpoints",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401),
 )
@@ -333,6 +347,8 @@ def list_checkpoints(
     "/checkpoints/{ref}",
     response_model=DeletedOut,
     operation_id="delete_checkpoint",
+    summary="Delete a checkpoint",
+    tags=["checkpoints"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 409),
 )
@@ -346,6 +362,8 @@ def delete_checkpoint(artifact: ArtifactDep, store: StoreDep, force: bool = Fals
     "/names/{name}",
     response_model=NameOut,
     operation_id="set_name",
+    summary="Point a name at a checkpoint",
+    tags=["names"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 422),
 )
@@ -360,6 +378,8 @@ def set_name(name: Annotated[str, RefPath], body: NameIn, store: StoreDep) -> Na
     "/names",
     response_model=list[NameOut],
     operation_id="list_names",
+    summary="List names",
+    tags=["names"],
     dependencies=[ReadAuth],
     responses=problem_responses(401),
 )
@@ -372,6 +392,8 @@ def list_names(store: StoreDep) -> list[NameOut]:
     "/names/{name}",
     response_model=DeletedOut,
     operation_id="delete_name",
+    summary="Remove a name",
+    tags=["names"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404),
 )
