@@ -292,6 +292,7 @@ def test_a_token_prompt_then_the_page(browser: webdriver.Chrome, tmp_path: Path,
         stop_server(server)
 
 
+@pytest.mark.slow
 def test_diff_page_paints_20k_keys_quickly(browser: webdriver.Chrome, tmp_path: Path, screenshot_dir: Path) -> None:
     """Measured in the browser (performance marks), reported, not asserted: timing is the machine's."""
     keys = 20_000
