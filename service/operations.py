@@ -18,6 +18,7 @@ import torch
 
 from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
+from service.core.expansion import expansion_budget
 from service.core.formats import DEFAULT_LIMITS
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
@@ -26,6 +27,7 @@ from service.core.manifest import compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
+from service.core.save import check_safetensors_output
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, FrozenPartChanged, InvalidRequest, VerificationFailed, quote_keys
@@ -256,6 +258,10 @@ def merge_checkpoints(
             unexpected_keys=sorted(verification.unexpected),
             report=report,
         )
+    if options.output_format == "safetensors":
+        # Before the inputs are committed: a merge that cannot be written stores nothing.
+        sizes = [_source_size(store, s) for s in (original, trained)]
+        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
     if frozen is not None and options.require_frozen and (frozen.changed or frozen.mismatched):
         raise FrozenPartChanged(
             f"require_frozen: {_frozen_changed_text(frozen)}; nothing was stored",
@@ -280,8 +286,16 @@ def merge_checkpoints(
         labels=dict(options.labels),
         manifest=out_manifest,
         sources=_records(o, t),
+        expanded_from=[original.artifact_id, trained.artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
+
+
+def _source_size(store: ArtifactStore, source: Source) -> int:
+    if source.artifact_id is not None:
+        return store.metadata(source.artifact_id).size
+    assert source.upload is not None
+    return source.upload.size
 
 
 def _records(*inputs: _Opened | LoadedCheckpoint) -> list[StorageRecords]:
@@ -417,7 +431,7 @@ def strip_checkpoint(
     )
     stored = store.store_state_dict(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
-        sources=_records(loaded),
+        sources=_records(loaded), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
 
@@ -437,7 +451,7 @@ def convert_checkpoint(
     )
     stored = store.store_state_dict(
         sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
-        sources=_records(loaded),
+        sources=_records(loaded), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, {})
 
