@@ -180,6 +180,15 @@ def test_diff_page(browser: webdriver.Chrome, store: Store, screenshot_dir: Path
     shot(browser, screenshot_dir, "diff")
     assert_clean(browser)
 
+    # The chart's depth: automatic (features, head), then the level below, in the URL too.
+    bars = lambda: {g.get_attribute("data-module") for g in browser.find_elements(By.CSS_SELECTOR, "#chart g.bar")}  # noqa: E731
+    assert bars() == {"features", "head"}
+    depth = browser.find_element(By.ID, "c-depth")
+    depth.send_keys("2", Keys.TAB)
+    WebDriverWait(browser, WAIT).until(lambda d: "depth=2" in d.current_url)
+    assert bars() == {"features.0", "features.1", "features.3", "features.4"}
+    assert all("frozen" in g.text for g in browser.find_elements(By.CSS_SELECTOR, "#chart g.bar"))
+
     # Sorting by relative change, largest first: the URL says so and the head (trained) comes first.
     browser.find_element(By.CSS_SELECTOR, 'th[data-key="rel_change"] button').click()
     WebDriverWait(browser, WAIT).until(lambda d: "sort=rel_change%3Adesc" in d.current_url)
@@ -311,7 +320,8 @@ def test_diff_page_paints_20k_keys_quickly(browser: webdriver.Chrome, tmp_path: 
         paint_ms = browser.execute_script(
             "return performance.getEntriesByName('diff:response-to-paint')[0].duration")
         rows = len(browser.find_elements(By.CSS_SELECTOR, "#modules tbody tr"))
-        assert rows == 200  # the first 200 of the 5,550 modules; "Show all" renders the rest
+        assert rows == 200  # the first 200 of the 5,501 modules; "Show all" renders the rest
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chart g.bar")) == 60  # of the 500 at depth 2
         report = f"20k-key diff page: API response to paint {paint_ms:.0f} ms; page load to paint {total:.2f} s\n"
         (screenshot_dir / "diff-20k-timing.txt").write_text(report)
         print(report)

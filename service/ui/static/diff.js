@@ -25,7 +25,7 @@
       a: q.get("a") || "", b: q.get("b") || "",
       normalize: ["true", "1", "on", "yes"].includes((q.get("normalize_prefixes") || "").toLowerCase()),
       frozen: q.get("frozen") || "",
-      depth: Math.max(1, parseInt(q.get("depth") || "1", 10) || 1),
+      depth: q.get("depth") ? Math.max(1, parseInt(q.get("depth"), 10) || 1) : null,  // null: automatic
       sortKey, sortDir: sortDir === "desc" ? "desc" : "asc",
     };
   }
@@ -36,7 +36,7 @@
     q.set("b", state.b);
     if (state.normalize) q.set("normalize_prefixes", "true");
     if (state.frozen) q.set("frozen", state.frozen);
-    if (state.depth !== 1) q.set("depth", String(state.depth));
+    if (state.depth !== null) q.set("depth", String(state.depth));
     if (!(state.sortKey === "module" && state.sortDir === "asc")) q.set("sort", state.sortKey + ":" + state.sortDir);
     history.replaceState(null, "", "?" + q.toString());
     const link = document.getElementById("permalink");
@@ -48,7 +48,7 @@
     inputs.b.value = state.b;
     inputs.normalize.checked = state.normalize;
     inputs.frozen.value = state.frozen;
-    inputs.depth.value = String(state.depth);
+    inputs.depth.value = state.depth === null ? "" : String(state.depth);
   }
 
   function frozenPrefixes() {
@@ -182,11 +182,23 @@
     }
   }
 
+  // Automatic depth: the shallowest level with at least two modules (one bar for "backbone" says little).
+  function chartDepth(all) {
+    if (state.depth !== null) return state.depth;
+    const counts = new Map();
+    for (const r of all) counts.set(r.depth, (counts.get(r.depth) || 0) + 1);
+    const depths = Array.from(counts.keys()).sort((x, y) => x - y);
+    return depths.find((d) => counts.get(d) >= 2) || depths[0] || 1;
+  }
+
   function renderChart() {
     const box = document.getElementById("chart");
-    let rows = moduleRows().filter((r) => r.depth === state.depth);
+    const all = moduleRows();
+    const depth = chartDepth(all);
+    inputs.depth.placeholder = "auto (" + depth + ")";
+    let rows = all.filter((r) => r.depth === depth);
     if (!rows.length) {
-      box.replaceChildren(el("p", {}, "No modules at depth " + state.depth + "."));
+      box.replaceChildren(el("p", {}, "No modules at depth " + depth + "."));
       return;
     }
     const total = rows.length;
@@ -201,7 +213,7 @@
     const x = (v) => labelW + ((Math.log10(v) - lo) / (hi - lo)) * barW;
     const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, width, height, role: "img",
       "aria-labelledby": "chart-title", class: "chart" });
-    chart.append(svg("title", { id: "chart-title" }, "Relative change per module at depth " + state.depth +
+    chart.append(svg("title", { id: "chart-title" }, "Relative change per module at depth " + depth +
       ", log scale from 1e" + lo + " to 1e" + hi));
     chart.append(svg("defs", {}, svg("pattern", { id: "hatch", width: 6, height: 6, patternUnits: "userSpaceOnUse",
       patternTransform: "rotate(45)" }, svg("rect", { width: 6, height: 6, class: "hatch-bg" }),
@@ -231,7 +243,7 @@
     });
     const parts = [chart];
     if (total > rows.length) {
-      parts.push(el("p", { class: "hint" }, rows.length + " of " + total + " modules at depth " + state.depth +
+      parts.push(el("p", { class: "hint" }, rows.length + " of " + total + " modules at depth " + depth +
         " (in the table's order); the table has them all."));
     }
     box.replaceChildren(...parts);
@@ -287,7 +299,7 @@
     state.b = inputs.b.value.trim();
     state.normalize = inputs.normalize.checked;
     state.frozen = inputs.frozen.value.trim();
-    state.depth = Math.max(1, parseInt(inputs.depth.value, 10) || 1);
+    state.depth = inputs.depth.value.trim() ? Math.max(1, parseInt(inputs.depth.value, 10) || 1) : null;
   }
   form.addEventListener("submit", (event) => {
     event.preventDefault();
