@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     download_url_ttl_seconds: int = Field(
         300, ge=1, le=86400, description="How long a signed download URL stays valid."
     )
+    root_path: str = Field(
+        "",
+        description="The path prefix a proxy serves the service under (ASGI root_path, e.g. '/ckpt'); links and "
+        "URLs the service builds carry it.",
+    )
     cors_origins: str | None = Field(
         None,
         description="Origins a browser dashboard may call the API from, comma separated "

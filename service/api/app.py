@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=OPENAPI_TAGS,
         docs_url=None,
         redoc_url=None,
+        root_path=settings.root_path.rstrip("/"),
     )
     app.state.services = services
     install_problem_handlers(app)

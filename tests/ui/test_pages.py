@@ -329,3 +329,35 @@ def test_diff_page_paints_20k_keys_quickly(browser: webdriver.Chrome, tmp_path: 
         assert_clean(browser)
     finally:
         stop_server(server)
+
+
+def test_pages_under_a_path_prefix(browser: webdriver.Chrome, tmp_path: Path, download_dir: Path) -> None:
+    """CKPT_ROOT_PATH=/ckpt, as behind a proxy that forwards /ckpt/...: every link, script and API call keeps it."""
+    server = start_server(tmp_path / "data", log_path=tmp_path / "server.log", env={"CKPT_ROOT_PATH": "/ckpt"})
+    try:
+        with server.client() as client:
+            artifact = _upload(client, save_pth({"enc.w": torch.ones(3), "head.w": torch.zeros(2)}, tmp_path / "w.pth"),
+                               name="prefixed")
+        base = f"{server.url}/ckpt"
+        browser.get(f"{base}/")
+        browser.find_element(By.LINK_TEXT, "Checkpoints").click()
+        wait_for(browser, "#total", text="1 checkpoint")
+        assert browser.current_url == f"{base}/ui/"
+        browser.find_element(By.LINK_TEXT, "prefixed").click()
+        assert wait_for(browser, "#artifact-id").text == artifact
+        assert browser.current_url == f"{base}/ui/checkpoints/{artifact}"
+        for existing in download_dir.iterdir():
+            existing.unlink()
+        browser.find_element(By.CSS_SELECTOR, 'button.download[data-format="pth"]').click()
+        WebDriverWait(browser, WAIT).until(
+            lambda d: [p for p in download_dir.iterdir() if p.suffix == ".pth"], "no file was downloaded"
+        )
+        downloaded = next(p for p in download_dir.iterdir() if p.suffix == ".pth")
+        assert hashlib.sha256(downloaded.read_bytes()).hexdigest() == artifact
+        browser.get(f"{base}/ui/diff?a=prefixed&b=prefixed")
+        WebDriverWait(browser, WAIT).until(lambda d: d.execute_script("return document.body.dataset.painted") == "true")
+        assert browser.find_element(By.ID, "link-a").get_attribute("href") == f"{base}/ui/checkpoints/{artifact}"
+        assert browser.find_element(By.ID, "count-unchanged").text == "2"
+        assert_clean(browser)
+    finally:
+        stop_server(server)
