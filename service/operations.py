@@ -1,4 +1,4 @@
-"""Application operations: strip, merge, diff and convert over stored artifacts.
+"""Application operations: strip, merge and diff over stored artifacts (conversions: `ArtifactStore.convert`).
 
 This layer sits between the API and store/core/registry: it composes core functions over artifacts and decides
 what gets stored. It is synchronous and CPU/IO-heavy; the API runs it in its bounded work pool, and a script can
@@ -258,16 +258,16 @@ def merge_checkpoints(
             unexpected_keys=sorted(verification.unexpected),
             report=report,
         )
-    if options.output_format == "safetensors":
-        # Before the inputs are committed: a merge that cannot be written stores nothing.
-        sizes = [_source_size(store, s) for s in (original, trained)]
-        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
     if frozen is not None and options.require_frozen and (frozen.changed or frozen.mismatched):
         raise FrozenPartChanged(
             f"require_frozen: {_frozen_changed_text(frozen)}; nothing was stored",
             changed_keys=list(frozen.changed) + list(frozen.mismatched),
             report=report,
         )
+    if options.output_format == "safetensors":
+        # Before the inputs are committed: a merge that cannot be written stores nothing.
+        sizes = [_source_size(store, s) for s in (original, trained)]
+        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
     _commit_inputs(store, (original, trained))
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
@@ -434,26 +434,6 @@ def strip_checkpoint(
         sources=_records(loaded), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
-
-
-def convert_checkpoint(
-    store: ArtifactStore, artifact_id: str, *, output_format: OutputFormat, safe_globals: Sequence[str] = ()
-) -> OperationResult:
-    """Store `artifact_id`'s state_dict in another format (lineage `convert`)."""
-    loaded = store.load(artifact_id, safe_globals=safe_globals)
-    sd = loaded.state_dict
-    entries = _carry_manifest(sd, sd, store.manifest(artifact_id))
-    lineage = Lineage(
-        operation="convert",
-        inputs={"checkpoint": artifact_id},
-        params={"output_format": output_format},
-        report={},
-    )
-    stored = store.store_state_dict(
-        sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
-        sources=_records(loaded), expanded_from=[artifact_id],
-    )
-    return OperationResult(stored.artifact, stored.created, {})
 
 
 def diff_checkpoints(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from service.core.diff import ValueStats, diff_values
+from service.core.diff import ValueStats, diff_values, is_numeric_dtype
 
 __all__ = [
     "ChangeSummary",
@@ -206,7 +206,7 @@ def changes_from_stats(
     buffers: dict[str, torch.Tensor] = {}
     for key in same:
         ta = a.get(key)
-        if key in out or not isinstance(ta, torch.Tensor) or ta.is_meta:
+        if key in out or not isinstance(ta, torch.Tensor) or ta.is_meta or not is_numeric_dtype(ta.dtype):
             continue
         numel = ta.numel() * (2 if ta.is_complex() else 1)
         known = known_sq_a.get(key) if known_sq_a is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from service.core.budget import check_budget
 from service.core.prefixes import strip_key
 from service.core.types import Manifest, TensorEntry
 
@@ -18,6 +20,7 @@ __all__ = [
     "ValueStats",
     "diff_manifests",
     "diff_values",
+    "is_numeric_dtype",
     "iter_chunk_pairs",
     "module_of",
     "normalize_entries",
@@ -408,6 +411,25 @@ def _stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ValueSt
     return out
 
 
+@functools.cache
+def is_numeric_dtype(dtype: torch.dtype) -> bool:
+    """Tell whether values of `dtype` can be compared as numbers (not bits16, uint1, ... which are raw bits).
+
+    Args:
+        dtype: A torch dtype.
+
+    Returns:
+        True when the values convert to float64 (quantized ones after dequantize(), complex ones as pairs).
+    """
+    if dtype.is_complex or dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+        return True
+    try:
+        torch.zeros(1, dtype=dtype).to(torch.float64)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
 def diff_values(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
@@ -448,11 +470,14 @@ def diff_values(
             batch_elements = 0
 
     for key in wanted:
+        check_budget()  # a request's time budget ends value diffs between keys
         ta, tb = a.get(key), b.get(key)
         if not isinstance(ta, torch.Tensor) or not isinstance(tb, torch.Tensor) or ta.shape != tb.shape:
             continue
         if ta.is_meta or tb.is_meta or ta.is_complex() != tb.is_complex():
             continue  # no values to compare, or no common real representation without copying
+        if not (is_numeric_dtype(ta.dtype) and is_numeric_dtype(tb.dtype)):
+            continue  # bits16, uint1, ...: bytes without arithmetic; the fingerprints say whether they changed
         if ta.is_quantized or tb.is_quantized:
             # Compared by their dequantized values (one float copy of the tensor, as torch offers no view).
             ta = ta.dequantize() if ta.is_quantized else ta

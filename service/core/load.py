@@ -28,6 +28,7 @@ from service.core.formats import (
     is_pickle_start,
     safetensors_header_claim,
 )
+from service.core.keycount import check_key_count
 from service.core.pthzip import Record, StorageRecords
 from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, StateDict
 from service.errors import (
@@ -91,7 +92,7 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
         mmap: Memory-map zip archives so tensors are paged in lazily (legacy files cannot be mapped).
         container_key: Dotted path of the state_dict inside the checkpoint; ``None`` searches for it.
         safe_globals: Extra ``"module.qualname"`` globals the unpickler may accept, for this load only.
-        limits: Zip pre-check limits.
+        limits: Pre-check limits (keys, zip entries and sizes).
 
     Returns:
         The state_dict (an ``OrderedDict`` of str -> Tensor, keeping ``_metadata`` when present) and what
@@ -124,6 +125,7 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
     else:
         if fmt is CheckpointFormat.PTH_ZIP:
             check_archive(path, limits=limits)
+        check_key_count(path, fmt, limit=limits.max_keys)  # before torch's per-key unpickling
         mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP and not path.name.endswith(".safetensors")
         obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
         if mmapped:
@@ -577,10 +579,10 @@ def _read_safetensors_header(path: Path, limits: ArchiveLimits) -> tuple[list[st
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise CorruptCheckpoint("the safetensors __metadata__ is not a map of strings to strings")
-    if len(header) > limits.max_entries:
+    if len(header) > limits.max_keys:
         raise ArchiveLimitExceeded(
-            f"the safetensors file has {len(header)} tensors, more than the limit of {limits.max_entries}",
-            limit=limits.max_entries,
+            f"the safetensors file has {len(header)} tensors, more than the limit of {limits.max_keys}",
+            limit=limits.max_keys,
         )
     data_len = size - 8 - length
     extents: list[tuple[int, int, str]] = []

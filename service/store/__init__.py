@@ -1,5 +1,6 @@
-"""The artifact store: a content-addressed directory of checkpoints (layout: README, "The artifact directory")."""
+"""The artifact store: a content-addressed directory of checkpoints (layout: docs/artifact-store.md)."""
 
+from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import (
     ID_RE,
     MIN_ID_PREFIX,
@@ -31,6 +32,8 @@ __all__ = [
     "NAME_RE",
     "ArtifactMeta",
     "ArtifactStore",
+    "ConversionCache",
+    "ConvertedBlob",
     "IngestResult",
     "Inspection",
     "Inspector",

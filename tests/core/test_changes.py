@@ -89,6 +89,8 @@ def test_relative_change_of_a_zero_tensor() -> None:
     assert KeyChange(2, 1, 0.0, 1.0, 1.0).rel_change == math.inf
 
 
+# quantize_per_tensor is deprecated in torch 2.13 (it still works, and checkpoints hold quantized tensors).
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_quantized_tensors_are_measured_by_their_dequantized_values() -> None:
     torch.manual_seed(0)
     q = torch.quantize_per_tensor(torch.randn(16), 0.1, 0, torch.qint8)
@@ -98,3 +100,10 @@ def test_quantized_tensors_are_measured_by_their_dequantized_values() -> None:
     assert out["m.q"].sq_diff == pytest.approx(float((db - da).pow(2).sum()), rel=1e-9)
     assert out["m.q"].changed == int((da != db).sum())
     assert out["m.s"].sq_a == pytest.approx(float(da.pow(2).sum()), rel=1e-9)
+
+
+def test_raw_bit_dtypes_have_no_figures_and_do_not_fail() -> None:
+    bits = torch.zeros(4, dtype=torch.int16).view(torch.bits16)
+    out = measure_changes({"m.b": bits, "m.w": torch.ones(2)}, {"m.b": bits, "m.w": torch.ones(2) * 2},
+                          keys=["m.b", "m.w"], same=["m.b"])
+    assert set(out) == {"m.w"}
