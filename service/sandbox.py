@@ -137,11 +137,12 @@ class ParserSandbox:
         with self._cond:
             return sorted(w.pid for w in self._alive)
 
-    def inspect(self, path: Path) -> Inspection:
+    def inspect(self, path: Path, *, container_key: str | None = None) -> Inspection:
         """Parse a checkpoint file in a worker and return its inspection.
 
         Args:
             path: The checkpoint file; the worker opens it by path.
+            container_key: The state_dict to use inside the file; None applies the default rule.
 
         Returns:
             What `service.store.inspect_checkpoint` returns, rebuilt from the worker's JSON.
@@ -155,7 +156,7 @@ class ParserSandbox:
         """
         size = os.stat(path).st_size
         deadline = self.time_limit + self.seconds_per_gb * size / _GIB
-        job = json.dumps({"path": os.fspath(path), **self._job_options}).encode()
+        job = json.dumps({"path": os.fspath(path), "container_key": container_key, **self._job_options}).encode()
         while True:
             worker = self._acquire()
             try:
@@ -454,7 +455,8 @@ def _run_job(job: Mapping[str, Any]) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
         inspection = inspect_checkpoint(
-            path, safe_globals=tuple(job["safe_globals"]), limits=ArchiveLimits(**job["limits"])
+            path, safe_globals=tuple(job["safe_globals"]), limits=ArchiveLimits(**job["limits"]),
+            container_key=job.get("container_key"),
         )
         result = inspection.to_dict()
     except MemoryError:

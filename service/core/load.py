@@ -42,7 +42,8 @@ from service.errors import (
     quote_keys,
 )
 
-__all__ = ["CONTAINER_KEYS", "load_checkpoint", "resolve_globals"]
+__all__ = ["CONTAINER_KEYS", "is_module_record", "list_candidates", "load_checkpoint", "module_state_dict",
+           "resolve_globals"]
 
 # Where training scripts commonly put the state_dict inside a bigger checkpoint dict, in search order.
 CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state", "model_state_dict", "state_dict_ema",
@@ -144,7 +145,56 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
             records = _check_storage_records(path, obj, allowed, placeholders=placeholders)
     state_dict, key, extras, has_metadata = _unwrap(obj, container_key)
     return LoadedCheckpoint(state_dict=state_dict, format=fmt, container_key=key, extras=extras,
-                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped, records=records)
+                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped, records=records,
+                            candidates=list_candidates(obj), default_container_key=_default_key(obj, key,
+                                                                                                 container_key))
+
+
+# Candidates are looked for this deep, and this many are listed (a container of containers of state_dicts).
+_CANDIDATE_DEPTH = 3
+_MAX_CANDIDATES = 100
+
+
+def list_candidates(obj: object) -> dict[str, int]:
+    """Every state_dict a checkpoint holds, by container key, with its key count.
+
+    ``""`` is the top level. Dicts are searched a few levels deep (``"model.ema"``); a whole pickled module
+    counts as the state_dict it stands for. Values of a state_dict are not searched.
+
+    Args:
+        obj: What the unpickler returned.
+
+    Returns:
+        Dotted container key -> number of tensors, in the order found (at most 100).
+    """
+    out: dict[str, int] = {}
+    stack: list[tuple[str, object, int]] = [("", obj, 0)]
+    while stack and len(out) < _MAX_CANDIDATES:
+        path, value, depth = stack.pop()
+        if isinstance(value, dict) and _is_rng_state(value):
+            continue
+        try:
+            found = _as_state_dict(value, path)
+        except CorruptCheckpoint:
+            found = None
+        if found is not None:
+            out[path] = sum(isinstance(v, torch.Tensor) for v in dict.values(found[0]))
+            continue
+        if isinstance(value, dict) and depth < _CANDIDATE_DEPTH:
+            children = [(f"{path}.{k}" if path else k, v, depth + 1)
+                        for k, v in dict.items(value) if isinstance(k, str) and isinstance(v, (dict, Placeholder))]
+            stack.extend(reversed(children))
+    return out
+
+
+def _default_key(obj: object, chosen: str | None, requested: str | None) -> str | None:
+    # Which key the default rule picks; the same as the chosen one unless the caller asked for another.
+    if requested is None:
+        return chosen
+    try:
+        return None if _as_state_dict(obj, "") is not None else _search(obj)[2]
+    except (ContainerKeyError, CorruptCheckpoint):
+        return None
 
 
 def resolve_globals(names: Sequence[str]) -> list[Any]:

@@ -14,7 +14,7 @@ from service.api.problems import problem_responses
 from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestOut, NameIn, NameOut, TensorEntryOut
 from service.api.uploads import parse_multipart, read_raw_body
 from service.errors import InvalidRequest
-from service.operations import convert_checkpoint
+from service.operations import convert_checkpoint, extract_state_dict
 from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload, validate_name
 
 router = APIRouter()
@@ -42,6 +42,12 @@ UPLOAD_BODY: dict[str, Any] = {
                             "type": "string",
                             "pattern": SHA256_PATTERN,
                             "description": "The digest the client expects; a mismatch stores nothing.",
+                        },
+                        "container_key": {
+                            "type": "string",
+                            "description": "The state_dict to use inside the file (dotted, e.g. 'model.ema'). "
+                            "When it is not the default one, the upload is stored as sent and the answer is a "
+                            "derived artifact holding that state_dict alone (lineage 'extract').",
                         },
                     },
                 }
@@ -97,15 +103,31 @@ async def commit_upload(
     filename: str | None,
     labels: dict[str, str],
     name: str | None,
+    container_key: str | None = None,
 ) -> IngestResult:
     store = services.store
     if name is not None:
         validate_name(name)  # refuse a bad name before the heavy work
-    result: IngestResult = await services.pool.run(
-        lambda: store.commit_upload(
-            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels
+
+    def ingest() -> IngestResult:
+        inspection = None
+        raw: IngestResult
+        if container_key is not None:
+            if expected:
+                store.check_digest(upload, expected.lower())
+            inspection = store.inspect_upload(upload, container_key=container_key)
+        raw = store.commit_upload(
+            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels,
+            inspection=inspection,
         )
-    )
+        if container_key is None or inspection is None or inspection.container_key == inspection.default_container_key:
+            return raw
+        # Not the state_dict the default rule picks: keep the upload as sent, answer with the chosen one alone.
+        derived = extract_state_dict(store, raw.artifact.id, container_key=container_key,
+                                     safe_globals=services.settings.safe_globals)
+        return IngestResult(derived.artifact, derived.created)
+
+    result: IngestResult = await services.pool.run(ingest)
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
@@ -133,6 +155,7 @@ async def upload_checkpoint(
     labels: Annotated[str | None, Query(max_length=4096)] = None,
     sha256: Annotated[str | None, Query(pattern=SHA256_PATTERN)] = None,
     filename: Annotated[str | None, Query(max_length=1024)] = None,
+    container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
 ) -> ArtifactOut:
     """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
     limit = services.settings.max_upload_bytes
@@ -142,7 +165,7 @@ async def upload_checkpoint(
             request,
             services.store,
             file_fields=frozenset({"file"}),
-            text_fields=frozenset({"name", "labels", "sha256"}),
+            text_fields=frozenset({"name", "labels", "sha256", "container_key"}),
             max_file_bytes=limit,
         )
         part = form.files.get("file")
@@ -153,6 +176,7 @@ async def upload_checkpoint(
         name = form.fields.get("name", name)
         labels = form.fields.get("labels", labels)
         sha256 = form.fields.get("sha256", sha256)
+        container_key = form.fields.get("container_key", container_key) or None
     elif content_type.startswith("application/octet-stream") or not content_type:
         upload = await read_raw_body(request, services.store, max_bytes=limit)
     else:
@@ -161,7 +185,8 @@ async def upload_checkpoint(
         )
     try:
         result = await commit_upload(
-            services, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name
+            services, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name,
+            container_key=container_key,
         )
     finally:
         await anyio.to_thread.run_sync(upload.abort)  # a no-op once committed
