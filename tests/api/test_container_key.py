@@ -1,4 +1,4 @@
-"""container_key as a request option: which state_dict inside a training checkpoint upload, strip, diff and merge use."""
+"""container_key as a request option: which state_dict of a training checkpoint upload, strip, diff, merge use."""
 
 from __future__ import annotations
 
