@@ -134,7 +134,11 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
         obj, metadata = _load_safetensors(path, limits)
     else:
         if fmt is CheckpointFormat.PTH_ZIP:
-            check_archive(path, limits=limits)
+            try:
+                check_archive(path, limits=limits)
+            except CorruptCheckpoint as exc:
+                # Bytes before the archive the end record describes: junk, or other archives before it.
+                raise (_archives_in_a_row(path) if "precedes" in exc.detail else None) or exc from None
         if placeholders:
             mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP
             obj = _placeholder_load(path, fmt, mmap=mmapped)
@@ -143,6 +147,7 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
             obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
         if mmapped:
             records = _check_storage_records(path, obj, allowed, placeholders=placeholders)
+    _refuse_deepspeed_shards(obj)
     state_dict, key, extras, has_metadata = _unwrap(obj, container_key)
     return LoadedCheckpoint(state_dict=state_dict, format=fmt, container_key=key, extras=extras,
                             has_metadata=has_metadata, metadata=metadata, mmapped=mmapped, records=records,
@@ -508,7 +513,10 @@ def _unknown_content_error(path: Path, allowed: list[Any]) -> Exception:
         head = f.read(64)
         if is_pickle_start(head):
             # Never unpickled: only parsed, to say which globals it would have imported.
-            unsafe = _unsafe_globals(_scan_pickle_globals(f, pickles=1, start=0), allowed)
+            found = _scan_pickle_globals(f, pickles=1, start=0)
+            if any(name.startswith("torch.distributed.checkpoint.") for name in found):
+                return UnsupportedFormat(f"the file is the .metadata of a torch.distributed checkpoint; {_DCP_WAY_OUT}")
+            unsafe = _unsafe_globals(found, allowed)
             if unsafe:
                 return UnsafeCheckpoint(
                     "the file is a plain pickle (not a torch.save checkpoint) referencing globals: "
@@ -532,6 +540,40 @@ def _unknown_content_error(path: Path, allowed: list[Any]) -> Exception:
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return CorruptCheckpoint(f"the file is text, not a checkpoint (starts with {text[:24]!r})")
     return CorruptCheckpoint(f"unrecognised content, not a checkpoint (starts with {head[:8].hex()})")
+
+
+_DCP_WAY_OUT = ("convert the checkpoint folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save"
+                "(folder, 'model.pth') and send that file")
+_ZERO_WAY_OUT = ("run the zero_to_fp32.py script DeepSpeed wrote into the checkpoint folder (python zero_to_fp32.py . "
+                 "pytorch_model.bin) and send its output")
+
+
+def _archives_in_a_row(path: Path) -> Exception | None:
+    # A torch.distributed checkpoint shard (.distcp) is torch.save archives written one after another: the file
+    # opens with a torch.save archive's first entry, and the directory at its end belongs to the last archive.
+    with open(path, "rb") as f:
+        header = f.read(30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            return None
+        name = f.read(struct.unpack("<H", header[26:28])[0])
+    if not name.endswith(b"/data.pkl"):
+        return None
+    return UnsupportedFormat(
+        "the file holds several torch.save archives in a row (data precedes the last one), as a torch.distributed "
+        f"checkpoint shard (.distcp) does; {_DCP_WAY_OUT}"
+    )
+
+
+def _refuse_deepspeed_shards(obj: object) -> None:
+    # DeepSpeed ZeRO partitions the weights: *_optim_states.pt hold flat fp32 partitions, and with ZeRO-3 the
+    # "module" of mp_rank_*_model_states.pt holds empty placeholders. Only zero_to_fp32.py can put them together.
+    if not isinstance(obj, dict) or not dict.__contains__(obj, "ds_version"):
+        return
+    module = dict.get(obj, "module")
+    tensors = [v for v in dict.values(module) if isinstance(v, torch.Tensor)] if isinstance(module, dict) else []
+    if not tensors or all(t.numel() == 0 for t in tensors):
+        raise UnsupportedFormat(
+            f"the file is a DeepSpeed ZeRO checkpoint shard, not a model's weights; {_ZERO_WAY_OUT}")
 
 
 def _as_text(head: bytes) -> str:

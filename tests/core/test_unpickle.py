@@ -16,7 +16,7 @@ from torch import nn
 
 from service.core.load import load_checkpoint
 from service.core.manifest import build_manifest
-from service.errors import ContainerKeyError, CorruptCheckpoint
+from service.errors import ContainerKeyError, CorruptCheckpoint, UnsupportedFormat
 from tests.factories import make_original, save_pth
 
 pytestmark = pytest.mark.timeout(120)
@@ -270,3 +270,51 @@ def test_only_metadata_of_dicts_is_kept(tmp_path: Path) -> None:
 
     with pytest.raises(CorruptCheckpoint, match="_metadata"):
         load_checkpoint(path)
+
+
+# --- formats we cannot read name the way out ---------------------------------------------------------------------
+
+
+def test_torch_distributed_checkpoint_files_name_dcp_to_torch_save(tmp_path: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that no process group is initialised
+        dcp.save({"model": _linear_sd(0)}, checkpoint_id=str(folder))
+
+    for name in ("__0_0.distcp", ".metadata"):
+        with pytest.raises(UnsupportedFormat) as info:
+            load_checkpoint(folder / name)
+        assert "dcp_to_torch_save" in info.value.detail
+
+
+def _deepspeed_like(stage: int) -> dict[str, object]:
+    # The layout DeepSpeed's engine writes (deepspeed is not a dependency): the keys are what matter.
+    common = {"ds_version": "0.16.0", "ds_config": {"zero_optimization": {"stage": stage}}}
+    if stage == 3:
+        return {"module": OrderedDict(w=torch.empty(0), b=torch.empty(0)), "param_shapes": [{"w": (2, 3)}], **common}
+    return {"optimizer_state_dict": {"zero_stage": stage, "single_partition_of_fp32_groups": [torch.ones(8)]},
+            **common}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_shards_name_zero_to_fp32(tmp_path: Path, stage: int) -> None:
+    path = save_pth(_deepspeed_like(stage), tmp_path / "shard.pt")
+
+    with pytest.raises(UnsupportedFormat) as info:
+        load_checkpoint(path)
+
+    assert "zero_to_fp32.py" in info.value.detail
+
+
+def test_deepspeed_model_states_with_full_weights_load(tmp_path: Path) -> None:
+    sd = _linear_sd(0)
+    path = save_pth({"module": sd, "ds_version": "0.16.0", "ds_config": {}}, tmp_path / "mp_rank_00_model_states.pt")
+
+    loaded = load_checkpoint(path)
+
+    assert loaded.container_key == "module"
+    assert_same_tensors(loaded.state_dict, sd)
