@@ -318,3 +318,33 @@ def test_deepspeed_model_states_with_full_weights_load(tmp_path: Path) -> None:
 
     assert loaded.container_key == "module"
     assert_same_tensors(loaded.state_dict, sd)
+
+
+class _TouchThroughAllowedModules:
+    """Unpickling this with pickle runs methodcaller("touch")(PosixPath(marker)): no denied module involved."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object]]:
+        import operator
+
+        return operator.methodcaller("touch"), (self.marker,)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_callable_built_from_allowed_modules_is_never_called(tmp_path: Path, legacy: bool) -> None:
+    import pickle
+
+    marker = tmp_path / "MARKER"
+    pickle.loads(pickle.dumps(_TouchThroughAllowedModules(marker)))
+    assert marker.exists()  # the control: a plain unpickler runs it
+    marker.unlink()
+    path = save_pth({"state_dict": _linear_sd(0), "hook": _TouchThroughAllowedModules(marker)}, tmp_path / "m.pth",
+                    legacy=legacy)
+
+    loaded = load_checkpoint(path)
+
+    assert not marker.exists()
+    assert loaded.extras["hook"] == "operator.methodcaller()"
+    assert list(loaded.state_dict) == ["weight", "bias"]
