@@ -47,9 +47,21 @@ class Settings(BaseSettings):
 
     archive_max_entries: int = 200_000
     archive_max_total_bytes: int = 64 << 30
+    # Keys that view one storage make a small file that expands to gigabytes (service.core.expansion).
+    max_expansion_ratio: float = Field(
+        4.0, gt=0, description="An upload's keys may expand to this many times its size, plus 64 MiB; 422 above."
+    )
+    max_expanded_bytes: int | None = Field(
+        None, gt=0, description="Absolute cap on the bytes an upload or a safetensors output expands to "
+        "(default: 4 x max_upload_bytes)."
+    )
 
     tmp_grace_seconds: int = Field(3600, description="Age after which crash-left temp files are removed.")
     gc_interval_seconds: int = 600
+
+    def expanded_bytes_cap(self) -> int:
+        """`max_expanded_bytes`, or 4 x `max_upload_bytes` when unset."""
+        return self.max_expanded_bytes if self.max_expanded_bytes is not None else 4 * self.max_upload_bytes
 
     def tokens(self) -> dict[str, str]:
         """Map each configured token to its scope ("read" or "write")."""

@@ -6,6 +6,8 @@
     │   ├── CorruptCheckpoint        truncated, garbage, empty, inconsistent archive
     │   ├── UnsupportedFormat        recognised but not accepted (TorchScript, ...)
     │   ├── ArchiveLimitExceeded     zip pre-checks: too many entries, too large, compressed, bad names
+    │   │   └── ExpansionLimitExceeded  keys expand to far more bytes than the file holds (`expanded_bytes`)
+    │   ├── UnconvertibleCheckpoint  the target format cannot hold some keys or dtypes (`keys`, `dtypes`)
     │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
@@ -79,6 +81,14 @@ class UnsupportedFormat(InvalidCheckpoint):
 
 class ArchiveLimitExceeded(InvalidCheckpoint):
     title = "Archive limit exceeded"
+
+
+class ExpansionLimitExceeded(ArchiveLimitExceeded):
+    title = "Expansion limit exceeded"
+
+
+class UnconvertibleCheckpoint(InvalidCheckpoint):
+    title = "Checkpoint cannot be converted"
 
 
 class ContainerKeyError(InvalidCheckpoint):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
+from service.core.expansion import expansion_budget
 from service.core.formats import DEFAULT_LIMITS
 from service.core.frozen import check_frozen_manifests
 from service.core.layout import map_layout
@@ -25,6 +26,7 @@ from service.core.manifest import build_manifest, compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
+from service.core.save import check_safetensors_output
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
@@ -244,6 +246,10 @@ def merge_checkpoints(
             unexpected_keys=sorted(verification.unexpected),
             report=report,
         )
+    if options.output_format == "safetensors":
+        # Before the inputs are committed: a merge that cannot be written stores nothing.
+        sizes = [_source_size(store, s) for s in (original, trained)]
+        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
     _commit_inputs(store, (original, trained))
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
@@ -266,8 +272,16 @@ def merge_checkpoints(
         labels=dict(options.labels),
         manifest=out_manifest,
         sources=_records(o, t),
+        expanded_from=[original.artifact_id, trained.artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
+
+
+def _source_size(store: ArtifactStore, source: Source) -> int:
+    if source.artifact_id is not None:
+        return store.metadata(source.artifact_id).size
+    assert source.upload is not None
+    return source.upload.size
 
 
 def _records(*inputs: _Opened | LoadedCheckpoint) -> list[StorageRecords]:
@@ -356,7 +370,7 @@ def strip_checkpoint(
     lineage = Lineage(operation="strip", inputs={"checkpoint": artifact_id}, params=params, report=report)
     stored = store.store_state_dict(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
-        sources=_records(opened),
+        sources=_records(opened), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
 
@@ -382,7 +396,7 @@ def extract_state_dict(
                       params={"container_key": container_key}, report={"key_count": len(sd)})
     stored = store.store_state_dict(
         sd, format="pth", lineage=lineage, manifest=_manifest_or_none(dict(opened.manifest.entries), sd),
-        sources=_records(opened),
+        sources=_records(opened), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, {"key_count": len(sd)})
 
@@ -402,7 +416,7 @@ def convert_checkpoint(
     )
     stored = store.store_state_dict(
         sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
-        sources=_records(loaded),
+        sources=_records(loaded), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, {})
 

@@ -46,6 +46,7 @@ from service.errors import (
     CheckpointServiceError,
     ContainerKeyError,
     CorruptCheckpoint,
+    ExpansionLimitExceeded,
     InvalidCheckpoint,
     InvalidRequest,
     Overloaded,
@@ -69,7 +70,7 @@ _REPORTABLE: dict[str, type[CheckpointServiceError]] = {
     cls.__name__: cls
     for cls in (
         InvalidCheckpoint, UnsafeCheckpoint, CorruptCheckpoint, UnsupportedFormat, ArchiveLimitExceeded,
-        ContainerKeyError, InvalidRequest,
+        ExpansionLimitExceeded, ContainerKeyError, InvalidRequest,
     )
 }
 # torch reports a failed allocation (also a failed mmap under RLIMIT_AS) as a RuntimeError with these words.

@@ -45,7 +45,12 @@ _STATIC = Path(fastapi_offline.__file__).parent / "static"
 
 def build_services(settings: Settings) -> Services:
     """Build the long-lived objects of one app from its settings."""
-    limits = ArchiveLimits(max_entries=settings.archive_max_entries, max_total_bytes=settings.archive_max_total_bytes)
+    limits = ArchiveLimits(
+        max_entries=settings.archive_max_entries,
+        max_total_bytes=settings.archive_max_total_bytes,
+        max_expansion_ratio=settings.max_expansion_ratio,
+        max_expanded_bytes=settings.expanded_bytes_cap(),
+    )
     inspector: Inspector
     sandbox: ParserSandbox | None = None
     if settings.sandbox:
@@ -63,7 +68,9 @@ def build_services(settings: Settings) -> Services:
         inspector = sandbox.inspect
     else:
         inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
-    store = ArtifactStore(settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds)
+    store = ArtifactStore(
+        settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds, limits=limits
+    )
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from http import HTTPStatus
 from typing import Any
@@ -52,6 +54,34 @@ def _slug(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
 
 
+class ProblemJSONResponse(JSONResponse):
+    """JSON that cannot fail to render: an error about a hostile input must never become a 500 of its own."""
+
+    media_type = PROBLEM_MEDIA_TYPE
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (UnicodeEncodeError, ValueError, TypeError):
+            # Lone surrogates (keys of a crafted pickle) cannot be encoded; NaN is not JSON.
+            return json.dumps(json_safe(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of `value` that JSON can always encode: lone surrogates escaped, NaN and infinities as null."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {json_safe(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int):
+        return value
+    return json_safe(str(value))
+
+
 def problem_response(
     request: Request | None,
     *,
@@ -68,8 +98,11 @@ def problem_response(
         body["detail"] = detail
     if request is not None:
         body["instance"] = request.url.path
-    body.update(jsonable_encoder(extensions or {}))
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+    try:
+        body.update(jsonable_encoder(extensions or {}))
+    except (TypeError, ValueError):
+        body.update(json_safe(extensions or {}))
+    return ProblemJSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 def error_response(request: Request | None, exc: e.CheckpointServiceError) -> JSONResponse:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 
 import anyio
 import anyio.to_thread
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
@@ -28,6 +28,7 @@ MAX_PARTS = 16
 MAX_FIELD_BYTES = 64 << 10
 MAX_HEADER_BYTES = 16 << 10
 MULTIPART_OVERHEAD = 1 << 20  # boundaries, headers and text fields on top of the file parts
+MAX_BOUNDARY_BYTES = 256
 
 
 class _AsyncSink:
@@ -228,6 +229,9 @@ async def parse_multipart(
     boundary = params.get(b"boundary")
     if not boundary:
         raise InvalidRequest("multipart/form-data without a boundary")
+    if len(boundary) > MAX_BOUNDARY_BYTES:
+        # RFC 2046 allows 70 characters; python-multipart refuses more than 256 with an exception of its own.
+        raise InvalidRequest(f"the multipart boundary has {len(boundary)} characters, more than {MAX_BOUNDARY_BYTES}")
     body_limit = max_file_bytes * max(1, len(file_fields)) + MULTIPART_OVERHEAD
     check_content_length(request, body_limit)
 
@@ -273,9 +277,9 @@ async def parse_multipart(
     except ClientDisconnect as exc:
         await _abort(sink, form)
         raise InvalidRequest("the client disconnected before the upload finished") from exc
-    except MultipartParseError as exc:
+    except FormParserError as exc:
         await _abort(sink, form)
-        raise InvalidRequest(f"malformed multipart body: {exc}") from exc
+        raise InvalidRequest(f"malformed multipart body: {str(exc)[:200]}") from exc
     except BaseException:
         await _abort(sink, form)
         raise

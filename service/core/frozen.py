@@ -48,20 +48,21 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
     return False
 
 
-def _select(
-    items: Iterable[tuple[str, bool]], prefixes: Sequence[str] | None, parameters_only: bool
-) -> list[str]:
+def _select(keys: Iterable[str], prefixes: Sequence[str] | None, parameters_only: bool) -> list[str]:
+    # Every dtype is checked: a frozen integer or quantized tensor is compared by equality like any other.
     selected = []
-    for key, is_float in items:
+    for key in keys:
         if prefixes is not None and not _under(key, prefixes):
             continue
-        if parameters_only and (not is_float or key.rpartition(".")[2] in BN_STAT_NAMES):
+        if parameters_only and key.rpartition(".")[2] in BN_STAT_NAMES:
             continue
         selected.append(key)
     return selected
 
 
 def _max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.is_quantized or b.is_quantized:
+        return _quantized_difference(a, b)
     if a.dtype == b.dtype and torch.equal(a, b):
         return 0.0
     worst = 0.0
@@ -77,6 +78,13 @@ def _max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return worst
 
 
+def _quantized_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    # Equal when the dequantized values are; a quantized tensor against a plain one compares values too.
+    da = a.dequantize() if a.is_quantized else a
+    db = b.dequantize() if b.is_quantized else b
+    return _max_abs_difference(da, db)
+
+
 def check_frozen(
     original: Mapping[str, torch.Tensor],
     trained: Mapping[str, torch.Tensor],
@@ -89,22 +97,21 @@ def check_frozen(
 
     The frozen set is every key of `original` (pass the fixed part's state_dict, as the recipe's
     `freeze_model(to_freeze_dict=...)` does), or its keys under `prefixes`. With `parameters_only`, BatchNorm
-    buffers (running_mean, running_var, num_batches_tracked) and non-floating-point tensors are left out: the
-    recipe drops them from the trained state_dict on purpose.
+    buffers (running_mean, running_var, num_batches_tracked) are left out: the recipe drops them from the trained
+    state_dict on purpose. Tensors of every dtype are compared: integer ones exactly, quantized ones by their
+    dequantized values.
 
     Args:
         original: The pretrained state_dict (or its frozen part).
         trained: The trained state_dict, with wrapper prefixes already stripped.
         prefixes: Module paths ("features." or "features") whose keys are frozen; None: all of `original`.
-        parameters_only: Leave out BatchNorm buffers and non-floating-point tensors.
+        parameters_only: Leave out BatchNorm buffers.
         atol: Largest absolute difference still counted as unchanged.
 
     Returns:
         A `FrozenReport`; `ok` is False when a frozen key changed, is missing or changed shape.
     """
-    frozen = _select(
-        ((k, v.is_floating_point() or v.is_complex()) for k, v in original.items()), prefixes, parameters_only
-    )
+    frozen = _select(original, prefixes, parameters_only)
     changed: dict[str, float] = {}
     missing: list[str] = []
     mismatched: list[str] = []
@@ -130,11 +137,6 @@ def check_frozen(
     )
 
 
-def _is_float_name(dtype: str) -> bool:
-    value = getattr(torch, dtype, None)
-    return isinstance(value, torch.dtype) and (value.is_floating_point or value.is_complex)
-
-
 def check_frozen_manifests(
     original: Manifest,
     trained: Manifest,
@@ -144,21 +146,20 @@ def check_frozen_manifests(
 ) -> FrozenReport:
     """Check the frozen part by manifest fingerprints only, without loading tensors.
 
-    Same frozen set as `check_frozen`. A fingerprint covers the bytes, so a dtype change counts as a change
-    even when the values survive the cast; `max_abs` is not available and stays empty.
+    Same frozen set as `check_frozen`. A fingerprint covers the bytes (and a quantized tensor's scale, zero point
+    and axis), so a dtype change counts as a change even when the values survive the cast; `max_abs` is not
+    available and stays empty.
 
     Args:
         original: Manifest of the pretrained state_dict (or its frozen part).
         trained: Manifest of the trained state_dict, with wrapper prefixes already stripped.
         prefixes: Module paths whose keys are frozen; None: all of `original`.
-        parameters_only: Leave out BatchNorm buffers and non-floating-point tensors.
+        parameters_only: Leave out BatchNorm buffers.
 
     Returns:
         A `FrozenReport` with an empty `max_abs`.
     """
-    frozen = _select(
-        ((k, _is_float_name(e.dtype)) for k, e in original.entries.items()), prefixes, parameters_only
-    )
+    frozen = _select(original.entries, prefixes, parameters_only)
     changed: list[str] = []
     missing: list[str] = []
     mismatched: list[str] = []

@@ -9,10 +9,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import blake3
 import torch
 
-from service.core.types import Manifest, TensorEntry
+from service.core.types import CURRENT_FINGERPRINT_VERSION, Manifest, TensorEntry
 from service.errors import InvalidCheckpoint
 
-__all__ = ["build_manifest", "compute_schema_fingerprint", "dtype_name", "fingerprint_tensor"]
+__all__ = ["FINGERPRINT_VERSION", "build_manifest", "compute_schema_fingerprint", "dtype_name", "fingerprint_tensor",
+           "is_quantized_dtype"]
+
+# 1: the bytes only (a quantized tensor's int_repr). 2: also every field that changes a quantized tensor's value
+# (dtype, qscheme, scale, zero point, axis, per-channel scales and zero points). Other tensors hash the same.
+FINGERPRINT_VERSION = CURRENT_FINGERPRINT_VERSION
 
 _FINGERPRINT_BYTES = 16  # 32 hex digits: collisions are not a concern at checkpoint scale
 # blake3 can spread one large input over cores; below this size the thread handoff costs more than it saves.
@@ -35,6 +40,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+_QUANTIZED_DTYPES = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+
+
+def is_quantized_dtype(name: str) -> bool:
+    """Whether a manifest dtype name ("qint8", "quint4x2", ...) is a quantized dtype."""
+    return name in _QUANTIZED_DTYPES
+
+
+def _quantization_fields(t: torch.Tensor) -> bytes:
+    # Everything besides int_repr that dequantize() reads. Floats as hex: exact, and the same on every platform.
+    scheme = t.qscheme()
+    head: list[object] = [dtype_name(t.dtype), str(scheme).removeprefix("torch.")]
+    tail = b""
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        head += [float(t.q_scale()).hex(), int(t.q_zero_point())]
+    else:
+        scales = t.q_per_channel_scales().to(torch.float64).contiguous()
+        zero_points = t.q_per_channel_zero_points().to(torch.int64).contiguous()
+        head += [int(t.q_per_channel_axis()), scales.numel()]
+        tail = scales.numpy().tobytes() + zero_points.numpy().tobytes()
+    return b"\0quantized\0" + json.dumps(head, separators=(",", ":")).encode() + tail
+
+
 def _normalise(data: torch.Tensor) -> torch.Tensor:
     if data.is_quantized:
         data = data.int_repr()
@@ -50,7 +78,9 @@ def fingerprint_tensor(t: torch.Tensor) -> str:
 
     The bytes are viewed as uint8 (so bfloat16 and float8 work) and handed to blake3 as a numpy view of the
     tensor's own memory; only a non-contiguous or non-CPU tensor is copied first. Shape and dtype are not part
-    of the hash (manifests record them next to it).
+    of the hash (manifests record them next to it), except for a quantized tensor: its integer representation is
+    hashed followed by its dtype, scheme, scale, zero point, axis and per-channel scales and zero points, so any
+    change of its value changes the fingerprint (`FINGERPRINT_VERSION` 2).
 
     Args:
         t: Any tensor on the CPU or another real device (not meta).
@@ -59,13 +89,14 @@ def fingerprint_tensor(t: torch.Tensor) -> str:
         32 hex digits.
     """
     data = t.detach() if t.requires_grad else t
+    quantization = _quantization_fields(data) if data.is_quantized else b""
     # The common case (a contiguous real CPU tensor) must stay cheap: manifests of 20k-key checkpoints hash
     # mostly tiny tensors, where per-call overhead dominates.
     if not (data.is_cpu and data.layout == torch.strided and not data.is_quantized and data.is_contiguous()):
         data = _normalise(data)
     nbytes = data.numel() * data.element_size()
     if nbytes == 0:
-        return blake3.blake3().hexdigest(length=_FINGERPRINT_BYTES)
+        return blake3.blake3(quantization).hexdigest(length=_FINGERPRINT_BYTES)
     if data.is_complex():
         # resolve_conj/resolve_neg materialise lazy bits; they return the tensor itself when none is set.
         data = torch.view_as_real(data.resolve_conj().resolve_neg())
@@ -73,7 +104,10 @@ def fingerprint_tensor(t: torch.Tensor) -> str:
         data = data.reshape(1)
     buffer = data.view(torch.uint8).numpy().data  # a memoryview over the tensor's memory, no copy
     threads = blake3.blake3.AUTO if nbytes >= _THREADED_MIN_BYTES else 1
-    return blake3.blake3(buffer, max_threads=threads).hexdigest(length=_FINGERPRINT_BYTES)
+    hasher = blake3.blake3(buffer, max_threads=threads)
+    if quantization:
+        hasher.update(quantization)
+    return hasher.hexdigest(length=_FINGERPRINT_BYTES)
 
 
 def compute_schema_fingerprint(items: Iterable[tuple[str, Sequence[int], str]]) -> str:

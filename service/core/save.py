@@ -15,11 +15,23 @@ import safetensors.torch
 import torch
 
 from service.core import pthzip
+from service.core.expansion import check_expansion
 from service.core.hashing import PARALLEL_MIN_BYTES, hashing_pool
+from service.core.manifest import dtype_name
 from service.core.pthzip import StorageRecords
-from service.errors import InvalidRequest, StorageFull, quote_keys
+from service.errors import InvalidRequest, StorageFull, UnconvertibleCheckpoint, quote_keys
 
-__all__ = ["save_checkpoint", "save_checkpoint_hashed"]
+__all__ = ["SAFETENSORS_DTYPES", "check_safetensors_output", "save_checkpoint", "save_checkpoint_hashed"]
+
+# What a safetensors file can hold and both safetensors and our loader read back (service.core.load). Anything
+# else (complex128, complex32, bits16, quantized, float8 *fnuz, ...) is refused with a 422, never a KeyError.
+SAFETENSORS_DTYPES: frozenset[torch.dtype] = frozenset({
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool, torch.complex64,
+    torch.float8_e4m3fn, torch.float8_e5m2,
+})
+# The header's own entry: a tensor of that name would make a file safetensors refuses to read.
+_SAFETENSORS_RESERVED = "__metadata__"
 
 # torch.save hands each record to the file object as a memoryview of the tensor's own memory. Its sha256 is
 # computed in a helper thread while the same bytes are written (hashlib releases the GIL for large updates),
@@ -29,7 +41,8 @@ _READ_CHUNK = 8 << 20
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
                     format: Literal["pth", "safetensors"] = "pth",
-                    metadata: Mapping[str, str] | None = None) -> None:
+                    metadata: Mapping[str, str] | None = None,
+                    max_expanded_bytes: int | None = None) -> None:
     """Save a state_dict so that the file appears complete or not at all.
 
     The bytes go to a temp file in the destination directory, which is fsynced, renamed over ``path``,
@@ -50,10 +63,15 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
         path: Destination file; replaced if it exists.
         format: ``"pth"`` or ``"safetensors"``.
         metadata: str -> str header metadata (safetensors only).
+        max_expanded_bytes: For ``"safetensors"``, which writes every key's bytes on its own (views of one
+            storage are copied apart): refuse, before anything is allocated, a state_dict whose keys expand to
+            more than this (`service.core.expansion`). None: no bound.
 
     Raises:
         InvalidRequest: A key is not a str, a value is not a dense CPU tensor, ``metadata`` is not str -> str
             or is given for ``"pth"``, or ``format`` is unknown.
+        UnconvertibleCheckpoint: For ``"safetensors"``: a dtype it cannot hold, or a key named ``__metadata__``.
+        ExpansionLimitExceeded: For ``"safetensors"``: the keys expand to more than ``max_expanded_bytes``.
         StorageFull: The disk filled up (ENOSPC) while writing.
         OSError: Any other failure to write; no temp file is left behind.
     """
@@ -69,6 +87,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
         _write_atomically(path, write)
     elif format == "safetensors":
         header = _checked_metadata(metadata)
+        check_safetensors_output(tensors, max_expanded_bytes=max_expanded_bytes)
         _write_atomically(path, lambda tmp: _write_safetensors(tensors, header, tmp))
     else:
         raise InvalidRequest(f"unknown checkpoint format {format!r}; use 'pth' or 'safetensors'")
@@ -76,7 +95,8 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, *,
 
 def save_checkpoint_hashed(state_dict: Mapping[str, torch.Tensor], path: Path, *,
                            format: Literal["pth", "safetensors"] = "pth",
-                           sources: Sequence[StorageRecords] = ()) -> tuple[str, int]:
+                           sources: Sequence[StorageRecords] = (),
+                           max_expanded_bytes: int | None = None) -> tuple[str, int]:
     """Save like `save_checkpoint` and return the sha256 and size of the bytes written.
 
     For ``"pth"`` the digest is computed while the archive is written, so the file is not read again, and
@@ -89,16 +109,18 @@ def save_checkpoint_hashed(state_dict: Mapping[str, torch.Tensor], path: Path, *
         format: ``"pth"`` or ``"safetensors"``.
         sources: The storage records of the memory-mapped loads the tensors come from (``records`` of a
             `LoadedCheckpoint`); tensors found there must not have been modified in place.
+        max_expanded_bytes: As for `save_checkpoint`.
 
     Returns:
         The hex sha256 of the file's bytes and its size.
 
     Raises:
-        InvalidRequest, StorageFull, OSError: As for `save_checkpoint`.
+        InvalidRequest, UnconvertibleCheckpoint, ExpansionLimitExceeded, StorageFull, OSError: As for
+            `save_checkpoint`.
     """
     path = Path(path)
     if format != "pth":
-        save_checkpoint(state_dict, path, format=format)
+        save_checkpoint(state_dict, path, format=format, max_expanded_bytes=max_expanded_bytes)
         return _hash_file(path)
     tensors = _checked_tensors(state_dict)
     result: list[tuple[str, int]] = []
@@ -162,6 +184,51 @@ def _checked_tensors(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str,
         raise InvalidRequest(f"state_dict values must be tensors: {quote_keys(not_tensors)}")
     # detach() shares storage: it drops Parameter wrappers and requires_grad without copying data.
     return OrderedDict((k, v.detach()) for k, v in state_dict.items())
+
+
+def check_safetensors_output(tensors: Mapping[str, torch.Tensor], *, max_expanded_bytes: int | None = None) -> None:
+    """Refuse, without allocating anything, a state_dict that cannot be written as safetensors.
+
+    Args:
+        tensors: Key to tensor.
+        max_expanded_bytes: The most bytes the keys may expand to (`service.core.expansion`); None: no bound.
+
+    Raises:
+        UnconvertibleCheckpoint: A dtype outside `SAFETENSORS_DTYPES` (``keys`` and ``dtypes`` name them), or a
+            key named ``__metadata__``.
+        ExpansionLimitExceeded: The keys expand to more than ``max_expanded_bytes``.
+    """
+    by_dtype: dict[str, list[str]] = {}
+    for key, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            by_dtype.setdefault(dtype_name(tensor.dtype), []).append(key)
+    if by_dtype:
+        keys = sorted(k for ks in by_dtype.values() for k in ks)
+        listed = "; ".join(f"{name}: {quote_keys(ks, limit=5)}" for name, ks in sorted(by_dtype.items()))
+        raise UnconvertibleCheckpoint(
+            f"safetensors cannot hold the dtypes of {len(keys)} keys ({listed}); download or store as pth",
+            keys=keys, dtypes=sorted(by_dtype),
+        )
+    not_utf8 = [k for k in tensors if not _is_utf8(k)]
+    if not_utf8:
+        shown = sorted(k.encode("utf-8", "backslashreplace").decode("utf-8") for k in not_utf8)
+        raise UnconvertibleCheckpoint(f"safetensors keys must be valid UTF-8: {quote_keys(shown)}", keys=shown)
+    if _SAFETENSORS_RESERVED in tensors:
+        raise UnconvertibleCheckpoint(
+            f"safetensors reserves the key {_SAFETENSORS_RESERVED!r} for its header; the checkpoint has a tensor "
+            "of that name (download or store as pth)",
+            keys=[_SAFETENSORS_RESERVED],
+        )
+    if max_expanded_bytes is not None:
+        check_expansion(tensors, budget=max_expanded_bytes, what="the safetensors output")
+
+
+def _is_utf8(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:

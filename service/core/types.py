@@ -27,11 +27,16 @@ class CheckpointFormat(StrEnum):
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """Cheap zip pre-checks applied before torch sees an archive."""
+    """Limits a parse is held to: cheap zip pre-checks before torch sees an archive, and the expansion bound."""
 
     max_entries: int = 200_000
     max_total_bytes: int = 64 << 30
     max_name_length: int = 1024
+    # The keys of a checkpoint may expand to ratio x file size + slack bytes, and never more than the cap
+    # (service.core.expansion): views of one storage count once per key.
+    max_expansion_ratio: float = 4.0
+    expansion_slack_bytes: int = 64 << 20
+    max_expanded_bytes: int = 128 << 30
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,16 @@ class TensorEntry:
                 "fingerprint": self.fingerprint}
 
 
+# How fingerprints are computed (service.core.manifest.FINGERPRINT_VERSION); manifests written before the field
+# existed are version 1 and are recomputed by the store on first use when the difference matters.
+CURRENT_FINGERPRINT_VERSION = 2
+
+
 @dataclass(frozen=True)
 class Manifest:
     entries: Mapping[str, TensorEntry]
     schema_fingerprint: str  # sha256 of the sorted (key, shape, dtype) list
+    fingerprint_version: int = CURRENT_FINGERPRINT_VERSION
 
     @property
     def tensor_bytes(self) -> int:
@@ -86,6 +97,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_fingerprint": self.schema_fingerprint,
+            "fingerprint_version": self.fingerprint_version,
             "entries": {k: e.to_dict() for k, e in self.entries.items()},
         }
 
@@ -95,4 +107,5 @@ class Manifest:
             k: TensorEntry(tuple(e["shape"]), e["dtype"], int(e["nbytes"]), e["fingerprint"])
             for k, e in data["entries"].items()
         }
-        return cls(entries=entries, schema_fingerprint=data["schema_fingerprint"])
+        return cls(entries=entries, schema_fingerprint=data["schema_fingerprint"],
+                   fingerprint_version=int(data.get("fingerprint_version", 1)))

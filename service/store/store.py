@@ -10,6 +10,7 @@ import binascii
 import builtins
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -24,14 +25,23 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
+from service.core.expansion import expansion_budget
 from service.core.load import load_checkpoint
+from service.core.manifest import fingerprint_tensor, is_quantized_dtype
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
-from service.core.types import CheckpointFormat, LoadedCheckpoint, Manifest
+from service.core.types import (
+    CURRENT_FINGERPRINT_VERSION,
+    ArchiveLimits,
+    CheckpointFormat,
+    LoadedCheckpoint,
+    Manifest,
+)
 from service.errors import (
     ArtifactInUse,
     ArtifactNotFound,
     DigestMismatch,
+    InvalidCheckpoint,
     InvalidReference,
     InvalidRequest,
     NameNotFound,
@@ -63,6 +73,7 @@ from service.store.types import (
 )
 from service.store.upload import Chunk, PendingUpload
 
+log = logging.getLogger("ckpt.store")
 _MARKER = "ckpt-store.json"
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _MAX_LABELS = 64
@@ -165,7 +176,8 @@ class ArtifactStore:
     LAYOUT_VERSION = 1
 
     def __init__(
-        self, root: Path, *, inspector: Inspector | None = None, tmp_grace_seconds: float = 3600
+        self, root: Path, *, inspector: Inspector | None = None, tmp_grace_seconds: float = 3600,
+        limits: ArchiveLimits | None = None,
     ) -> None:
         """Open (and create if needed) a store.
 
@@ -173,12 +185,15 @@ class ArtifactStore:
             root: The store directory.
             inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
+            limits: The parse limits the inspector applies; their expansion bound also holds every safetensors
+                file the store writes (`store_state_dict`).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
         """
         self.root = Path(root)
         self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
+        self.limits = limits if limits is not None else ArchiveLimits()
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
         self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()
@@ -343,7 +358,8 @@ class ArtifactStore:
             artifact_id: A 64-hex id.
 
         Returns:
-            The manifest computed at ingest.
+            The manifest computed at ingest. One written with an older fingerprint version is brought up to date
+            on first use (`_upgrade_manifest`), so that it compares right with manifests written now.
 
         Raises:
             InvalidReference: Not a well-formed id.
@@ -363,9 +379,37 @@ class ArtifactStore:
                 raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
             except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
+            if cached.fingerprint_version < CURRENT_FINGERPRINT_VERSION:
+                cached = self._upgrade_manifest(artifact_id, cached)
             self._cache_manifest(artifact_id, cached)
         # A copy of the entry table: callers may change theirs without touching the cache.
-        return Manifest(dict(cached.entries), cached.schema_fingerprint)
+        return Manifest(dict(cached.entries), cached.schema_fingerprint, cached.fingerprint_version)
+
+    def _upgrade_manifest(self, artifact_id: str, manifest: Manifest) -> Manifest:
+        # Version 1 hashed a quantized tensor's int_repr only; every other tensor hashes the same in version 2, so
+        # only quantized entries are recomputed (from the blob) and only then is the file rewritten.
+        stale = [k for k, e in manifest.entries.items() if is_quantized_dtype(e.dtype)]
+        if not stale:
+            return replace(manifest, fingerprint_version=CURRENT_FINGERPRINT_VERSION)
+        try:
+            state_dict = self.load(artifact_id).state_dict
+        except InvalidCheckpoint as exc:  # e.g. it needs safe globals the store is not told about
+            log.warning("cannot recompute the fingerprints of artifact %s: %s", artifact_id, exc.detail)
+            return manifest
+        entries = dict(manifest.entries)
+        for key in stale:
+            tensor = state_dict.get(key)
+            if tensor is None:
+                log.warning("artifact %s has no tensor %r to recompute its fingerprint", artifact_id, key)
+                return manifest
+            entries[key] = replace(entries[key], fingerprint=fingerprint_tensor(tensor))
+        upgraded = Manifest(entries, manifest.schema_fingerprint, CURRENT_FINGERPRINT_VERSION)
+        with self._id_lock(artifact_id):
+            if self._read_meta(artifact_id) is not None:  # not deleted meanwhile
+                publish_bytes(self._tmp, self._manifest_file(artifact_id), _dump(upgraded.to_dict()), mode=0o444,
+                              replace=True)
+        log.info("recomputed %d quantized fingerprints of artifact %s", len(stale), artifact_id)
+        return upgraded
 
     def _cache_manifest(self, artifact_id: str, manifest: Manifest) -> None:
         with self._manifest_cache_lock:
@@ -747,6 +791,7 @@ class ArtifactStore:
         filename: str | None = None,
         manifest: Manifest | None = None,
         sources: Sequence[StorageRecords] = (),
+        expanded_from: Sequence[str] | None = None,
     ) -> IngestResult:
         """Save a state_dict the service computed (a merge, strip or convert result) as an artifact.
 
@@ -759,6 +804,9 @@ class ArtifactStore:
             manifest: Its manifest, when the caller already built it; otherwise the saved file is inspected.
             sources: The storage records of the mapped loads the tensors come from (`LoadedCheckpoint.records`):
                 those storages are copied file-to-file instead of through memory.
+            expanded_from: The stored artifacts the tensors come from. A safetensors file holds every key's
+                bytes on its own, so before anything is written its keys may expand to at most the
+                `expansion_budget` of these artifacts' sizes (None: of nothing, so only the absolute cap).
 
         Returns:
             The artifact and whether it was created (the same state_dict gives the same id).
@@ -766,15 +814,22 @@ class ArtifactStore:
         Raises:
             StorageFull: The disk filled up; nothing is kept.
             InvalidRequest: Bad labels, filename or lineage.
+            UnconvertibleCheckpoint: safetensors cannot hold a key's dtype, or a key is ``__metadata__``.
+            ExpansionLimitExceeded: The safetensors output would expand past the bound.
         """
         labels_ = _check_labels(labels)
         filename_ = _check_filename(filename)
         lineage_ = _check_lineage(lineage)
+        budget = None
+        if format == "safetensors":
+            sizes = [self.metadata(i).size for i in expanded_from] if expanded_from is not None else []
+            budget = expansion_budget(sizes, self.limits) if sizes else self.limits.max_expanded_bytes
         with locked_work_dir(self._tmp, "work-") as work:
             path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
             try:
                 # hashed while it is written: the file is not read a second time
-                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources)
+                artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources,
+                                                           max_expanded_bytes=budget)
             except OSError as exc:
                 if is_no_space(exc):
                     raise storage_full(exc) from exc

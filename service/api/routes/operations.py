@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic_core import PydanticSerializationError
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
-from service.api.problems import problem_responses
+from service.api.problems import json_safe, problem_responses
 from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
 from service.api.uploads import ParsedForm, parse_multipart
@@ -189,7 +191,12 @@ def _rendered(a: str, b: str, diff: ManifestDiff, values: dict[str, Any] | None,
     # A DiffOut is validated when it is built; FastAPI would dump, validate and dump it again (10 ms for a
     # 20k-key diff) on the event loop, so the routes render it once, in their worker thread, and declare DiffOut
     # as their response_model for OpenAPI.
-    return _diff_out(a, b, diff, values, frozen, params).model_dump_json().encode()
+    out = _diff_out(a, b, diff, values, frozen, params)
+    try:
+        return out.model_dump_json().encode()
+    except PydanticSerializationError:
+        # Keys of artifacts stored before keys had to be UTF-8 (lone surrogates) are escaped, not a 500.
+        return json.dumps(json_safe(out.model_dump()), ensure_ascii=False).encode()
 
 
 def _json(body: bytes) -> Response:
