@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(32 << 30, description="Largest accepted upload; 413 above it.")
     heavy_concurrency: int = Field(2, ge=1, description="Parses, merges and value diffs run at once.")
     heavy_queue: int = Field(8, ge=0, description="Heavy jobs that may wait for a slot before 503.")
+    read_concurrency: int = Field(
+        1, ge=1, description="Heavy read-scope jobs (POST /diff, value diffs, conversions) that run at once."
+    )
+    read_queue: int = Field(4, ge=0, description="Heavy read jobs that may wait for a slot before 503.")
+    heavy_time_budget_seconds: float = Field(
+        600, gt=0, description="Seconds of heavy work one request may use; past it, 422 and the parser is replaced."
+    )
     retry_after_seconds: int = 2
     body_idle_timeout_seconds: float = Field(
         120, gt=0, description="A request body that sends no bytes for this long is cut off with 408."
@@ -37,7 +44,10 @@ class Settings(BaseSettings):
     # The first parse of every upload runs in a pool of worker processes (service.sandbox), so that a bomb, a
     # hang or a crash in native code costs a worker, not the API process.
     sandbox: bool = Field(True, description="Parse uploads in sandboxed worker processes.")
-    sandbox_workers: int = Field(2, ge=1, description="Parser worker processes (parses at once).")
+    sandbox_workers: int = Field(2, ge=1, description="Parser worker processes for writes (parses at once).")
+    sandbox_read_workers: int = Field(
+        1, ge=1, description="Parser worker processes for read-scope parses (POST /diff), beside the write ones."
+    )
     sandbox_memory_headroom: int = Field(
         1 << 30, ge=0, description="Bytes of address space a parse may use beyond its worker and the file size."
     )
@@ -45,7 +55,12 @@ class Settings(BaseSettings):
     sandbox_seconds_per_gb: float = Field(30, ge=0, description="...plus this many seconds per GiB of file.")
     sandbox_wait_seconds: float = Field(30, ge=0, description="Wait for a free parser worker before 503.")
 
-    archive_max_entries: int = 200_000
+    # One key-count limit, checked while parsing and before any per-key work: tensors or mapping entries in a
+    # pickle, tensors in a safetensors header, and (plus a few records) entries in a zip archive.
+    max_keys: int = Field(500_000, ge=1, description="Most keys (tensors or entries) in one checkpoint; 422 above.")
+    archive_max_entries: int | None = Field(
+        None, ge=1, description="Deprecated alias of max_keys (CKPT_MAX_KEYS wins when both are set)."
+    )
     archive_max_total_bytes: int = 64 << 30
     # Keys that view one storage make a small file that expands to gigabytes (service.core.expansion).
     max_expansion_ratio: float = Field(
@@ -56,9 +71,21 @@ class Settings(BaseSettings):
         "(default: 4 x max_upload_bytes)."
     )
 
+    conversion_cache_bytes: int = Field(
+        8 << 30, ge=0, description="Size bound of the conversion cache (downloads with ?format=); LRU past it."
+    )
+    conversion_cache_max_age_seconds: float = Field(
+        7 * 86400, gt=0, description="Conversions unused for this long are removed by garbage collection."
+    )
+
     tmp_grace_seconds: int = Field(3600, description="Age after which crash-left temp files are removed.")
     gc_interval_seconds: int = 600
 
+    @model_validator(mode="after")
+    def _fold_deprecated(self) -> Settings:
+        if self.archive_max_entries is not None and "max_keys" not in self.model_fields_set:
+            self.max_keys = self.archive_max_entries
+        return self
     def expanded_bytes_cap(self) -> int:
         """`max_expanded_bytes`, or 4 x `max_upload_bytes` when unset."""
         return self.max_expanded_bytes if self.max_expanded_bytes is not None else 4 * self.max_upload_bytes

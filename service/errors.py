@@ -26,6 +26,7 @@
     ├── InvalidRequest               a request option that is inconsistent (e.g. both `trained` and a file)
     │   └── RequestTimeout           the client stopped sending its body
     ├── Overloaded                   the bounded work pool is full (`retry_after`)
+    ├── TimeBudgetExceeded           a request's heavy work ran past its time budget (`budget_seconds`)
     └── AuthError
         ├── Unauthorized             no or unknown token
         └── Forbidden                a read token used for a write
@@ -169,6 +170,10 @@ class Overloaded(CheckpointServiceError):
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail, retry_after=retry_after)
         self.retry_after = retry_after
+
+
+class TimeBudgetExceeded(CheckpointServiceError):
+    title = "Time budget exceeded"
 
 
 class AuthError(CheckpointServiceError):

@@ -1,4 +1,4 @@
-"""Application operations: strip, merge, diff and convert over stored artifacts.
+"""Application operations: strip, merge and diff over stored artifacts (conversions: `ArtifactStore.convert`).
 
 This layer sits between the API and store/core/registry: it composes core functions over artifacts and decides
 what gets stored. It is synchronous and CPU/IO-heavy; the API runs it in its bounded work pool, and a script can
@@ -399,26 +399,6 @@ def extract_state_dict(
         sources=_records(opened), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, {"key_count": len(sd)})
-
-
-def convert_checkpoint(
-    store: ArtifactStore, artifact_id: str, *, output_format: OutputFormat, safe_globals: Sequence[str] = ()
-) -> OperationResult:
-    """Store `artifact_id`'s state_dict in another format (lineage `convert`)."""
-    loaded = store.load(artifact_id, safe_globals=safe_globals)
-    sd = loaded.state_dict
-    entries = _carry_manifest(sd, sd, store.manifest(artifact_id))
-    lineage = Lineage(
-        operation="convert",
-        inputs={"checkpoint": artifact_id},
-        params={"output_format": output_format},
-        report={},
-    )
-    stored = store.store_state_dict(
-        sd, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, sd),
-        sources=_records(loaded), expanded_from=[artifact_id],
-    )
-    return OperationResult(stored.artifact, stored.created, {})
 
 
 def diff_checkpoints(

@@ -40,6 +40,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from service.core.budget import Job, budget_exceeded, current_job
 from service.core.types import ArchiveLimits
 from service.errors import (
     ArchiveLimitExceeded,
@@ -80,7 +81,8 @@ _ALLOCATION_FAILURES = ("can't allocate memory", "Cannot allocate memory", "std:
 class ParserSandbox:
     """A bounded pool of parser processes; `inspect` is the store's `Inspector`.
 
-    Workers start lazily, one at a time as jobs need them, up to `workers`; they are stopped by `close`, when
+    Workers start lazily, one at a time as jobs need them, up to `workers` for writes and `read_workers` for reads
+    (see `inspect`); they are stopped by `close`, when
     the sandbox is garbage-collected, or when the API process exits (a worker exits when its pipe closes).
     """
 
@@ -88,6 +90,7 @@ class ParserSandbox:
         self,
         *,
         workers: int = 2,
+        read_workers: int = 1,
         memory_headroom: int = _GIB,
         time_limit: float = 120.0,
         seconds_per_gb: float = 30.0,
@@ -99,7 +102,9 @@ class ParserSandbox:
         """Configure the pool; no process starts until the first `inspect`.
 
         Args:
-            workers: Most parser processes alive at once (and so parses at once).
+            workers: Most parses at once for writes (uploads, merges).
+            read_workers: Most parses at once for reads (`current_job().kind == "read"`, e.g. POST /diff), in
+                processes of their own: a flood of reads never takes a worker, warm or not, a write needs.
             memory_headroom: Address space a job may use beyond the worker's size before the job and the
                 file size, in bytes.
             time_limit: Wall-clock seconds a job may take, plus `seconds_per_gb` per GiB of file.
@@ -112,9 +117,10 @@ class ParserSandbox:
         Raises:
             ValueError: A count or limit is out of range.
         """
-        if workers < 1 or memory_headroom < 0 or time_limit <= 0 or seconds_per_gb < 0 or wait_seconds < 0:
+        if min(workers, read_workers) < 1 or min(memory_headroom, seconds_per_gb, wait_seconds) < 0 or time_limit <= 0:
             raise ValueError("workers must be >= 1 and the limits must not be negative")
         self.workers = workers
+        self.read_workers = read_workers
         self.memory_headroom = memory_headroom
         self.time_limit = time_limit
         self.seconds_per_gb = seconds_per_gb
@@ -126,9 +132,9 @@ class ParserSandbox:
             "headroom": memory_headroom,
         }
         self._cond = threading.Condition()
-        self._idle: list[_Worker] = []
-        self._alive: set[_Worker] = set()  # idle, busy and starting
-        self._starting = 0
+        self._idle: dict[str, list[_Worker]] = {"read": [], "write": []}
+        self._alive: set[_Worker] = set()  # idle and busy
+        self._starting: dict[str, int] = {"read": 0, "write": 0}
         self._closed = False
         self._finalizer = weakref.finalize(self, _stop_all, self._alive)
 
@@ -145,6 +151,9 @@ class ParserSandbox:
             path: The checkpoint file; the worker opens it by path.
             container_key: The state_dict to use inside the file; None applies the default rule.
 
+        The parse runs as the calling thread's job (`service.core.budget.current_job`): a read takes one of
+        the read workers, and the job's time budget cuts the parse short (the worker is killed and replaced).
+
         Returns:
             What `service.store.inspect_checkpoint` returns, rebuilt from the worker's JSON.
 
@@ -153,13 +162,19 @@ class ParserSandbox:
                 it), or the parser crashed, ran out of memory or timed out on it (`parser_failure` says which).
             InvalidRequest: A configured safe global cannot be used.
             Overloaded: Every worker stayed busy for `wait_seconds`.
+            TimeBudgetExceeded: The job's time budget ran out before or during the parse.
             OSError: The file cannot be read.
         """
         size = os.stat(path).st_size
         deadline = self.time_limit + self.seconds_per_gb * size / _GIB
+        current = current_job()
+        kind = current.kind
+        left = current.remaining()
+        if left is not None and left <= 0:
+            raise budget_exceeded(current)
         job = json.dumps({"path": os.fspath(path), "container_key": container_key, **self._job_options}).encode()
         while True:
-            worker = self._acquire()
+            worker = self._acquire(kind)
             try:
                 worker.conn.send_bytes(job)
             except OSError:
@@ -168,7 +183,7 @@ class ParserSandbox:
                 continue
             break
         try:
-            reply = self._await_reply(worker, deadline)
+            reply = self._await_reply(worker, deadline, current)
         except BaseException:
             self._discard(worker)
             raise
@@ -189,7 +204,8 @@ class ParserSandbox:
         with self._cond:
             workers = set(self._alive)
             self._alive.clear()
-            self._idle.clear()
+            for idle in self._idle.values():
+                idle.clear()
             self._cond.notify_all()
         _stop_all(workers)
 
@@ -197,42 +213,47 @@ class ParserSandbox:
         """Stop every worker (busy ones are killed). Later `inspect` calls raise `Overloaded`."""
         with self._cond:
             self._closed = True
-            self._idle.clear()
+            for idle in self._idle.values():
+                idle.clear()
             self._cond.notify_all()
         self._finalizer()
 
     # ---- pool -----------------------------------------------------------------------------------------------
 
-    def _acquire(self) -> _Worker:
+    def _acquire(self, kind: str) -> _Worker:
         end = time.monotonic() + self.wait_seconds
+        cap = self.read_workers if kind == "read" else self.workers
         with self._cond:
             while True:
                 if self._closed:
                     raise Overloaded("the parser sandbox is shut down", retry_after=self.retry_after)
-                while self._idle:
-                    worker = self._idle.pop()
+                # Each kind has workers of its own: a read never takes a write's warm worker, nor its place.
+                idle = self._idle[kind]
+                while idle:
+                    worker = idle.pop()
                     if worker.process.is_alive():
                         return worker
                     self._forget(worker)
-                if len(self._alive) + self._starting < self.workers:
-                    self._starting += 1
+                owned = self._starting[kind] + sum(1 for w in self._alive if w.kind == kind)
+                if owned < cap:
+                    self._starting[kind] += 1
                     break
                 left = end - time.monotonic()
                 if left <= 0:
                     raise Overloaded(
-                        f"all {self.workers} checkpoint parser workers are busy; retry in {self.retry_after} s",
+                        f"all {cap} checkpoint parser workers for {kind}s are busy; retry in {self.retry_after} s",
                         retry_after=self.retry_after,
                     )
                 self._cond.wait(left)
         try:
-            worker = _Worker.start()
+            worker = _Worker.start(kind)
         except BaseException:
             with self._cond:
-                self._starting -= 1
-                self._cond.notify()
+                self._starting[kind] -= 1
+                self._cond.notify_all()
             raise
         with self._cond:
-            self._starting -= 1
+            self._starting[kind] -= 1
             self._alive.add(worker)
         return worker
 
@@ -241,8 +262,8 @@ class ParserSandbox:
             if self._closed:
                 self._forget(worker)
             else:
-                self._idle.append(worker)
-            self._cond.notify()
+                self._idle[worker.kind].append(worker)
+            self._cond.notify_all()  # waiters of both kinds share the condition
         if self._closed:
             worker.stop()
 
@@ -250,15 +271,21 @@ class ParserSandbox:
         worker.kill()
         with self._cond:
             self._forget(worker)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _forget(self, worker: _Worker) -> None:
         self._alive.discard(worker)
 
     # ---- jobs -----------------------------------------------------------------------------------------------
 
-    def _await_reply(self, worker: _Worker, deadline: float) -> dict[str, Any]:
-        if not worker.conn.poll(deadline):
+    def _await_reply(self, worker: _Worker, deadline: float, job: Job) -> dict[str, Any]:
+        left = job.remaining()
+        if left is not None and left < deadline:
+            # The request's budget ends first: past it the worker is killed (the caller discards it).
+            if not worker.conn.poll(max(left, 0.0)):
+                log.warning("parser worker %d ran past the request's time budget; killing it", worker.pid)
+                raise budget_exceeded(job)
+        elif not worker.conn.poll(deadline):
             log.warning("parser worker %d timed out after %.0f s; killing it", worker.pid, deadline)
             raise InvalidCheckpoint(
                 f"the checkpoint parser timed out on this file after {deadline:.0f} s",
@@ -338,19 +365,20 @@ def _raise_reported(error: Mapping[str, Any]) -> NoReturn:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, conn: Connection, kind: str = "write") -> None:
         self.process = process
         self.conn = conn
         self.pid: int = process.pid
+        self.kind = kind  # the kind of job it serves: "read" or "write"
 
     @classmethod
-    def start(cls) -> _Worker:
+    def start(cls, kind: str = "write") -> _Worker:
         ctx = _context()
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_serve, args=(child_conn,), name="ckpt-parser", daemon=True)
         process.start()
         child_conn.close()  # only the worker holds its end: its death is an EOF here
-        worker = cls(process, parent_conn)
+        worker = cls(process, parent_conn, kind)
         try:
             if not parent_conn.poll(_STARTUP_SECONDS):
                 raise OSError("no ready message")

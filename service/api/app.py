@@ -46,7 +46,7 @@ _STATIC = Path(fastapi_offline.__file__).parent / "static"
 def build_services(settings: Settings) -> Services:
     """Build the long-lived objects of one app from its settings."""
     limits = ArchiveLimits(
-        max_entries=settings.archive_max_entries,
+        max_keys=settings.max_keys,
         max_total_bytes=settings.archive_max_total_bytes,
         max_expansion_ratio=settings.max_expansion_ratio,
         max_expanded_bytes=settings.expanded_bytes_cap(),
@@ -57,6 +57,7 @@ def build_services(settings: Settings) -> Services:
         # Workers start with the first upload, not here: most apps (and tests) never parse anything.
         sandbox = ParserSandbox(
             workers=settings.sandbox_workers,
+            read_workers=settings.sandbox_read_workers,
             memory_headroom=settings.sandbox_memory_headroom,
             time_limit=settings.sandbox_time_limit_seconds,
             seconds_per_gb=settings.sandbox_seconds_per_gb,
@@ -69,7 +70,12 @@ def build_services(settings: Settings) -> Services:
     else:
         inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
     store = ArtifactStore(
-        settings.data_dir, inspector=inspector, tmp_grace_seconds=settings.tmp_grace_seconds, limits=limits
+        settings.data_dir,
+        inspector=inspector,
+        tmp_grace_seconds=settings.tmp_grace_seconds,
+        conversion_cache_bytes=settings.conversion_cache_bytes,
+        conversion_cache_max_age_seconds=settings.conversion_cache_max_age_seconds,
+        limits=limits,
     )
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
@@ -78,10 +84,32 @@ def build_services(settings: Settings) -> Services:
         concurrency=settings.heavy_concurrency,
         queue=settings.heavy_queue,
         retry_after=settings.retry_after_seconds,
+        kind="write",
+        time_budget=settings.heavy_time_budget_seconds,
     )
+    read_pool = WorkPool(
+        concurrency=settings.read_concurrency,
+        queue=settings.read_queue,
+        retry_after=settings.retry_after_seconds,
+        kind="read",
+        time_budget=settings.heavy_time_budget_seconds,
+    )
+    metrics = Metrics()
+    for work_pool in (pool, read_pool):
+        metrics.heavy_admitted.labels(work_pool.kind).set_function(functools.partial(_admitted, work_pool))
     return Services(
-        settings=settings, store=store, registry=registry, pool=pool, metrics=Metrics(), sandbox=sandbox
+        settings=settings,
+        store=store,
+        registry=registry,
+        pool=pool,
+        metrics=metrics,
+        sandbox=sandbox,
+        read_pool=read_pool,
     )
+
+
+def _admitted(pool: WorkPool) -> float:
+    return float(pool.inflight)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -56,9 +56,11 @@ class Services:
     settings: Settings
     store: ArtifactStore
     registry: ArchitectureRegistry
-    pool: WorkPool
+    pool: WorkPool  # heavy work of write-scope requests
     metrics: Metrics
     sandbox: ParserSandbox | None = None  # the parser worker pool, closed when the app shuts down
+    # Heavy work of read-scope requests: its own slots, so that reads never delay writes.
+    read_pool: WorkPool = field(default_factory=lambda: WorkPool(concurrency=1, queue=4, retry_after=2, kind="read"))
     # Rendered GET /diff bodies by (ids, options): artifacts never change, so neither does their diff.
     rendered_diffs: RenderedCache = field(default_factory=lambda: RenderedCache(max_bytes=64 << 20))
 

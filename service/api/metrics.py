@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -28,6 +28,13 @@ class Metrics:
         self.merges = Counter("ckpt_merges", "Merge requests by outcome", ["outcome"], registry=self.registry)
         self.verification_failures = Counter(
             "ckpt_verification_failures", "Failed strict verifications", registry=self.registry
+        )
+        # Set to read each pool's count when the pools exist (`create_app`).
+        self.heavy_admitted = Gauge(
+            "ckpt_heavy_requests_admitted",
+            "Requests admitted to a heavy-work pool (receiving, queued or running)",
+            ["pool"],
+            registry=self.registry,
         )
 
     def render(self) -> bytes:

@@ -39,6 +39,7 @@ ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
     (e.VerificationFailed, 422),
     (e.InvalidArchitecture, 422),
     (e.Overloaded, 503),
+    (e.TimeBudgetExceeded, 422),  # the input made the work too long: retrying the same request will not help
     (e.StorageFull, 507),
 )
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from service.core.budget import check_budget
 from service.core.prefixes import strip_key
 from service.core.types import Manifest, TensorEntry
 
@@ -426,6 +427,7 @@ def diff_values(
             batch_elements = 0
 
     for key in wanted:
+        check_budget()  # a request's time budget ends value diffs between keys
         ta, tb = a.get(key), b.get(key)
         if not isinstance(ta, torch.Tensor) or not isinstance(tb, torch.Tensor) or ta.shape != tb.shape:
             continue

@@ -29,6 +29,7 @@ from service.core.formats import (
     is_pickle_start,
     safetensors_header_claim,
 )
+from service.core.keycount import check_key_count
 from service.core.pthzip import Record, StorageRecords
 from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, StateDict
 from service.core.unpickle import DeniedGlobal, Placeholder, is_denied, iter_placeholders
@@ -100,7 +101,7 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
         safe_globals: Extra ``"module.qualname"`` globals the allowlist loader may accept, for this load only.
         placeholders: Read pickles with the placeholder unpickler (the default); False uses torch's
             weights-only loader with the ``safe_globals`` allowlist.
-        limits: Zip pre-check limits.
+        limits: Pre-check limits (keys, zip entries and sizes).
 
     Returns:
         The state_dict (an ``OrderedDict`` of str -> Tensor, keeping ``_metadata`` when present) and what
@@ -139,6 +140,7 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
             except CorruptCheckpoint as exc:
                 # Bytes before the archive the end record describes: junk, or other archives before it.
                 raise (_archives_in_a_row(path) if "precedes" in exc.detail else None) or exc from None
+        check_key_count(path, fmt, limit=limits.max_keys)  # before any per-key unpickling
         if placeholders:
             mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP
             obj = _placeholder_load(path, fmt, mmap=mmapped)
@@ -722,10 +724,10 @@ def _read_safetensors_header(path: Path, limits: ArchiveLimits) -> tuple[list[st
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise CorruptCheckpoint("the safetensors __metadata__ is not a map of strings to strings")
-    if len(header) > limits.max_entries:
+    if len(header) > limits.max_keys:
         raise ArchiveLimitExceeded(
-            f"the safetensors file has {len(header)} tensors, more than the limit of {limits.max_entries}",
-            limit=limits.max_entries,
+            f"the safetensors file has {len(header)} tensors, more than the limit of {limits.max_keys}",
+            limit=limits.max_keys,
         )
     data_len = size - 8 - length
     extents: list[tuple[int, int, str]] = []

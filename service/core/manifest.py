@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import blake3
 import torch
 
+from service.core.budget import check_budget
 from service.core.types import CURRENT_FINGERPRINT_VERSION, Manifest, TensorEntry
 from service.errors import InvalidCheckpoint
 
@@ -138,6 +139,7 @@ def build_manifest(state_dict: Mapping[str, torch.Tensor]) -> Manifest:
     """
     entries: dict[str, TensorEntry] = {}
     for key, t in state_dict.items():
+        check_budget()
         if not isinstance(t, torch.Tensor):
             raise InvalidCheckpoint(f"value of {key!r} is a {type(t).__name__}, not a tensor", keys=[key])
         if t.is_meta:

@@ -29,7 +29,9 @@ class CheckpointFormat(StrEnum):
 class ArchiveLimits:
     """Limits a parse is held to: cheap zip pre-checks before torch sees an archive, and the expansion bound."""
 
-    max_entries: int = 200_000
+    # Tensors or mapping entries in one checkpoint (safetensors: header entries), counted before any per-key
+    # work; a zip archive may hold this many entries plus a few records of its own.
+    max_keys: int = 500_000
     max_total_bytes: int = 64 << 30
     max_name_length: int = 1024
     # The keys of a checkpoint may expand to ratio x file size + slack bytes, and never more than the cap
@@ -37,6 +39,11 @@ class ArchiveLimits:
     max_expansion_ratio: float = 4.0
     expansion_slack_bytes: int = 64 << 20
     max_expanded_bytes: int = 128 << 30
+
+    @property
+    def max_entries(self) -> int:
+        """Zip entries allowed: one per storage (at most one per key) and torch's own records."""
+        return self.max_keys + 64
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The artifact store: a content-addressed directory of checkpoints (layout: README, "The artifact directory")."""
+"""The artifact store: a content-addressed directory of checkpoints (layout: docs/artifact-store.md)."""
 
+from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import ID_RE, NAME_RE, is_id, validate_id, validate_name
 from service.store.inspection import inspect_checkpoint
 from service.store.store import ArtifactStore
@@ -21,6 +22,8 @@ __all__ = [
     "NAME_RE",
     "ArtifactMeta",
     "ArtifactStore",
+    "ConversionCache",
+    "ConvertedBlob",
     "IngestResult",
     "Inspection",
     "Inspector",

@@ -1,6 +1,6 @@
 """The artifact store: a content-addressed directory of checkpoints, safe with several processes on one root.
 
-The layout and the on-disk format are described in the README, section "The artifact directory".
+The layout and the on-disk format are described in docs/artifact-store.md.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from service.store._fs import (
     storage_full,
     unlink_quietly,
 )
+from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import is_id, validate_id, validate_name
 from service.store.inspection import inspect_checkpoint
 from service.store.types import (
@@ -176,7 +177,13 @@ class ArtifactStore:
     LAYOUT_VERSION = 1
 
     def __init__(
-        self, root: Path, *, inspector: Inspector | None = None, tmp_grace_seconds: float = 3600,
+        self,
+        root: Path,
+        *,
+        inspector: Inspector | None = None,
+        tmp_grace_seconds: float = 3600,
+        conversion_cache_bytes: int = 8 << 30,
+        conversion_cache_max_age_seconds: float = 7 * 86400,
         limits: ArchiveLimits | None = None,
     ) -> None:
         """Open (and create if needed) a store.
@@ -185,8 +192,11 @@ class ArtifactStore:
             root: The store directory.
             inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
-            limits: The parse limits the inspector applies; their expansion bound also holds every safetensors
-                file the store writes (`store_state_dict`).
+            conversion_cache_bytes: Size bound of the conversion cache (`convert`), kept by `collect_garbage`.
+            conversion_cache_max_age_seconds: Conversions unused this long are removed by `collect_garbage`.
+            limits: The parse limits the inspector applies, also to stored blobs when they are loaded
+                (`CKPT_MAX_KEYS`); their expansion bound also holds every safetensors file the store writes
+                (`store_state_dict`, `convert`).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
@@ -213,6 +223,13 @@ class ArtifactStore:
             self._check_marker()
             for d in (self._blobs, self._manifests, self._meta, self._names, self._tmp, self._locks):
                 d.mkdir(exist_ok=True)
+            # Converted downloads: beside the artifacts, never listed, disposable.
+            self.conversions = ConversionCache(
+                self.root / "cache" / "conversions",
+                tmp_dir=self._tmp,
+                max_bytes=conversion_cache_bytes,
+                max_age_seconds=conversion_cache_max_age_seconds,
+            )
         except OSError as exc:
             if is_no_space(exc):
                 raise storage_full(exc) from exc
@@ -502,7 +519,7 @@ class ArtifactStore:
         if hit is not None:
             return replace(hit, state_dict=_shallow_copy(hit.state_dict))
         loaded = load_checkpoint(
-            path, mmap=use_mmap, container_key=chosen, safe_globals=safe_globals
+            path, mmap=use_mmap, container_key=chosen, safe_globals=safe_globals, limits=self.limits
         )
         if loaded.mmapped:
             # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained
@@ -516,6 +533,42 @@ class ArtifactStore:
                     cache.popitem(last=False)
             return replace(loaded, state_dict=_shallow_copy(loaded.state_dict))
         return loaded
+
+    def convert(
+        self, artifact_id: str, format: Literal["pth", "safetensors"], *, safe_globals: Sequence[str] = ()
+    ) -> ConvertedBlob:
+        """An artifact's bytes in another format, from the conversion cache (converted on the first request).
+
+        Nothing is added to the artifacts: the result is not listed, and GC may remove it (it is converted
+        again when asked for). Its sha256 is kept with it, so a cache hit reads no tensor.
+
+        Args:
+            artifact_id: A 64-hex id.
+            format: "pth" (torch zip) or "safetensors".
+            safe_globals: Extra globals allowed while unpickling the source.
+
+        Returns:
+            The converted bytes' path, sha256 and size.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+            InvalidRequest: The state_dict cannot be written in that format.
+            UnconvertibleCheckpoint: safetensors cannot hold a key's dtype, or a key is ``__metadata__``.
+            ExpansionLimitExceeded: The safetensors output would expand past the bound.
+            StorageFull: No space for the converted bytes.
+        """
+        meta = self._require_meta(artifact_id)
+        # The same expansion bound as every safetensors write, checked before anything is allocated.
+        budget = expansion_budget([meta.size], self.limits) if format == "safetensors" else None
+
+        def write(path: Path) -> tuple[str, int]:
+            loaded = self.load(artifact_id, safe_globals=safe_globals)
+            sources = [loaded.records] if loaded.records is not None else []
+            return save_checkpoint_hashed(loaded.state_dict, path, format=format, sources=sources,
+                                          max_expanded_bytes=budget)
+
+        return self.conversions.get_or_convert(artifact_id, format, write)
 
     def verify(self, artifact_id: str) -> VerifyBlobResult:
         """Re-hash a blob to detect corruption on disk.
@@ -954,6 +1007,7 @@ class ArtifactStore:
             self._forget_manifest(artifact_id)
             unlink_quietly(self._manifest_file(artifact_id))
             unlink_quietly(self._blob(artifact_id))
+        self.conversions.forget(artifact_id)
         return pointing
 
     # ---- names --------------------------------------------------------------------------------------------
@@ -1031,7 +1085,9 @@ class ArtifactStore:
     def collect_garbage(self, *, grace_seconds: float | None = None) -> int:
         """Remove crash leftovers: unlocked temp files and orphan blobs/manifests older than the grace period.
 
-        A live upload (its writer holds the flock) is never removed, whatever its age.
+        A live upload (its writer holds the flock) is never removed, whatever its age. The conversion cache
+        is trimmed too: conversions of deleted artifacts, unused past their maximum age, and the least recently
+        used past its size bound.
 
         Args:
             grace_seconds: Minimum age (by mtime); defaults to the store's `tmp_grace_seconds`.
@@ -1068,5 +1124,6 @@ class ArtifactStore:
                             removed += 1
                         except FileNotFoundError:
                             continue
+        removed += self.conversions.trim(exists=self.exists)
         return removed
 

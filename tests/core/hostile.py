@@ -143,7 +143,7 @@ def make_two_top_level_folders(path: Path) -> Path:
 
 
 def make_many_entries(path: Path, *, count: int = 64) -> Path:
-    """A real checkpoint plus `count` tiny extra entries (test with a small `ArchiveLimits.max_entries`)."""
+    """A real checkpoint plus `count` tiny extra entries (test with a small `ArchiveLimits.max_keys`)."""
     extra = [_stored(f"archive/extra/{i}", b"x") for i in range(count)]
     return _write_zip(path, [*(_stored(n, d) for n, d in _torch_zip_entries()), *extra])
 

@@ -13,8 +13,9 @@ from service.api.deps import ArtifactDep, ReadAuth, RefPath, ServicesDep, StoreD
 from service.api.problems import problem_responses
 from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestOut, NameIn, NameOut, TensorEntryOut
 from service.api.uploads import parse_multipart, read_raw_body
+from service.api.work import Admission
 from service.errors import InvalidRequest
-from service.operations import convert_checkpoint, extract_state_dict
+from service.operations import extract_state_dict
 from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload, validate_name
 
 router = APIRouter()
@@ -97,6 +98,7 @@ async def point_name(store: ArtifactStore, name: str, artifact_id: str) -> Artif
 
 async def commit_upload(
     services: Any,
+    slot: Admission,
     upload: PendingUpload,
     *,
     expected: str | None,
@@ -127,7 +129,7 @@ async def commit_upload(
                                      safe_globals=services.settings.safe_globals)
         return IngestResult(derived.artifact, derived.created)
 
-    result: IngestResult = await services.pool.run(ingest)
+    result: IngestResult = await slot.run(ingest)
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
@@ -158,6 +160,22 @@ async def upload_checkpoint(
     container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
 ) -> ArtifactOut:
     """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
+    # Admitted before a byte of the body is read: a full pool answers 503 at once.
+    async with services.pool.admit() as slot:
+        return await _upload(request, response, services, slot, name, labels, sha256, filename, container_key)
+
+
+async def _upload(
+    request: Request,
+    response: Response,
+    services: Any,
+    slot: Admission,
+    name: str | None,
+    labels: str | None,
+    sha256: str | None,
+    filename: str | None,
+    container_key: str | None,
+) -> ArtifactOut:
     limit = services.settings.max_upload_bytes
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -185,7 +203,7 @@ async def upload_checkpoint(
         )
     try:
         result = await commit_upload(
-            services, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name,
+            services, slot, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name,
             container_key=container_key,
         )
     finally:
@@ -275,25 +293,28 @@ async def download_checkpoint(
     format: Literal["pth", "safetensors"] | None = None,
 ) -> Response:
     """Download the blob, streamed, with ETag and Range; `format=safetensors` converts on the way out."""
-    target = artifact
+    store = services.store
+    path, digest = None, artifact.id
+    suffix = ".safetensors" if artifact.format == "safetensors" else ".pth"
     if format is not None and format != _stored_kind(artifact.format):
-        result = await services.pool.run(
-            lambda: convert_checkpoint(
-                services.store, artifact.id, output_format=format, safe_globals=services.settings.safe_globals
+        # A read stores nothing: the converted bytes come from the conversion cache, converted once.
+        converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
+        if converted is None:
+            converted = await services.read_pool.run(
+                lambda: store.convert(artifact.id, format, safe_globals=services.settings.safe_globals)
             )
-        )
-        target = result.artifact
-    etag = f'"{target.id}"'
+        path, digest, suffix = converted.path, converted.sha256, f".{format}"
+    etag = f'"{digest}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    suffix = ".safetensors" if target.format == "safetensors" else ".pth"
     return FileResponse(
-        services.store.blob_path(target.id),
+        path if path is not None else store.blob_path(artifact.id),
         media_type="application/octet-stream",
-        filename=f"{target.id[:16]}{suffix}",
+        filename=f"{digest[:16]}{suffix}",
         headers={
             "ETag": etag,
-            "X-Checkpoint-Id": target.id,
+            # The sha256 of the bytes sent, so that `ckpt pull` verifies a converted download too.
+            "X-Checkpoint-Id": digest,
             "Cache-Control": "public, max-age=31536000, immutable",
         },
     )

@@ -15,6 +15,7 @@ from service.api.problems import json_safe, problem_responses
 from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
 from service.api.uploads import ParsedForm, parse_multipart
+from service.api.work import Admission
 from service.core.diff import ManifestDiff
 from service.errors import InvalidRequest, VerificationFailed
 from service.operations import (
@@ -180,7 +181,7 @@ async def diff_get(
         return _rendered(ida, idb, diff, stats, frozen_report, params)
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
-    body = await (services.pool.run(run) if params.values else anyio.to_thread.run_sync(run))
+    body = await (services.read_pool.run(run) if params.values else anyio.to_thread.run_sync(run))
     if key is not None:
         services.rendered_diffs.put(key, body)
     return _json(body)
@@ -257,6 +258,13 @@ async def diff_post(
     params: DiffParamsDep,
 ) -> Response:
     """Diff two checkpoints given as uploaded files (parts `a`, `b`) or refs; nothing is stored."""
+    # A read: admitted to the read pool before the body is read, so a full pool answers 503 at once and
+    # read-scope uploads never take a write's slot.
+    async with services.read_pool.admit() as slot:
+        return await _diff_uploaded(request, services, params, slot)
+
+
+async def _diff_uploaded(request: Request, services: Any, params: DiffParams, slot: Admission) -> Response:
     form = await parse_multipart(
         request,
         services.store,
@@ -284,7 +292,7 @@ async def diff_post(
             idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
             return _rendered(ida, idb, diff, stats, frozen_report, params)
 
-        body = await services.pool.run(run)
+        body = await slot.run(run)
     finally:
         await form.abort()
     return _json(body)
@@ -396,6 +404,11 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
 )
 async def merge(request: Request, response: Response, services: ServicesDep) -> OperationOut:
     """Strip, merge, verify strictly against the architecture, and only then store (422 stores nothing)."""
+    async with services.pool.admit() as slot:  # before the body: a full pool answers 503 at once
+        return await _merge(request, response, services, slot)
+
+
+async def _merge(request: Request, response: Response, services: Any, slot: Admission) -> OperationOut:
     settings = services.settings
     form = await parse_multipart(
         request,
@@ -431,7 +444,7 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
         original = await _source(services, form, "original")
         trained = await _source(services, form, "trained")
         try:
-            result = await services.pool.run(
+            result = await slot.run(
                 lambda: merge_checkpoints(
                     services.store,
                     services.registry,
