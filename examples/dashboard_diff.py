@@ -1,9 +1,9 @@
-"""What a dashboard does with two stored checkpoints: one `GET /diff` (prefixes normalized, frozen check), and
-a summary table. Needs only the client (no torch).
+"""What a dashboard does with two stored checkpoints: one `GET /diff` (prefixes normalized), and a summary
+table; with --frozen, also the check that the part you froze did not move. Needs only the client (no torch).
 
 Usage:
     python examples/dashboard_diff.py --url http://127.0.0.1:8000 tiny-convnet-pretrained tiny-convnet-final
-    python examples/dashboard_diff.py A B --frozen features.     # check only the backbone
+    python examples/dashboard_diff.py A B --frozen features.     # check that the backbone did not move
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b", help="the other checkpoint (id or name)")
     parser.add_argument("--url", default=os.environ.get("CKPT_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--token", default=os.environ.get("CKPT_TOKEN"))
-    parser.add_argument("--frozen", default="true",
-                        help="'true' (A's parameters), comma-separated key prefixes, or 'false'")
+    parser.add_argument("--frozen", default="false",
+                        help="comma-separated key prefixes of the part you froze, 'true' (all of A's parameters), "
+                             "or 'false' (default: no frozen check)")
     args = parser.parse_args(argv)
     frozen: bool | list[str]
     if args.frozen.lower() in ("true", "false"):

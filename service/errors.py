@@ -11,11 +11,13 @@
     │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
+    │   └── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
     │   ├── ArtifactInUse            names still point to the artifact (`names`)
     │   ├── NameNotFound             no such name (`name`)
     │   ├── InvalidReference         not a 64-hex id nor a valid name
+    │   ├── AmbiguousReference       an id prefix that several artifacts share (`candidates`)
     │   ├── DigestMismatch           the declared sha256 differs from the bytes (`expected`, `actual`)
     │   ├── PayloadTooLarge          over the configured size limit (`limit`)
     │   └── StorageFull              ENOSPC while writing
@@ -27,9 +29,10 @@
     │   └── RequestTimeout           the client stopped sending its body
     ├── Overloaded                   the bounded work pool is full (`retry_after`)
     ├── TimeBudgetExceeded           a request's heavy work ran past its time budget (`budget_seconds`)
-    └── AuthError
-        ├── Unauthorized             no or unknown token
-        └── Forbidden                a read token used for a write
+    ├── AuthError
+    │   ├── Unauthorized             no or unknown token
+    │   └── Forbidden                a read token used for a write
+    └── InvalidSettings              the service's own settings are unusable: start-up stops (`setting`)
 
 Every error carries a short human `detail` and `extensions`, a JSON-serialisable dict of typed fields that the
 API puts into the RFC 9457 problem document (for example `missing_keys`, `unsafe_globals`).
@@ -108,6 +111,10 @@ class VerificationFailed(CheckpointServiceError):
     title = "Verification failed"
 
 
+class FrozenPartChanged(VerificationFailed):
+    title = "Frozen part changed"
+
+
 class StoreError(CheckpointServiceError):
     title = "Artifact store error"
 
@@ -126,6 +133,10 @@ class NameNotFound(StoreError):
 
 class InvalidReference(StoreError):
     title = "Invalid reference"
+
+
+class AmbiguousReference(StoreError):
+    title = "Ambiguous reference"
 
 
 class DigestMismatch(StoreError):
@@ -186,3 +197,11 @@ class Unauthorized(AuthError):
 
 class Forbidden(AuthError):
     title = "Forbidden"
+
+
+class InvalidSettings(CheckpointServiceError):
+    title = "Invalid settings"
+
+    def __init__(self, detail: str, *, setting: str) -> None:
+        super().__init__(detail, setting=setting)
+        self.setting = setting

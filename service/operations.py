@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import torch
 
+from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.expansion import expansion_budget
-from service.core.formats import DEFAULT_LIMITS
-from service.core.frozen import check_frozen_manifests
+from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
 from service.core.manifest import build_manifest, compute_schema_fingerprint
@@ -29,9 +29,17 @@ from service.core.pthzip import StorageRecords
 from service.core.save import check_safetensors_output
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
-from service.errors import ArtifactNotFound, InvalidRequest, VerificationFailed, quote_keys
+from service.errors import ArtifactNotFound, FrozenPartChanged, InvalidRequest, VerificationFailed, quote_keys
 from service.registry import ArchitectureRegistry
-from service.store import ArtifactMeta, ArtifactStore, Inspection, Lineage, PendingUpload
+from service.store import (
+    ArtifactMeta,
+    ArtifactStore,
+    ConvertedBlob,
+    IngestResult,
+    Inspection,
+    Lineage,
+    PendingUpload,
+)
 
 OutputFormat = Literal["pth", "safetensors"]
 
@@ -63,17 +71,26 @@ class MergeOptions:
     )
     drop_unexpected: bool = False
     output_format: OutputFormat = "pth"
+    # None: no frozen check (the merge cannot know what the training froze); else the frozen part's key prefixes.
     frozen_prefixes: tuple[str, ...] | None = None
+    require_frozen: bool = False  # a changed frozen tensor is an error (FrozenPartChanged) and nothing is stored
+    frozen_atol: float = 0.0  # largest absolute difference of a frozen tensor still counted as unchanged
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "architecture": self.architecture,
             "strip_prefixes": self.strip if isinstance(self.strip, str) else list(self.strip),
             "drop_unexpected": self.drop_unexpected,
             "output_format": self.output_format,
             "frozen_prefixes": list(self.frozen_prefixes) if self.frozen_prefixes is not None else None,
         }
+        # Only when set, so that the lineage (and the id) of a merge without them is what it always was.
+        if self.require_frozen:
+            out["require_frozen"] = True
+        if self.frozen_atol:
+            out["frozen_atol"] = self.frozen_atol
+        return out
 
 
 @dataclass(frozen=True)
@@ -184,7 +201,7 @@ def merge_checkpoints(
     trained: Source,
     options: MergeOptions,
     safe_globals: Sequence[str] = (),
-    limits: ArchiveLimits = DEFAULT_LIMITS,
+    limits: ArchiveLimits | None = None,
 ) -> OperationResult:
     """Strip, merge, verify strictly against the architecture, and only then store.
 
@@ -195,7 +212,7 @@ def merge_checkpoints(
         trained: The fine-tuned checkpoint; its values win.
         options: Architecture and merge options.
         safe_globals: Extra globals allowed while unpickling.
-        limits: Zip pre-check limits for uploads.
+        limits: Zip pre-check limits for uploads; None: the store's.
 
     Returns:
         The stored result and the merge report.
@@ -203,6 +220,7 @@ def merge_checkpoints(
     Raises:
         VerificationFailed: The merged state_dict does not load strictly; nothing is stored.
     """
+    limits = limits or store.limits
     arch = registry.get(options.architecture)
     expected = list(arch.spec.keys)
     o = _open(store, original, safe_globals=safe_globals, limits=limits)
@@ -213,11 +231,15 @@ def merge_checkpoints(
     verification = verify_state_dict(merged.state_dict, arch.verify_target())
     o_entries = _carry_manifest(o_sd, o.state_dict, o.manifest)
     t_entries = _carry_manifest(t_sd, t.state_dict, t.manifest)
-    frozen = check_frozen_manifests(
-        Manifest(o_entries, o.manifest.schema_fingerprint),
-        Manifest(t_entries, t.manifest.schema_fingerprint),
-        prefixes=options.frozen_prefixes,
-    )
+    changes = _trained_changes(o_sd, t_sd, o_entries, t_entries)
+    frozen = None
+    if options.frozen_prefixes is not None:
+        fingerprints = check_frozen_manifests(
+            Manifest(o_entries, o.manifest.schema_fingerprint),
+            Manifest(t_entries, t.manifest.schema_fingerprint),
+            prefixes=options.frozen_prefixes,
+        )
+        frozen = with_value_changes(fingerprints, changes.keys, atol=options.frozen_atol)
     mr = merged.report
     report: dict[str, Any] = {
         "architecture": arch.name,
@@ -230,8 +252,9 @@ def merge_checkpoints(
         "metadata": mr.metadata,
         "prefixes": {"original": o_strip, "trained": t_strip},
         "verification": verification.to_dict(),
-        "frozen": frozen.to_dict(),
-        "warnings": _warnings(mr.metadata_warning, frozen.to_dict(), mr.partial_bn_modules),
+        "frozen": frozen.to_dict() if frozen is not None else None,
+        "changes": changes.to_dict(),
+        "warnings": _warnings(mr.metadata_warning, frozen, mr.partial_bn_modules),
     }
     if not verification.ok:
         raise VerificationFailed(
@@ -244,6 +267,12 @@ def merge_checkpoints(
             ),
             missing_keys=sorted(verification.missing),
             unexpected_keys=sorted(verification.unexpected),
+            report=report,
+        )
+    if frozen is not None and options.require_frozen and (frozen.changed or frozen.mismatched):
+        raise FrozenPartChanged(
+            f"require_frozen: {_frozen_changed_text(frozen)}; nothing was stored",
+            changed_keys=list(frozen.changed) + list(frozen.mismatched),
             report=report,
         )
     if options.output_format == "safetensors":
@@ -295,15 +324,64 @@ def _manifest_or_none(entries: dict[str, TensorEntry], sd: Mapping[str, torch.Te
     return Manifest(entries, compute_schema_fingerprint((k, e.shape, e.dtype) for k, e in entries.items()))
 
 
+def _trained_changes(
+    o_sd: Mapping[str, torch.Tensor],
+    t_sd: Mapping[str, torch.Tensor],
+    o_entries: Mapping[str, TensorEntry],
+    t_entries: Mapping[str, TensorEntry],
+) -> ChangeSummary:
+    # What training moved: values are compared only for keys whose fingerprints differ; identical keys add
+    # their ||a||^2 so that a module's relative change has the right denominator.
+    changed: list[str] = []
+    same: list[str] = []
+    for key, ta in o_sd.items():
+        tb = t_sd.get(key)
+        if tb is None or tuple(ta.shape) != tuple(tb.shape):
+            continue
+        ea, eb = o_entries.get(key), t_entries.get(key)
+        if ea is not None and eb is not None and ea.dtype == eb.dtype and ea.fingerprint == eb.fingerprint:
+            same.append(key)
+        else:
+            changed.append(key)
+    # ||a||^2 of an unchanged tensor depends only on its content, and the same original is merged with one
+    # trained checkpoint after another: remember it by (fingerprint, dtype, shape) instead of reading the whole
+    # frozen backbone again for every merge.
+    content = {k: (o_entries[k].fingerprint, o_entries[k].dtype, tuple(o_entries[k].shape))
+               for k in same if k in o_entries}
+    known = {k: v for k, c in content.items() if (v := _SQ_NORMS.get(c)) is not None}
+    keys = measure_changes(o_sd, t_sd, keys=changed, same=same, known_sq_a=known)
+    for key, c in content.items():
+        if key not in known and key in keys:
+            _SQ_NORMS.put(c, keys[key].sq_a, 1)
+    return ChangeSummary(keys, rollup_modules(keys))
+
+
+def _format_change(key: str, frozen: FrozenReport) -> str:
+    max_abs, rel = frozen.max_abs.get(key), frozen.rel_change.get(key)
+    if max_abs is None or rel is None:
+        return repr(key)
+    return f"{key!r} (max abs {max_abs:.3g}, relative {rel:.3g})"
+
+
+def _frozen_changed_text(frozen: FrozenReport) -> str:
+    parts = []
+    if frozen.changed:
+        shown = ", ".join(_format_change(k, frozen) for k in frozen.changed[:5])
+        more = f" (+{len(frozen.changed) - 5} more)" if len(frozen.changed) > 5 else ""
+        parts.append(f"{len(frozen.changed)} frozen tensors changed during training: {shown}{more}")
+    if frozen.mismatched:
+        parts.append(f"{len(frozen.mismatched)} frozen tensors changed shape: {quote_keys(frozen.mismatched, limit=5)}")
+    return "; ".join(parts)
+
+
 def _warnings(
-    metadata_warning: str | None, frozen: Mapping[str, Any], partial: Mapping[str, Sequence[str]]
+    metadata_warning: str | None, frozen: FrozenReport | None, partial: Mapping[str, Sequence[str]]
 ) -> list[str]:
     out: list[str] = []
     if metadata_warning:
         out.append(metadata_warning)
-    changed = frozen.get("changed") or []
-    if changed:
-        out.append(f"{len(changed)} frozen tensors changed during training: {quote_keys(changed, limit=5)}")
+    if frozen is not None and (frozen.changed or frozen.mismatched):
+        out.append(_frozen_changed_text(frozen))
     if partial:
         out.append(
             f"BatchNorm modules with partial running stats, refilled from the original: "
@@ -356,7 +434,7 @@ def strip_checkpoint(
         The stored result and a report of what was stripped.
     """
     opened = _open(store, Source(artifact_id=artifact_id, container_key=container_key),
-                   safe_globals=safe_globals, limits=DEFAULT_LIMITS)
+                   safe_globals=safe_globals, limits=store.limits)
     sd = opened.state_dict
     result = strip_prefixes(sd, prefixes)
     out = _with_metadata(dict(result.state_dict), result.state_dict)
@@ -390,7 +468,7 @@ def extract_state_dict(
         The stored state_dict, with lineage pointing to ``artifact_id``.
     """
     opened = _open(store, Source(artifact_id=artifact_id, container_key=container_key),
-                   safe_globals=safe_globals, limits=DEFAULT_LIMITS)
+                   safe_globals=safe_globals, limits=store.limits)
     sd = opened.state_dict
     lineage = Lineage(operation="extract", inputs={"checkpoint": artifact_id},
                       params={"container_key": container_key}, report={"key_count": len(sd)})
@@ -410,8 +488,8 @@ def diff_checkpoints(
     values: bool = False,
     frozen: Sequence[str] | None = None,
     safe_globals: Sequence[str] = (),
-    limits: ArchiveLimits = DEFAULT_LIMITS,
-) -> tuple[ManifestDiff, dict[str, Any] | None, dict[str, Any] | None]:
+    limits: ArchiveLimits | None = None,
+) -> DiffResult:
     """Diff two checkpoints from their manifests; optionally value statistics and the frozen-part check.
 
     Args:
@@ -422,11 +500,14 @@ def diff_checkpoints(
         values: Also compute numeric statistics of changed keys (opens the blobs).
         frozen: None for no frozen check; [] for the original's parameters; else key prefixes to check.
         safe_globals: Extra globals allowed while unpickling.
-        limits: Zip pre-check limits for uploads.
+        limits: Zip pre-check limits for uploads; None: the store's.
 
     Returns:
-        The manifest diff, value statistics (or None), and the frozen report (or None).
+        The manifest diff; with `values`, per-key statistics of the changed keys and the per-module change
+        figures (cached per pair of stored ids); with `frozen`, the frozen report (with each changed key's max
+        abs and relative change when `values` is set too).
     """
+    limits = limits or store.limits
     pair = None
     if a.artifact_id is not None and b.artifact_id is not None and a.container_key is None and b.container_key is None:
         # Two stored artifacts never change, and neither does their diff: dashboards ask for the same one
@@ -440,7 +521,7 @@ def diff_checkpoints(
             if cached is not None:
                 _DIFF_CACHE.move_to_end(pair)
     if pair is not None and cached is not None and frozen is None and not values:
-        return cached, None, None
+        return DiffResult(cached)
     ma = _manifest_of(store, a, safe_globals=safe_globals)
     mb = _manifest_of(store, b, safe_globals=safe_globals)
     if pair is not None and cached is not None:
@@ -463,16 +544,75 @@ def diff_checkpoints(
     frozen_report = None
     if frozen is not None:
         fa, fb = (_normalized(ma), _normalized(mb)) if normalize_prefixes else (ma, mb)
-        frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None).to_dict()
-    value_stats = None
-    if values:
+        frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None)
+    if not values:
+        return DiffResult(diff, frozen=frozen_report.to_dict() if frozen_report is not None else None)
+    measured = _VALUES_CACHE.get(pair) if pair is not None else None
+    if measured is None:
         oa = _open(store, a, safe_globals=safe_globals, limits=limits)
         ob = _open(store, b, safe_globals=safe_globals, limits=limits)
         sa, sb = oa.state_dict, ob.state_dict
         if normalize_prefixes:
             sa, sb = dict(strip_prefixes(sa).state_dict), dict(strip_prefixes(sb).state_dict)
-        value_stats = {k: v.to_dict() for k, v in diff_values(sa, sb, keys=diff.changed).items()}
-    return diff, value_stats, frozen_report
+        stats = diff_values(sa, sb, keys=diff.changed)
+        keys = changes_from_stats(stats, sa, same=diff.unchanged)
+        measured = (stats, ChangeSummary(keys, rollup_modules(keys)))
+        if pair is not None:
+            _VALUES_CACHE.put(pair, measured, len(keys))
+    stats, changes = measured
+    if frozen_report is not None:
+        frozen_report = with_value_changes(frozen_report, changes.keys)
+    return DiffResult(
+        diff,
+        values={k: v.to_dict() for k, v in stats.items()},
+        frozen=frozen_report.to_dict() if frozen_report is not None else None,
+        changes=changes,
+    )
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """What `diff_checkpoints` found."""
+
+    diff: ManifestDiff
+    values: dict[str, Any] | None = None  # changed key -> ValueStats.to_dict()
+    frozen: dict[str, Any] | None = None  # FrozenReport.to_dict()
+    changes: ChangeSummary | None = None  # per-key and per-module change figures (values=True)
+
+
+class _SizedLRU:
+    # Values with a size (keys measured); evicts the oldest beyond `max_size` in total. Thread-safe.
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= old[1]
+            self._items[key] = (value, size)
+            self._size += size
+            while len(self._items) > 1 and self._size > self.max_size:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._size -= dropped
+
+
+# (store root, id a, id b, normalize_prefixes) -> (value stats, change figures): artifacts never change, so a
+# repeated values=true diff of two 1 GB checkpoints costs a lookup instead of reading both again.
+_VALUES_CACHE = _SizedLRU(400_000)
+# (fingerprint, dtype, shape) -> ||a||^2, for the unchanged keys of merges.
+_SQ_NORMS = _SizedLRU(1_000_000)
 
 
 def _manifest_of(store: ArtifactStore, source: Source, *, safe_globals: Sequence[str] = ()) -> Manifest:
@@ -524,3 +664,127 @@ def _normalized(manifest: Manifest) -> Manifest:
     renamed = strip_prefixes(manifest.entries)  # type: ignore[arg-type]
     entries: dict[str, TensorEntry] = dict(renamed.state_dict)  # type: ignore[arg-type]
     return Manifest(entries, manifest.schema_fingerprint)
+
+
+class Operations:
+    """The operations of one service, built once from its settings: the only thing the API's routes call.
+
+    It holds the store, the registry, the unpickling allowlist and the limits, so that no call site picks a
+    setting (or forgets one and falls back to a library default). The module-level functions above stay the
+    building blocks; a method here is the same verb with the service's allowlist and limits filled in.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        registry: ArchitectureRegistry,
+        *,
+        safe_globals: Sequence[str] = (),
+        max_upload_bytes: int = 32 << 30,
+    ) -> None:
+        """Bind the operations to a store and a registry.
+
+        Args:
+            store: The artifact store; its `limits` are the archive limits of every load.
+            registry: The architectures merges verify against.
+            safe_globals: Extra "module.qualname" globals unpickling may accept (already validated).
+            max_upload_bytes: The largest accepted upload.
+        """
+        self.store = store
+        self.registry = registry
+        self.safe_globals: tuple[str, ...] = tuple(safe_globals)
+        self.max_upload_bytes = max_upload_bytes
+
+    @property
+    def limits(self) -> ArchiveLimits:
+        """The zip pre-check limits of every load and parse."""
+        return self.store.limits
+
+    def open_upload(self) -> PendingUpload:
+        """Start a streaming upload bounded by `max_upload_bytes`."""
+        return self.store.open_upload(max_bytes=self.max_upload_bytes)
+
+    def commit_upload(
+        self,
+        upload: PendingUpload,
+        *,
+        expected_sha256: str | None = None,
+        filename: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        container_key: str | None = None,
+    ) -> IngestResult:
+        """Parse (with the service's limits) and publish an upload; see `ArtifactStore`.
+
+        A `container_key` other than the one the default rule picks keeps the upload as sent and answers with a
+        derived artifact holding only the chosen state_dict (lineage `extract`).
+        """
+        inspection = None
+        if container_key is not None:
+            if expected_sha256:
+                self.store.check_digest(upload, expected_sha256)
+            inspection = self.store.inspect_upload(upload, container_key=container_key)
+        raw = self.store.commit_upload(
+            upload, expected_sha256=expected_sha256, filename=filename, labels=dict(labels or {}),
+            inspection=inspection,
+        )
+        if container_key is None or inspection is None or inspection.container_key == inspection.default_container_key:
+            return raw
+        derived = extract_state_dict(
+            self.store, raw.artifact.id, container_key=container_key, safe_globals=self.safe_globals
+        )
+        return IngestResult(derived.artifact, derived.created)
+
+    def load(self, artifact_id: str) -> LoadedCheckpoint:
+        """Load a stored checkpoint with the service's allowlist and limits."""
+        return self.store.load(artifact_id, safe_globals=self.safe_globals)
+
+    def strip(
+        self,
+        artifact_id: str,
+        *,
+        prefixes: Sequence[str] | None = None,
+        output_format: OutputFormat = "pth",
+        container_key: str | None = None,
+    ) -> OperationResult:
+        """`strip_checkpoint` with the service's allowlist and limits."""
+        return strip_checkpoint(
+            self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals,
+            container_key=container_key,
+        )
+
+    def convert(self, artifact_id: str, *, output_format: OutputFormat) -> ConvertedBlob:
+        """`ArtifactStore.convert` (the conversion cache) with the service's allowlist and limits."""
+        return self.store.convert(artifact_id, output_format, safe_globals=self.safe_globals)
+
+    def merge(self, *, original: Source, trained: Source, options: MergeOptions) -> OperationResult:
+        """`merge_checkpoints` with the service's registry, allowlist and limits."""
+        return merge_checkpoints(
+            self.store,
+            self.registry,
+            original=original,
+            trained=trained,
+            options=options,
+            safe_globals=self.safe_globals,
+            limits=self.limits,
+        )
+
+    def diff(
+        self,
+        a: Source,
+        b: Source,
+        *,
+        normalize_prefixes: bool = False,
+        values: bool = False,
+        frozen: Sequence[str] | None = None,
+    ) -> DiffResult:
+        """`diff_checkpoints` with the service's allowlist and limits."""
+        return diff_checkpoints(
+            self.store,
+            a,
+            b,
+            normalize_prefixes=normalize_prefixes,
+            values=values,
+            frozen=frozen,
+            safe_globals=self.safe_globals,
+            limits=self.limits,
+        )

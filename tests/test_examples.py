@@ -52,7 +52,9 @@ def test_train_and_merge_then_dashboard_diff(server: str, tmp_path: Path) -> Non
     lines = shown.stdout.splitlines()
     assert lines[2] == "prefixes normalized: yes"
     assert "changed: head.bias, head.weight" in shown.stdout
-    assert "frozen check: CHANGED (8 tensors checked, 2 changed" in shown.stdout  # the head is A's too
+    assert "frozen check" not in shown.stdout  # not asked for: a fine-tune's trained head is no warning
+    everything = _run("dashboard_diff.py", "--url", server, "ex-pretrained", "ex-final", "--frozen", "true")
+    assert "frozen check: CHANGED (8 tensors checked, 2 changed" in everything.stdout  # A's head too, as asked
     backbone = _run("dashboard_diff.py", "--url", server, "ex-pretrained", "ex-final",
                     "--frozen", "features.")
     assert backbone.returncode == 0, backbone.stderr

@@ -32,6 +32,7 @@ ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
     (e.NameNotFound, 404),
     (e.ArchitectureNotFound, 404),
     (e.ArtifactInUse, 409),
+    (e.AmbiguousReference, 409),
     (e.ArchitectureConflict, 409),
     (e.PayloadTooLarge, 413),
     (e.InvalidCheckpoint, 422),  # unsafe, corrupt, unsupported, limits, container key

@@ -138,6 +138,9 @@ class DiffOut(BaseModel):
     modules: dict[str, dict[str, int]]
     values: dict[str, dict[str, Any]] | None = None
     frozen: dict[str, Any] | None = None
+    # values=true: per-module change figures (service.core.changes): {"rel_change", "modules": {module: {keys,
+    # changed_keys, numel, changed, rel_change, max_abs}}}, over the keys in both with equal shape and dtype.
+    changes: dict[str, Any] | None = None
 
 
 class TensorSpecIO(BaseModel):
@@ -169,3 +172,18 @@ class ArchitectureIn(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, Any] = {}
+
+
+ReadinessStatus = Literal["ok", "degraded", "unavailable"]
+
+
+class ReadinessCheck(BaseModel):
+    status: ReadinessStatus
+    detail: str
+
+
+class Readiness(BaseModel):
+    """GET /readyz: the worst check decides; 200 for ok and degraded, 503 for unavailable."""
+
+    status: ReadinessStatus
+    checks: dict[str, ReadinessCheck]

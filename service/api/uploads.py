@@ -185,6 +185,8 @@ class _FormState:
         if not is_file and name not in self.text_fields:
             allowed = sorted(self.file_fields | self.text_fields)
             raise InvalidRequest(f"unknown multipart field {name!r}; expected one of {allowed}")
+        if not is_file and raw_filename is not None:
+            raise InvalidRequest(self._file_in_text_field(name))
         self.current_is_file = is_file
         if is_file:
             filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
@@ -208,7 +210,17 @@ class _FormState:
             try:
                 self.fields[self.current_name] = self.text.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InvalidRequest(f"multipart field {self.current_name!r} is not UTF-8") from exc
+                name = self.current_name
+                if f"{name}_file" in self.file_fields:
+                    raise InvalidRequest(self._file_in_text_field(name)) from exc
+                raise InvalidRequest(f"multipart field {name!r} is not UTF-8 text") from exc
+
+    def _file_in_text_field(self, name: str) -> str:
+        # curl's -F trained=@file sends a file where a ref belongs: name the field the file goes in.
+        if f"{name}_file" in self.file_fields:
+            return (f"multipart field {name!r} takes a ref (an artifact id or a name); a file goes in "
+                    f"'{name}_file' (curl: -F {name}_file=@PATH)")
+        return f"multipart field {name!r} takes text, not a file (curl: -F {name}=VALUE, without '@')"
 
 
 async def parse_multipart(

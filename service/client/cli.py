@@ -21,7 +21,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"  # service.client.client.DEFAULT_URL, with
 
 EPILOG = """\
 references:
-  REF is an artifact id (64 hex) or a name. Where a command also takes a FILE (diff, merge), an argument
+  REF is an artifact id (64 hex), a unique prefix of one (8 or more hex digits, as `ckpt ls` prints them),
+  or a name. Where a command also takes a FILE (diff, merge), an argument
   that names an existing local file is sent as a file (or as its id when the service already has its
   bytes); anything else is a REF.
 
@@ -34,6 +35,7 @@ exit codes:
   1  the operation failed: the service refused it (a failed verification prints the missing and
      unexpected keys), a download did not verify, or the service could not be reached
   2  usage error (bad arguments, a missing local file)
+  141  the output pipe closed early (`ckpt ... | head`); nothing is printed about it
 """
 
 Handler = Callable[["CheckpointClient", argparse.Namespace], int]
@@ -142,7 +144,7 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
-    dest = Path(args.output) if args.output else Path.cwd()
+    dest: str | Path = args.output if args.output else Path.cwd()  # a str: a trailing "/" means a directory
     with _progress(f"pull {args.ref}") as progress:
         result = client.pull(args.ref, dest, format=args.format, progress=progress)
     if args.json:
@@ -223,6 +225,10 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
                 detail = diff.details.get(cat, {}).get(key)
                 if detail is not None:
                     print(f"    {key}: {detail}")
+    if diff.changes is not None:
+        print()
+        print(f"value changes (modules to depth {args.depth}):")
+        _print_change_rollup(diff.changes, depth=args.depth, limit=50, indent="")
     if diff.frozen is not None:
         changed = list(diff.frozen.get("changed") or [])
         print()
@@ -234,10 +240,68 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_float(value: Any) -> str:
+    return "inf" if value is None else f"{float(value):.3g}"
+
+
+def _print_change_rollup(changes: dict[str, Any], *, depth: int = 1, limit: int = 20, indent: str = "  ") -> None:
+    # The top-level modules (and the whole model): what training moved, by how much.
+    modules: dict[str, Any] = changes.get("modules") or {}
+    if not modules:
+        return
+    total = modules.get("", {})
+    print(f"{indent}changed: {total.get('changed_keys', 0)} of {total.get('keys', 0)} tensors, "
+          f"relative change {_fmt_float(total.get('rel_change'))}")
+    rows = [[m, f"{c.get('changed_keys', 0)}/{c.get('keys', 0)}", _fmt_float(c.get("rel_change")),
+             _fmt_float(c.get("max_abs"))]
+            for m, c in modules.items() if m and m.count(".") < depth and c.get("changed_keys")]
+    if rows:
+        table = _table(["MODULE", "CHANGED", "REL CHANGE", "MAX ABS"], rows[:limit])
+        print("\n".join(indent + "  " + line for line in table.splitlines()))
+        if len(rows) > limit:
+            print(f"{indent}  ... {len(rows) - limit} more modules (use --json for all)")
+
+
 def _print_verification_failure(exc: Any) -> None:
     print(f"error: {exc.detail or exc.title}", file=sys.stderr)
-    _print_keys("missing keys", exc.missing_keys, limit=50, file=sys.stderr)
-    _print_keys("unexpected keys", exc.unexpected_keys, limit=50, file=sys.stderr)
+    verification = (exc.report or {}).get("verification") or {}
+    shapes: dict[str, Any] = verification.get("shape_mismatches") or {}
+    dtypes: dict[str, Any] = verification.get("dtype_mismatches") or {}
+    mismatched = sorted(set(shapes) | set(dtypes))
+    if mismatched:
+        rows = []
+        for key in mismatched[:50]:
+            shape, dtype = shapes.get(key) or {}, dtypes.get(key) or {}
+            rows.append([key, _shape_text(shape.get("expected")), _shape_text(shape.get("got")),
+                         dtype.get("expected", ""), dtype.get("got", "")])
+        print(f"mismatched keys ({len(mismatched)}):", file=sys.stderr)
+        table = _table(["KEY", "EXPECTED SHAPE", "GOT SHAPE", "EXPECTED DTYPE", "GOT DTYPE"], rows)
+        print("\n".join("  " + line for line in table.splitlines()), file=sys.stderr)
+        if len(mismatched) > 50:
+            print(f"  ... {len(mismatched) - 50} more (use --json for all)", file=sys.stderr)
+    for label, keys in (("missing keys", exc.missing_keys), ("unexpected keys", exc.unexpected_keys),
+                        ("changed frozen keys", list(exc.problem.get("changed_keys") or []))):
+        if keys:  # an empty section says nothing
+            _print_keys(label, keys, limit=50, file=sys.stderr)
+
+
+def _shape_text(shape: Any) -> str:
+    if shape is None:
+        return "(same)"
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _hint(exc: Any, args: argparse.Namespace) -> str | None:
+    status = getattr(exc, "status", None)
+    if status == 401:
+        return "pass a token with --token TOKEN or set CKPT_TOKEN (the service has CKPT_API_TOKENS set)"
+    if status == 403:
+        return "this command needs a write token (--token / CKPT_TOKEN)"
+    if status == 409 and args.handler is _cmd_rm and exc.problem.get("names"):
+        names = list(exc.problem.get("names") or [])
+        return (f"`ckpt rm {args.ref} --force` deletes it and its names, or `ckpt name rm {names[0]}` "
+                "removes a name and keeps the checkpoint")
+    return None
 
 
 def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
@@ -249,11 +313,19 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             _source(args.original), _source(args.trained), architecture=args.architecture,
             strip_prefixes=strip,
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
-            labels=_labels(args.label), frozen_prefixes=frozen, output=args.output, progress=progress)
+            labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
+            frozen_atol=args.frozen_atol, progress=progress)
+        written = None
+        if args.output:
+            # By name when it has one, so that `-o out/` writes out/NAME.pth.
+            pulled = client.pull(args.name or result.id, args.output, progress=progress)
+            if pulled.id != result.id:  # the name moved meanwhile: say so rather than hand over another model
+                raise UsageError(f"{args.name!r} now points to {pulled.id}, not to the merge result {result.id}")
+            written = pulled.path
     if args.json:
         data = result.model_dump(mode="json")
-        if args.output:
-            data["output"] = str(args.output)
+        if written is not None:
+            data["output"] = str(written)
         _emit_json(data)
         return 0
     report = result.report
@@ -264,10 +336,16 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
     filled = list(report.get("filled") or [])
     print(f"  filled from the original: {len(filled)} keys"
           + (f" in {len(report.get('filled_modules') or [])} modules" if filled else ""))
+    _print_change_rollup(report.get("changes") or {})
+    frozen_report = report.get("frozen")
+    if frozen_report:
+        state = "ok, unchanged" if frozen_report.get("ok") else "CHANGED"
+        print(f"  frozen check ({frozen_report.get('checked', '?')} tensors under "
+              f"{', '.join(frozen_report.get('prefixes') or [])}): {state}")
     for warning in report.get("warnings") or []:
         print(f"  warning: {warning}")
-    if args.output:
-        print(f"wrote {args.output}  (sha256 verified)")
+    if written is not None:
+        print(f"wrote {written}  (sha256 verified)")
     return 0
 
 
@@ -444,7 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="A", help="REF or FILE (the original, for --frozen)")
     p.add_argument("b", metavar="B", help="REF or FILE")
     p.add_argument("-n", "--normalize-prefixes", action="store_true", help="strip wrapper prefixes first")
-    p.add_argument("--values", action="store_true", help="value statistics of changed tensors")
+    p.add_argument("--values", action="store_true",
+                   help="value statistics of changed tensors, and per module: relative change, max abs change")
+    p.add_argument("--depth", type=int, default=1,
+                   help="with --values: show modules up to this many levels deep (default 1)")
     p.add_argument("--frozen", nargs="?", const="true", metavar="PREFIXES",
                    help="check that A's parameters (or the comma-separated key prefixes) are unchanged in B")
     p.add_argument("--category", action="append", help="only this category (repeatable)",
@@ -462,13 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trained", metavar="TRAINED", help="REF or FILE: the fine-tuned checkpoint")
     p.add_argument("-a", "--arch", "--architecture", dest="architecture", required=True,
                    help="registered architecture name (see `ckpt arch ls`)")
-    p.add_argument("-o", "--output", type=Path, help="write the verified result to this file")
+    p.add_argument("-o", "--output", help="write the verified result to this file (or directory: a trailing /)")
     p.add_argument("--name", help="point this name at the result")
     p.add_argument("--strip-prefixes", default="auto",
                    help="auto (match the architecture), known, none, or comma-separated prefixes")
     p.add_argument("--drop-unexpected", action="store_true", help="drop keys the architecture does not have")
     p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
-    p.add_argument("--frozen-prefixes", help="comma-separated key prefixes of the frozen part")
+    p.add_argument("--frozen-prefixes",
+                   help="comma-separated key prefixes of the part you froze: check that it did not change "
+                        "(without it: no frozen check, only what changed per module)")
+    p.add_argument("--require-frozen", action="store_true",
+                   help="with --frozen-prefixes: fail (and store nothing) when a frozen tensor changed")
+    p.add_argument("--frozen-atol", type=float, metavar="ATOL",
+                   help="largest difference of a frozen tensor still counted as unchanged (bf16 round trips)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
 
     p = _add(sub, "strip", _cmd_strip, common, help="remove wrapper prefixes (module., _orig_mod., ...)")
@@ -509,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, http: Any = None) -> int:
     from service.client.client import CheckpointClient, RetryPolicy
     from service.client.errors import ClientError, ServiceError, VerificationError
 
@@ -520,13 +607,17 @@ def _run(args: argparse.Namespace) -> int:
     args.json = getattr(args, "json", False)
     handler: Handler = args.handler
     kwargs: dict[str, Any] = {"token": token}
+    if http is not None:
+        kwargs["http"] = http
     if timeout is not None:
         kwargs["timeout"] = timeout
     if retries is not None:
         kwargs["retry"] = RetryPolicy(attempts=max(1, retries))
     try:
-        with CheckpointClient(url, **kwargs) as client:
-            return handler(client, args)
+        with CheckpointClient(url if http is None else None, **kwargs) as client:
+            code = handler(client, args)
+            sys.stdout.flush()  # a closed pipe (`ckpt ... | head`) shows up here, not at interpreter exit
+            return code
     except VerificationError as exc:
         _print_verification_failure(exc)
         if args.json:
@@ -534,6 +625,9 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        hint = _hint(exc, args)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         if args.json:
             _emit_json({"error": exc.problem})
         return 1
@@ -545,16 +639,19 @@ def _run(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:
         print(f"ckpt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # main() ends quietly
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, http: Any = None) -> int:
     """Entry point of the `ckpt` console script.
 
     Args:
         argv: The arguments (default `sys.argv[1:]`).
+        http: An `httpx.Client` to talk through instead of `--url` (tests pass the app's TestClient).
 
     Returns:
         The exit code: 0 ok, 1 failed operation, 2 usage.
@@ -568,10 +665,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)  # `serve`
         return code
     try:
-        return _run(args)
+        return _run(args, http)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ckpt arch show X | head`): nothing to say, and nothing more to write. Point
+        # stdout at /dev/null so that the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, as a shell reports a process killed by the closed pipe
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from service.api.schemas import (
     ManifestOut,
     NameOut,
     OperationOut,
+    Readiness,
 )
 from service.client.errors import (
     ClientError,
@@ -79,6 +81,17 @@ Source = str | os.PathLike[str]
 
 OutputFormat = Literal["pth", "safetensors"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# What a service name may be ([A-Za-z0-9][A-Za-z0-9._-]*): safe as a file name as it is.
+_SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; the lock keeps this process's own threads from seeing the 0.
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -512,8 +525,11 @@ class CheckpointClient:
         `ref` itself when it is an id). On any failure no file is left at the destination or beside it.
 
         Args:
-            ref: An artifact id or a name.
-            dest: The file to write, or an existing directory (the service's filename is used).
+            ref: An artifact id, an id prefix or a name.
+            dest: The file to write, or a directory: an existing one, or any path ending in "/" (created). In a
+                directory the file is named after the name (`NAME.pth`) when `ref` is a name, else after the
+                service's filename (the id's first 16 digits). The file gets the process umask's permissions
+                (0644 under the usual 022), like any file the user creates.
             format: Convert on the way out (`"safetensors"` or `"pth"`); default the stored format.
             progress: Called with (bytes received, total or None) while downloading.
 
@@ -526,7 +542,11 @@ class CheckpointClient:
             TransportError: The connection failed on every attempt.
             OSError: The destination cannot be written.
         """
+        # A trailing slash means a directory, existing or not (`-o out/`), never a file named "out".
+        as_dir = os.fspath(dest).endswith(("/", os.sep))
         dest = Path(dest)
+        if as_dir:
+            dest.mkdir(parents=True, exist_ok=True)
         expected = ref.lower() if format is None and _HEX64.match(ref.lower()) else None
         attempts = max(1, self.retry.attempts)
         for attempt in range(attempts):
@@ -551,7 +571,7 @@ class CheckpointClient:
             if expected is not None and announced != expected:
                 raise IntegrityError(f"asked for {expected}, the service sent {announced}",
                                      expected=expected, actual=announced)
-            target = dest / self._download_name(response, announced) if dest.is_dir() else dest
+            target = dest / self._download_name(response, announced, ref) if dest.is_dir() else dest
             length = response.headers.get("content-length")
             counter = _Counter(int(length) if length and length.isdigit() else None, progress)
             fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -566,6 +586,7 @@ class CheckpointClient:
                         size += len(chunk)
                         counter.add(len(chunk))
                     out.flush()
+                    os.fchmod(out.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 is for the partial file only
                     os.fsync(out.fileno())
                 actual = digest.hexdigest()
                 if actual != announced:
@@ -581,12 +602,17 @@ class CheckpointClient:
             response.close()
 
     @staticmethod
-    def _download_name(response: httpx.Response, artifact_id: str) -> str:
+    def _download_name(response: httpx.Response, artifact_id: str, ref: str = "") -> str:
         disposition = response.headers.get("content-disposition", "")
         match = re.search(r'filename="?([^";]+)"?', disposition)
         # Only a base name from the server: a hostile "../x" must not escape the destination directory.
         name = Path(match.group(1)).name if match else ""
-        return name if name not in ("", ".", "..") else f"{artifact_id[:16]}.pth"
+        if name in ("", ".", ".."):
+            name = f"{artifact_id[:16]}.pth"
+        if ref and not artifact_id.startswith(ref.lower()) and _SAFE_FILE_NAME.fullmatch(ref):
+            # Pulled by name: name the file after it, with the extension of what the service sent.
+            name = ref + (Path(name).suffix or ".pth")
+        return name
 
     def list_checkpoints(
         self,
@@ -822,6 +848,8 @@ class CheckpointClient:
         name: str | None = None,
         labels: Mapping[str, str] | None = None,
         frozen_prefixes: Sequence[str] | None = None,
+        require_frozen: bool = False,
+        frozen_atol: float | None = None,
         output: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
     ) -> OperationOut:
@@ -842,7 +870,12 @@ class CheckpointClient:
             output_format: `"pth"` or `"safetensors"`.
             name: Point this name at the result.
             labels: Key/value labels for the result.
-            frozen_prefixes: Key prefixes of the frozen part (default: the original's parameters).
+            frozen_prefixes: Key prefixes of the frozen part. Without them there is no frozen check, only the
+                per-module rollup of what changed (`report["changes"]`); with them, changed frozen tensors are a
+                warning naming each with its max abs and relative change.
+            require_frozen: With `frozen_prefixes`: a changed frozen tensor fails the merge
+                (`VerificationError`, title "Frozen part changed") and nothing is stored.
+            frozen_atol: Largest absolute difference of a frozen tensor still counted as unchanged.
             output: Also download the verified result to this file (or directory).
             progress: Called with (bytes done, total) during the uploads and the download.
 
@@ -869,6 +902,10 @@ class CheckpointClient:
             fields.append(("labels", _labels_field(labels) or ""))
         if frozen_prefixes is not None:
             fields.append(("frozen_prefixes", ",".join(frozen_prefixes)))
+        if require_frozen:
+            fields.append(("require_frozen", "true"))
+        if frozen_atol is not None:
+            fields.append(("frozen_atol", repr(float(frozen_atol))))
         uploads: list[tuple[str, Path]] = []
         for role, source in (("original", original), ("trained", trained)):
             path: Path | None
@@ -973,11 +1010,12 @@ class CheckpointClient:
         """
         return _parse(Health, self._send("GET", "/healthz", idempotent=True))
 
-    def ready(self) -> Health:
+    def ready(self) -> Readiness:
         """Readiness (`GET /readyz`), asked once: a not-ready service is an answer, not an error.
 
         Returns:
-            `status` is `"ok"` or `"unavailable"`, with the individual `checks`.
+            `status` is `"ok"`, `"degraded"` or `"unavailable"` (the worst of the `checks`), with each check's
+            status and detail.
         """
         response = self._send("GET", "/readyz", idempotent=False, ok_statuses=(503,))
-        return _parse(Health, response)
+        return _parse(Readiness, response)

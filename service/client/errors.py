@@ -145,6 +145,7 @@ _BY_STATUS: dict[int, type[ServiceError]] = {
 # Problem `type` URNs (service.api.problems slugs the domain exception's class name) with a richer class.
 _BY_TYPE: dict[str, type[ServiceError]] = {
     "urn:ckpt:problem:verification-failed": VerificationError,
+    "urn:ckpt:problem:frozen-part-changed": VerificationError,
     "urn:ckpt:problem:unsafe-checkpoint": UnsafeCheckpointError,
 }
 
@@ -172,7 +173,7 @@ def error_from_problem(
     cls = _BY_TYPE.get(str(problem.get("type", "")))
     if cls is None and status == 422:
         # Older or proxied services may not send our type URNs; the typed fields still say what happened.
-        if "missing_keys" in problem or "unexpected_keys" in problem:
+        if "missing_keys" in problem or "unexpected_keys" in problem or "changed_keys" in problem:
             cls = VerificationError
         elif "unsafe_globals" in problem:
             cls = UnsafeCheckpointError

@@ -3,9 +3,18 @@
 Everything takes state_dicts (str -> Tensor mappings), manifests or paths and returns frozen dataclasses.
 """
 
+from service.core.changes import (
+    ChangeSummary,
+    KeyChange,
+    ModuleChange,
+    changes_from_stats,
+    measure_changes,
+    rollup_modules,
+    summarize_changes,
+)
 from service.core.diff import CATEGORIES, ManifestDiff, ValueStats, diff_manifests, diff_values, module_of
 from service.core.formats import DEFAULT_LIMITS, LEGACY_MAGIC_NUMBER, check_archive, detect_format
-from service.core.frozen import FrozenReport, check_frozen, check_frozen_manifests
+from service.core.frozen import FrozenReport, check_frozen, check_frozen_manifests, with_value_changes
 from service.core.load import CONTAINER_KEYS, load_checkpoint, resolve_globals
 from service.core.manifest import build_manifest, compute_schema_fingerprint, dtype_name, fingerprint_tensor
 from service.core.merge import BN_STAT_NAMES, KeyProvenance, MergeReport, MergeResult, merge_state_dicts
@@ -45,14 +54,17 @@ __all__ = [
     "LEGACY_MAGIC_NUMBER",
     "ArchitectureSpec",
     "ArchiveLimits",
+    "ChangeSummary",
     "CheckpointFormat",
     "FrozenReport",
+    "KeyChange",
     "KeyProvenance",
     "LoadedCheckpoint",
     "Manifest",
     "ManifestDiff",
     "MergeReport",
     "MergeResult",
+    "ModuleChange",
     "PrefixMatch",
     "StateDict",
     "StripResult",
@@ -64,6 +76,7 @@ __all__ = [
     "build_meta_module",
     "check_archive",
     "check_frozen",
+    "changes_from_stats",
     "check_frozen_manifests",
     "compute_schema_fingerprint",
     "detect_format",
@@ -73,13 +86,17 @@ __all__ = [
     "fingerprint_tensor",
     "load_checkpoint",
     "match_prefixes",
+    "measure_changes",
     "merge_state_dicts",
     "module_of",
     "resolve_globals",
+    "rollup_modules",
     "save_checkpoint",
     "spec_from_manifest",
     "spec_from_module",
     "strip_key",
     "strip_prefixes",
+    "summarize_changes",
     "verify_state_dict",
+    "with_value_changes",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ __all__ = [
     "ValueStats",
     "diff_manifests",
     "diff_values",
+    "is_numeric_dtype",
     "iter_chunk_pairs",
     "module_of",
     "normalize_entries",
@@ -189,6 +191,12 @@ class ValueStats:
     inf_b: int
     numel: int = 0
     finite: int = 0  # positions where both values are finite: the statistics are over these
+    # The additive figures modules aggregate exactly (service.core.changes): ||a||^2 and ||b - a||^2 over the
+    # finite positions, elements that differ (NaN == NaN), and of those, positions where only one is finite.
+    sq_a: float = 0.0
+    sq_diff: float = 0.0
+    changed: int = 0
+    nonfinite_changed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,6 +210,7 @@ class ValueStats:
             "inf_b": self.inf_b,
             "numel": self.numel,
             "finite": self.finite,
+            "changed": self.changed,
         }
 
 
@@ -258,6 +267,8 @@ class _Sums:
     inf_a: int = 0
     nan_b: int = 0
     inf_b: int = 0
+    changed: int = 0
+    nonfinite_changed: int = 0
 
 
 def _buffer(cache: dict[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
@@ -286,6 +297,9 @@ def _accumulate(sums: _Sums, ca: torch.Tensor, cb: torch.Tensor, cache: dict[str
         sums.inf_a += int(torch.isinf(da).sum())
         sums.inf_b += int(torch.isinf(db).sum())
         both = fin_a & fin_b
+        differs = ~((da == db) | (torch.isnan(da) & torch.isnan(db)))
+        sums.nonfinite_changed += int((differs & ~both).sum())
+        sums.changed += int((differs & ~both).sum())
         da, db = da[both], db[both]
         norm_a, norm_b = _norm(da), _norm(db)
     if da.numel() == 0:
@@ -294,6 +308,7 @@ def _accumulate(sums: _Sums, ca: torch.Tensor, cb: torch.Tensor, cache: dict[str
     diff = da.sub_(db)  # da is not needed any more
     low, high = torch.aminmax(diff)
     sums.count += diff.numel()
+    sums.changed += int(torch.count_nonzero(diff))
     sums.max_abs = max(sums.max_abs, -float(low), float(high))
     sums.sum_abs += float(torch.linalg.vector_norm(diff, 1))
     sums.sq_diff += _norm(diff) ** 2
@@ -326,6 +341,10 @@ def _finish(sums: _Sums, numel: int) -> ValueStats:
         inf_b=sums.inf_b,
         numel=numel,
         finite=count,
+        sq_a=sums.sq_a,
+        sq_diff=sums.sq_diff,
+        changed=sums.changed,
+        nonfinite_changed=sums.nonfinite_changed,
     )
 
 
@@ -357,14 +376,17 @@ def _stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ValueSt
         return torch.zeros(n, dtype=torch.float64).index_add_(0, seg, values.to(torch.float64)).tolist()
 
     counts = [float(s) for s in sizes]
-    nans_a = infs_a = nans_b = infs_b = [0.0] * n
+    nans_a = infs_a = nans_b = infs_b = nonfinite_changed = [0.0] * n
     if not (math.isfinite(_norm(da)) and math.isfinite(_norm(db))):
         fin = torch.isfinite(da) & torch.isfinite(db)
+        differs = ~((da == db) | (torch.isnan(da) & torch.isnan(db)))
+        nonfinite_changed = per_tensor(differs & ~fin)
         nans_a, infs_a = per_tensor(torch.isnan(da)), per_tensor(torch.isinf(da))
         nans_b, infs_b = per_tensor(torch.isnan(db)), per_tensor(torch.isinf(db))
         counts = per_tensor(fin)
         da, db = torch.where(fin, da, 0.0), torch.where(fin, db, 0.0)
     diff = (da - db).abs_()
+    changed = per_tensor(diff != 0)
     max_abs = torch.zeros(n, dtype=torch.float64).scatter_reduce_(0, seg, diff, "amax").tolist()
     sum_abs, sq_diff = per_tensor(diff), per_tensor(diff * diff)
     sq_a, sq_b, dot = per_tensor(da * da), per_tensor(db * db), per_tensor(da * db)
@@ -382,9 +404,30 @@ def _stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ValueSt
             inf_a=int(infs_a[i]),
             nan_b=int(nans_b[i]),
             inf_b=int(infs_b[i]),
+            changed=int(changed[i] + nonfinite_changed[i]),
+            nonfinite_changed=int(nonfinite_changed[i]),
         )
         out.append(_finish(sums, numel))
     return out
+
+
+@functools.cache
+def is_numeric_dtype(dtype: torch.dtype) -> bool:
+    """Tell whether values of `dtype` can be compared as numbers (not bits16, uint1, ... which are raw bits).
+
+    Args:
+        dtype: A torch dtype.
+
+    Returns:
+        True when the values convert to float64 (quantized ones after dequantize(), complex ones as pairs).
+    """
+    if dtype.is_complex or dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+        return True
+    try:
+        torch.zeros(1, dtype=dtype).to(torch.float64)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
 
 
 def diff_values(
@@ -433,6 +476,12 @@ def diff_values(
             continue
         if ta.is_meta or tb.is_meta or ta.is_complex() != tb.is_complex():
             continue  # no values to compare, or no common real representation without copying
+        if not (is_numeric_dtype(ta.dtype) and is_numeric_dtype(tb.dtype)):
+            continue  # bits16, uint1, ...: bytes without arithmetic; the fingerprints say whether they changed
+        if ta.is_quantized or tb.is_quantized:
+            # Compared by their dequantized values (one float copy of the tensor, as torch offers no view).
+            ta = ta.dequantize() if ta.is_quantized else ta
+            tb = tb.dequantize() if tb.is_quantized else tb
         numel = ta.numel() * (2 if ta.is_complex() else 1)
         if numel > small_max:
             found[key] = _stats(ta, tb, chunk_elements)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from service.core.changes import KeyChange
 from service.core.diff import iter_chunk_pairs
 from service.core.merge import BN_STAT_NAMES
 from service.core.types import Manifest
 
-__all__ = ["FrozenReport", "check_frozen", "check_frozen_manifests"]
+__all__ = ["FrozenReport", "check_frozen", "check_frozen_manifests", "with_value_changes"]
 
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -28,6 +29,9 @@ class FrozenReport:
     max_abs: dict[str, float]  # changed key -> largest absolute difference (inf: NaN/Inf placement differs)
     ok: bool
     mismatched: tuple[str, ...] = ()  # frozen keys whose shape differs in the trained state_dict (sorted)
+    rel_change: dict[str, float] = field(default_factory=dict)  # changed key -> ||b - a|| / ||a||
+    within_atol: tuple[str, ...] = ()  # keys whose bytes differ by at most atol: counted as unchanged (sorted)
+    prefixes: tuple[str, ...] | None = None  # the frozen part checked; None: every parameter of the original
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +40,9 @@ class FrozenReport:
             "missing": list(self.missing),
             "mismatched": list(self.mismatched),
             "max_abs": {k: (v if math.isfinite(v) else None) for k, v in self.max_abs.items()},
+            "rel_change": {k: (v if math.isfinite(v) else None) for k, v in self.rel_change.items()},
+            "within_atol": list(self.within_atol),
+            "prefixes": list(self.prefixes) if self.prefixes is not None else None,
             "ok": self.ok,
         }
 
@@ -180,4 +187,39 @@ def check_frozen_manifests(
         max_abs={},
         ok=not (changed or missing or mismatched),
         mismatched=tuple(sorted(mismatched)),
+        prefixes=tuple(prefixes) if prefixes is not None else None,
+    )
+
+
+def with_value_changes(report: FrozenReport, changes: Mapping[str, KeyChange], *, atol: float = 0.0) -> FrozenReport:
+    """Add each changed frozen key's max abs and relative change to a fingerprint-based report.
+
+    Only the keys whose fingerprints differ need values (`changes` from `service.core.changes.measure_changes`
+    over `report.changed`), so the check stays a manifest comparison for the frozen part that did not move.
+    A key whose largest difference is at most `atol` (a bfloat16 round trip) counts as unchanged and is listed in
+    `within_atol`.
+
+    Args:
+        report: The report of `check_frozen_manifests`.
+        changes: Key to `KeyChange`, at least for `report.changed`; keys without figures stay changed.
+        atol: Largest absolute difference still counted as unchanged.
+
+    Returns:
+        The report with `max_abs` and `rel_change` filled, and `changed`/`ok` after `atol`.
+    """
+    changed: list[str] = []
+    within: list[str] = []
+    for key in report.changed:
+        c = changes.get(key)
+        if c is not None and c.max_abs <= atol:
+            within.append(key)
+        else:
+            changed.append(key)
+    return replace(
+        report,
+        changed=tuple(changed),
+        within_atol=tuple(within),
+        max_abs={k: changes[k].max_abs for k in changed if k in changes},
+        rel_change={k: changes[k].rel_change for k in changed if k in changes},
+        ok=not (changed or report.missing or report.mismatched),
     )

@@ -230,6 +230,29 @@ def resolve_globals(names: Sequence[str]) -> list[Any]:
     return resolved
 
 
+def safe_globals_hint(names: Sequence[str]) -> str:
+    """Say whether, and how, an operator could allow the globals a refused checkpoint references.
+
+    Args:
+        names: The refused globals, as "module.qualname".
+
+    Returns:
+        A sentence to append to the error: the setting that allows them, or why some can never be allowed.
+    """
+    def denied(name: str) -> bool:
+        return any(name == d or name.startswith(d + ".") for d in _DENIED_MODULES)
+
+    never = sorted(n for n in names if denied(n))
+    allowable = sorted(n for n in names if not denied(n))
+    parts = []
+    if allowable:
+        listed = ", ".join(f'"{n}"' for n in allowable)
+        parts.append(f"an operator who trusts them can allow them with the setting CKPT_SAFE_GLOBALS='[{listed}]'")
+    if never:
+        parts.append(f"{quote_keys(never)} can never be allowed (they can run code)")
+    return "; ".join(parts)
+
+
 def _refuse_denied(name: str, module: str) -> None:
     if any(module == denied or module.startswith(denied + ".") for denied in _DENIED_MODULES):
         raise InvalidRequest(f"safe global {name!r} is from a module that is never allowed")
@@ -488,7 +511,8 @@ def _unpickling_error(path: Path, fmt: CheckpointFormat, exc: Exception, allowed
         names.add(found if "." in found else f"builtins.{found}")
     if names:
         return UnsafeCheckpoint(
-            f"the checkpoint references globals outside the weights-only allowlist: {quote_keys(names)}",
+            f"the checkpoint references globals outside the weights-only allowlist: {quote_keys(names)}; "
+            + safe_globals_hint(sorted(names)),
             unsafe_globals=sorted(names),
         )
     if any(marker in message for marker in _WEIGHTS_ONLY_REJECTIONS):
@@ -522,7 +546,7 @@ def _unknown_content_error(path: Path, allowed: list[Any]) -> Exception:
             if unsafe:
                 return UnsafeCheckpoint(
                     "the file is a plain pickle (not a torch.save checkpoint) referencing globals: "
-                    f"{quote_keys(unsafe)}",
+                    f"{quote_keys(unsafe)}; " + safe_globals_hint(unsafe),
                     unsafe_globals=unsafe,
                 )
             return CorruptCheckpoint("the file is a plain pickle, not a torch.save checkpoint")

@@ -79,10 +79,17 @@ class ArchitectureSpec:
             raise InvalidArchitecture(f"not an architecture spec: {exc!r}") from exc
         for key, spec in keys.items():
             if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
-                raise InvalidArchitecture(f"unknown dtype {spec.dtype!r} for {key!r}")
+                raise InvalidArchitecture(
+                    f"unknown dtype {spec.dtype!r} for {key!r}; valid dtypes: {', '.join(valid_dtype_names())}"
+                )
             if any(d < 0 for d in spec.shape):
                 raise InvalidArchitecture(f"negative dimension in the shape of {key!r}")
         return cls(keys=keys)
+
+
+def valid_dtype_names() -> list[str]:
+    """The dtype names a spec may use: how torch spells its dtypes (`str(torch.float32)` without `torch.`)."""
+    return sorted({str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)})
 
 
 def _spec_of(state_dict: Mapping[str, Any]) -> ArchitectureSpec:

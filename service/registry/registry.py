@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import re
+import sys
 import threading
 import tomllib
 import uuid
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from service.core.verify import ArchitectureSpec, build_meta_module, spec_from_module
+from service.core.verify import ArchitectureSpec, build_meta_module, spec_from_module, valid_dtype_names
 from service.errors import (
     ArchitectureConflict,
     ArchitectureNotFound,
@@ -349,6 +350,11 @@ class ArchitectureRegistry:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             self._issue(str(path), "config", f"cannot read config file: {_describe(exc)}")
             return
+        try:
+            _extend_python_path(path, document.get("python_path", []))
+        except InvalidArchitecture as exc:
+            self._issue(str(path), "config", exc.detail)
+            return
         tables = document.get("architectures", {})
         if not isinstance(tables, dict):
             self._issue(str(path), "config", "'architectures' must be a table of tables")
@@ -467,7 +473,12 @@ def _check_spec(spec: ArchitectureSpec) -> None:
         raise InvalidArchitecture(f"Invalid shape for {quote_keys(bad_shape)}", keys=sorted(bad_shape))
     bad_dtype = [k for k, t in spec.keys.items() if not _is_dtype_name(t.dtype)]
     if bad_dtype:
-        raise InvalidArchitecture(f"Unknown dtype for {quote_keys(bad_dtype)}", keys=sorted(bad_dtype))
+        given = sorted({spec.keys[k].dtype for k in bad_dtype})
+        raise InvalidArchitecture(
+            f"Unknown dtype {', '.join(map(repr, given))} for {quote_keys(bad_dtype)}; valid dtypes: "
+            + ", ".join(valid_dtype_names()),
+            keys=sorted(bad_dtype),
+        )
     empty = [k for k in spec.keys if not k]
     if empty:
         raise InvalidArchitecture("Empty key in architecture spec")
@@ -543,6 +554,21 @@ def import_factory(reference: str) -> Callable[..., Any]:
     if not callable(target):
         raise InvalidArchitecture(f"factory {reference!r} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def _extend_python_path(config: Path, entries: object) -> None:
+    # `python_path = ["src", "../models"]`: where the config's own factory modules live, relative to the file,
+    # so that `factory = "my_models:build"` imports without PYTHONPATH.
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise InvalidArchitecture("'python_path' must be a list of directories (relative to the config file)")
+    for entry in reversed(entries):
+        directory = str((config.parent / entry).resolve())
+        if not os.path.isdir(directory):
+            raise InvalidArchitecture(f"python_path entry {entry!r} is not a directory ({directory})")
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    if entries:
+        importlib.invalidate_caches()
 
 
 def _config_factory(table: object) -> tuple[Callable[[], nn.Module], str | None]:

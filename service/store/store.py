@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ from service.core.types import (
     Manifest,
 )
 from service.errors import (
+    AmbiguousReference,
     ArtifactInUse,
     ArtifactNotFound,
     DigestMismatch,
@@ -60,7 +62,7 @@ from service.store._fs import (
     unlink_quietly,
 )
 from service.store.conversions import ConversionCache, ConvertedBlob
-from service.store.ids import is_id, validate_id, validate_name
+from service.store.ids import is_id, is_id_prefix, validate_id, validate_name, validate_new_name
 from service.store.inspection import inspect_checkpoint
 from service.store.types import (
     LINEAGE_OPERATIONS,
@@ -190,20 +192,23 @@ class ArtifactStore:
 
         Args:
             root: The store directory.
-            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process.
+            inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process, with
+                `limits`.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
             conversion_cache_bytes: Size bound of the conversion cache (`convert`), kept by `collect_garbage`.
             conversion_cache_max_age_seconds: Conversions unused this long are removed by `collect_garbage`.
-            limits: The parse limits the inspector applies, also to stored blobs when they are loaded
-                (`CKPT_MAX_KEYS`); their expansion bound also holds every safetensors file the store writes
-                (`store_state_dict`, `convert`).
+            limits: The parse limits of the default inspector and of every load of a stored blob
+                (`CKPT_MAX_KEYS`, archive limits); their expansion bound also holds every safetensors file the
+                store writes (`store_state_dict`, `convert`).
 
         Raises:
             StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
         """
         self.root = Path(root)
-        self._inspector: Inspector = inspector if inspector is not None else inspect_checkpoint
         self.limits = limits if limits is not None else ArchiveLimits()
+        self._inspector: Inspector = (
+            inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
+        )
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
         self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()
@@ -320,7 +325,8 @@ class ArtifactStore:
         """Turn an id or a name into the id of an existing artifact.
 
         Args:
-            ref: A 64-hex id or a name.
+            ref: A 64-hex id, a name, or a unique prefix of at least 8 hex digits of an id. A name wins over a
+                prefix (new names cannot look like one; older ones keep working).
 
         Returns:
             The artifact id.
@@ -328,16 +334,50 @@ class ArtifactStore:
         Raises:
             InvalidReference: `ref` is neither a well-formed id nor a valid name.
             ArtifactNotFound: No artifact with that id, or the name points to a deleted artifact.
-            NameNotFound: No such name.
+            NameNotFound: No such name (and no artifact id starts with it).
+            AmbiguousReference: The prefix starts several ids (`candidates`).
         """
         if is_id(ref):
             if not self.exists(ref):
                 raise ArtifactNotFound(f"no artifact {ref}", ref=ref)
             return ref
-        artifact_id = self.get_name(ref)
+        if is_id_prefix(ref):
+            try:
+                artifact_id = self.get_name(ref)
+            except NameNotFound:
+                return self._resolve_prefix(ref.lower())
+        else:
+            artifact_id = self.get_name(ref)
         if not self.exists(artifact_id):
             raise ArtifactNotFound(f"name {ref!r} points to a missing artifact {artifact_id}", ref=ref)
         return artifact_id
+
+    def _resolve_prefix(self, prefix: str) -> str:
+        try:
+            entries = os.listdir(self._meta / prefix[:2])
+        except FileNotFoundError:
+            entries = []
+        found = sorted(
+            stem for stem, ext in map(os.path.splitext, entries) if ext == ".json" and is_id(stem)
+            and stem.startswith(prefix)
+        )
+        if not found:
+            raise ArtifactNotFound(f"no artifact id starts with {prefix!r}, and no name {prefix!r}", ref=prefix)
+        if len(found) > 1:
+            shown = ", ".join(f[:16] for f in found[:10])
+            raise AmbiguousReference(
+                f"{len(found)} artifact ids start with {prefix!r} ({shown}); give more digits", ref=prefix,
+                candidates=found[:100],
+            )
+        return found[0]
+
+    def hex_names(self) -> builtins.list[str]:
+        """Names made only of 8 or more hex digits (allowed before short ids; they still win over a prefix).
+
+        Returns:
+            Those names, sorted.
+        """
+        return sorted(n for n in self._read_names() if is_id_prefix(n))
 
     def exists(self, artifact_id: str) -> bool:
         """Tell whether an artifact is published.
@@ -1024,13 +1064,30 @@ class ArtifactStore:
             ArtifactNotFound: No such artifact.
             StorageFull: No space for the name file.
         """
-        validate_name(name)
+        self.check_settable_name(name)
         validate_id(artifact_id)
         with self._names_lock():
             if not self.exists(artifact_id):
                 raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
             publish_bytes(self._tmp, self._name_file(name), f"{artifact_id}\n".encode(), mode=0o644,
                           replace=True)
+
+    def check_settable_name(self, name: str) -> str:
+        """Check that `set_name` would accept `name` (call it before heavy work that ends in naming).
+
+        Args:
+            name: The name.
+
+        Returns:
+            The name, unchanged.
+
+        Raises:
+            InvalidReference: Not a valid name, or a new name made only of 8 or more hex digits.
+        """
+        validate_name(name)
+        if not self._name_file(name).exists():
+            validate_new_name(name)  # an existing all-hex name may move; a new one could hide an id prefix
+        return name
 
     def get_name(self, name: str) -> str:
         """Read the id a name points to.

@@ -45,7 +45,7 @@ def test_health_and_ready(ckpt: CheckpointClient) -> None:
     assert ckpt.health().status == "ok"
     ready = ckpt.ready()
     assert ready.status == "ok"
-    assert ready.checks["store_writable"] is True
+    assert ready.checks["store"].status == "ok"
 
 
 # -- push, dedup, exists, get, manifest ------------------------------------------------------------

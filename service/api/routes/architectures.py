@@ -25,6 +25,8 @@ def _out(arch: Architecture, *, with_keys: bool) -> ArchitectureOut:
     "/architectures",
     response_model=ArchitectureList,
     operation_id="list_architectures",
+    summary="List architectures",
+    tags=["architectures"],
     dependencies=[ReadAuth],
     responses=problem_responses(401),
 )
@@ -40,6 +42,8 @@ def list_architectures(registry: RegistryDep) -> ArchitectureList:
     "/architectures/{name}",
     response_model=ArchitectureOut,
     operation_id="get_architecture",
+    summary="Get an architecture's expected keys",
+    tags=["architectures"],
     dependencies=[ReadAuth],
     responses=problem_responses(401, 404),
 )
@@ -53,6 +57,8 @@ def get_architecture(registry: RegistryDep, name: str = ArchName) -> Architectur
     status_code=201,
     response_model=ArchitectureOut,
     operation_id="register_architecture",
+    summary="Register a code-free architecture spec",
+    tags=["architectures"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 409, 422),
 )
@@ -74,6 +80,8 @@ async def register_architecture(body: ArchitectureIn, registry: RegistryDep, sto
     "/architectures/{name}",
     status_code=204,
     operation_id="delete_architecture",
+    summary="Remove a registered architecture spec",
+    tags=["architectures"],
     dependencies=[WriteAuth],
     responses=problem_responses(401, 403, 404, 409),
 )

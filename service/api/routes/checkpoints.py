@@ -15,8 +15,14 @@ from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestO
 from service.api.uploads import parse_multipart, read_raw_body
 from service.api.work import Admission
 from service.errors import InvalidRequest
-from service.operations import extract_state_dict
-from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload, validate_name
+from service.store import (
+    NAME_RE,
+    ArtifactMeta,
+    ArtifactStore,
+    IngestResult,
+    PendingUpload,
+    is_id,
+)
 
 router = APIRouter()
 
@@ -109,27 +115,13 @@ async def commit_upload(
 ) -> IngestResult:
     store = services.store
     if name is not None:
-        validate_name(name)  # refuse a bad name before the heavy work
-
-    def ingest() -> IngestResult:
-        inspection = None
-        raw: IngestResult
-        if container_key is not None:
-            if expected:
-                store.check_digest(upload, expected.lower())
-            inspection = store.inspect_upload(upload, container_key=container_key)
-        raw = store.commit_upload(
+        store.check_settable_name(name)  # refuse a bad name before the heavy work
+    result: IngestResult = await slot.run(
+        lambda: services.operations.commit_upload(
             upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels,
-            inspection=inspection,
+            container_key=container_key,
         )
-        if container_key is None or inspection is None or inspection.container_key == inspection.default_container_key:
-            return raw
-        # Not the state_dict the default rule picks: keep the upload as sent, answer with the chosen one alone.
-        derived = extract_state_dict(store, raw.artifact.id, container_key=container_key,
-                                     safe_globals=services.settings.safe_globals)
-        return IngestResult(derived.artifact, derived.created)
-
-    result: IngestResult = await slot.run(ingest)
+    )
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
@@ -142,6 +134,8 @@ async def commit_upload(
     status_code=201,
     response_model=ArtifactOut,
     operation_id="upload_checkpoint",
+    summary="Upload a checkpoint",
+    tags=["checkpoints"],
     dependencies=[WriteAuth],
     openapi_extra=UPLOAD_BODY,
     responses={
@@ -176,7 +170,7 @@ async def _upload(
     filename: str | None,
     container_key: str | None,
 ) -> ArtifactOut:
-    limit = services.settings.max_upload_bytes
+    limit = services.operations.max_upload_bytes
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await parse_multipart(
@@ -216,6 +210,8 @@ async def _upload(
 @router.head(
     "/checkpoints/{ref}",
     operation_id="checkpoint_exists",
+    summary="Check whether a checkpoint is stored",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -234,6 +230,8 @@ def checkpoint_exists(artifact: ArtifactDep) -> Response:
     "/checkpoints/{ref}",
     response_model=ArtifactOut,
     operation_id="get_checkpoint",
+    summary="Get a checkpoint's metadata and lineage",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -246,6 +244,8 @@ def get_checkpoint(request: Request, artifact: ArtifactDep) -> ArtifactOut:
     "/checkpoints/{ref}/manifest",
     response_model=ManifestOut,
     operation_id="get_manifest",
+    summary="Get a checkpoint's manifest: keys, shapes, dtypes",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401, 404),
 )
@@ -271,6 +271,8 @@ def _stored_kind(fmt: str) -> str:
 @router.get(
     "/checkpoints/{ref}/file",
     operation_id="download_checkpoint",
+    summary="Download a checkpoint file",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     response_class=FileResponse,
     responses={
@@ -288,6 +290,7 @@ def _stored_kind(fmt: str) -> str:
 )
 async def download_checkpoint(
     request: Request,
+    ref: RefPath,
     artifact: ArtifactDep,
     services: ServicesDep,
     format: Literal["pth", "safetensors"] | None = None,
@@ -301,12 +304,14 @@ async def download_checkpoint(
         converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
         if converted is None:
             converted = await services.read_pool.run(
-                lambda: store.convert(artifact.id, format, safe_globals=services.settings.safe_globals)
+                lambda: services.operations.convert(artifact.id, output_format=format)
             )
         path, digest, suffix = converted.path, converted.sha256, f".{format}"
     etag = f'"{digest}"'
+    # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).
+    cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     return FileResponse(
         path if path is not None else store.blob_path(artifact.id),
         media_type="application/octet-stream",
@@ -315,7 +320,7 @@ async def download_checkpoint(
             "ETag": etag,
             # The sha256 of the bytes sent, so that `ckpt pull` verifies a converted download too.
             "X-Checkpoint-Id": digest,
-            "Cache-Control": "public, max-age=31536000, immutable",
+            "Cache-Control": cache_control,
         },
     )
 
@@ -324,6 +329,8 @@ async def download_checkpoint(
     "/checkpoints",
     response_model=ArtifactPage,
     operation_id="list_checkpoints",
+    summary="List checkpoints",
+    tags=["checkpoints"],
     dependencies=[ReadAuth],
     responses=problem_responses(400, 401),
 )
@@ -348,6 +355,8 @@ def list_checkpoints(
     "/checkpoints/{ref}",
     response_model=DeletedOut,
     operation_id="delete_checkpoint",
+    summary="Delete a checkpoint",
+    tags=["checkpoints"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 409),
 )
@@ -361,6 +370,8 @@ def delete_checkpoint(artifact: ArtifactDep, store: StoreDep, force: bool = Fals
     "/names/{name}",
     response_model=NameOut,
     operation_id="set_name",
+    summary="Point a name at a checkpoint",
+    tags=["names"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 422),
 )
@@ -375,6 +386,8 @@ def set_name(name: Annotated[str, RefPath], body: NameIn, store: StoreDep) -> Na
     "/names",
     response_model=list[NameOut],
     operation_id="list_names",
+    summary="List names",
+    tags=["names"],
     dependencies=[ReadAuth],
     responses=problem_responses(401),
 )
@@ -387,6 +400,8 @@ def list_names(store: StoreDep) -> list[NameOut]:
     "/names/{name}",
     response_model=DeletedOut,
     operation_id="delete_name",
+    summary="Remove a name",
+    tags=["names"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -16,17 +17,10 @@ from service.api.routes.checkpoints import artifact_out, parse_labels, point_nam
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
 from service.api.uploads import ParsedForm, parse_multipart
 from service.api.work import Admission
-from service.core.diff import ManifestDiff
+from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
-from service.operations import (
-    MergeOptions,
-    OperationResult,
-    Source,
-    diff_checkpoints,
-    merge_checkpoints,
-    strip_checkpoint,
-)
-from service.store import NAME_RE, validate_name
+from service.operations import DiffResult, MergeOptions, OperationResult, Source
+from service.store import NAME_RE
 
 router = APIRouter()
 
@@ -43,6 +37,8 @@ def _operation_out(request: Request, result: OperationResult) -> OperationOut:
     status_code=201,
     response_model=OperationOut,
     operation_id="strip_checkpoint",
+    summary="Strip wrapper prefixes from a checkpoint",
+    tags=["operations"],
     dependencies=[WriteAuth],
     responses=problem_responses(400, 401, 403, 404, 422, 503, 507),
 )
@@ -50,16 +46,11 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
     """Remove wrapper prefixes (detected, or the given ones) and store the result."""
     store = services.store
     if body.name is not None:
-        validate_name(body.name)
+        store.check_settable_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
     result = await services.pool.run(
-        lambda: strip_checkpoint(
-            store,
-            artifact_id,
-            prefixes=body.prefixes,
-            output_format=body.output_format,
-            safe_globals=services.settings.safe_globals,
-            container_key=body.container_key,
+        lambda: services.operations.strip(
+            artifact_id, prefixes=body.prefixes, output_format=body.output_format, container_key=body.container_key
         )
     )
     if body.name is not None:
@@ -67,14 +58,8 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
     return _operation_out(request, result)
 
 
-def _diff_out(
-    a: str,
-    b: str,
-    diff: ManifestDiff,
-    values: dict[str, Any] | None,
-    frozen: dict[str, Any] | None,
-    params: DiffParams,
-) -> DiffOut:
+def _diff_out(a: str, b: str, result: DiffResult, params: DiffParams) -> DiffOut:
+    diff = result.diff
     key_prefix, limit = params.key_prefix, params.limit
     keys: dict[str, DiffCategoryKeys] = {}
     for cat in params.category or list(CATEGORIES):
@@ -98,9 +83,20 @@ def _diff_out(
         keys=keys,
         details=details,
         modules=modules,
-        values=values,
-        frozen=frozen,
+        values=result.values,
+        frozen=result.frozen,
+        changes=_changes_out(result.changes, key_prefix),
     )
+
+
+def _changes_out(changes: ChangeSummary | None, key_prefix: str | None) -> dict[str, Any] | None:
+    if changes is None:
+        return None
+    data = changes.to_dict()
+    if key_prefix is not None:
+        base = key_prefix.rstrip(".")
+        data["modules"] = {m: c for m, c in data["modules"].items() if m == "" or m.startswith(base)}
+    return data
 
 
 def _frozen_arg(frozen: str | None) -> list[str] | None:
@@ -144,6 +140,8 @@ DiffParamsDep = Annotated[DiffParams, Depends()]
     "/diff",
     response_model=DiffOut,
     operation_id="diff_checkpoints",
+    summary="Diff two stored checkpoints",
+    tags=["operations"],
     dependencies=[ReadAuth],
     description=DIFF_QUERY_DOC,
     responses=problem_responses(400, 401, 404, 422, 503),
@@ -169,16 +167,14 @@ async def diff_get(
             return _json(body)
 
     def run() -> bytes:
-        diff, stats, frozen_report = diff_checkpoints(
-            store,
+        result = services.operations.diff(
             Source(artifact_id=ida, container_key=params.a_container_key),
             Source(artifact_id=idb, container_key=params.b_container_key),
             normalize_prefixes=params.normalize_prefixes,
             values=params.values,
             frozen=_frozen_arg(params.frozen),
-            safe_globals=services.settings.safe_globals,
         )
-        return _rendered(ida, idb, diff, stats, frozen_report, params)
+        return _rendered(ida, idb, result, params)
 
     # Manifest-only diffs are cheap JSON work: a thread, not the bounded heavy pool; values open the blobs.
     body = await (services.read_pool.run(run) if params.values else anyio.to_thread.run_sync(run))
@@ -187,12 +183,11 @@ async def diff_get(
     return _json(body)
 
 
-def _rendered(a: str, b: str, diff: ManifestDiff, values: dict[str, Any] | None, frozen: dict[str, Any] | None,
-              params: DiffParams) -> bytes:
+def _rendered(a: str, b: str, result: DiffResult, params: DiffParams) -> bytes:
     # A DiffOut is validated when it is built; FastAPI would dump, validate and dump it again (10 ms for a
     # 20k-key diff) on the event loop, so the routes render it once, in their worker thread, and declare DiffOut
     # as their response_model for OpenAPI.
-    out = _diff_out(a, b, diff, values, frozen, params)
+    out = _diff_out(a, b, result, params)
     try:
         return out.model_dump_json().encode()
     except PydanticSerializationError:
@@ -247,6 +242,8 @@ def container_key_field(form: ParsedForm, field: str) -> str | None:
     "/diff",
     response_model=DiffOut,
     operation_id="diff_uploaded",
+    summary="Diff two uploaded checkpoints",
+    tags=["operations"],
     dependencies=[ReadAuth],
     openapi_extra=DIFF_BODY,
     description=DIFF_QUERY_DOC,
@@ -270,7 +267,7 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
         services.store,
         file_fields=frozenset({"a", "b"}),
         text_fields=frozenset({"a", "b", "a_container_key", "b_container_key"}),
-        max_file_bytes=services.settings.max_upload_bytes,
+        max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
         sa = await _diff_side(services, form, "a",
@@ -279,18 +276,16 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
                               container_key_field(form, "b_container_key") or params.b_container_key)
 
         def run() -> bytes:
-            diff, stats, frozen_report = diff_checkpoints(
-                services.store,
+            result = services.operations.diff(
                 sa,
                 sb,
                 normalize_prefixes=params.normalize_prefixes,
                 values=params.values,
                 frozen=_frozen_arg(params.frozen),
-                safe_globals=services.settings.safe_globals,
             )
             ida = sa.artifact_id or (sa.upload.sha256 if sa.upload else "")
             idb = sb.artifact_id or (sb.upload.sha256 if sb.upload else "")
-            return _rendered(ida, idb, diff, stats, frozen_report, params)
+            return _rendered(ida, idb, result, params)
 
         body = await slot.run(run)
     finally:
@@ -309,6 +304,8 @@ MERGE_FIELDS = frozenset(
         "name",
         "labels",
         "frozen_prefixes",
+        "require_frozen",
+        "frozen_atol",
         "original_sha256",
         "trained_sha256",
         "original_container_key",
@@ -342,8 +339,22 @@ MERGE_BODY: dict[str, Any] = {
                         "labels": {"type": "string"},
                         "frozen_prefixes": {
                             "type": "string",
-                            "description": "Comma-separated key prefixes of the frozen part "
-                            "(default: the original's parameters).",
+                            "description": "Comma-separated key prefixes of the frozen part. Without it there "
+                            "is no frozen check, only the per-module rollup of what changed (`report.changes`); "
+                            "with it, changed frozen tensors are a warning with their max abs and relative change.",
+                        },
+                        "require_frozen": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "With frozen_prefixes: a changed frozen tensor is a 422 and nothing is "
+                            "stored (for CI pipelines).",
+                        },
+                        "frozen_atol": {
+                            "type": "number",
+                            "minimum": 0,
+                            "default": 0,
+                            "description": "Largest absolute difference of a frozen tensor still counted as "
+                            "unchanged (e.g. a bfloat16 round trip).",
                         },
                         "original_sha256": {"type": "string"},
                         "trained_sha256": {"type": "string"},
@@ -374,6 +385,18 @@ def _bool(value: str | None, field: str) -> bool:
     raise InvalidRequest(f"{field} must be true or false, not {value[:32]!r}")
 
 
+def _atol(value: str | None) -> float:
+    if value is None or not value.strip():
+        return 0.0
+    try:
+        atol = float(value)
+    except ValueError:
+        atol = math.nan
+    if not (math.isfinite(atol) and atol >= 0):
+        raise InvalidRequest(f"frozen_atol must be a number >= 0, not {value[:32]!r}")
+    return atol
+
+
 async def _source(services: Any, form: ParsedForm, role: str) -> Source:
     ref = form.fields.get(role)
     part = form.files.get(f"{role}_file")
@@ -395,6 +418,8 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
     status_code=201,
     response_model=OperationOut,
     operation_id="merge_checkpoints",
+    summary="Merge a trained checkpoint into its original",
+    tags=["operations"],
     dependencies=[WriteAuth],
     openapi_extra=MERGE_BODY,
     responses={
@@ -409,13 +434,12 @@ async def merge(request: Request, response: Response, services: ServicesDep) -> 
 
 
 async def _merge(request: Request, response: Response, services: Any, slot: Admission) -> OperationOut:
-    settings = services.settings
     form = await parse_multipart(
         request,
         services.store,
         file_fields=frozenset({"original_file", "trained_file"}),
         text_fields=MERGE_FIELDS,
-        max_file_bytes=settings.max_upload_bytes,
+        max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
         architecture = form.fields.get("architecture")
@@ -424,7 +448,7 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         await anyio.to_thread.run_sync(services.registry.get, architecture)  # 404 before any heavy work
         name = form.fields.get("name")
         if name is not None:
-            validate_name(name)
+            services.store.check_settable_name(name)
         strip_raw = form.fields.get("strip_prefixes", "auto").strip() or "auto"
         strip_mode: str | list[str] = strip_raw
         if strip_raw not in ("auto", "known", "none"):
@@ -433,26 +457,24 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         if output_format not in ("pth", "safetensors"):
             raise InvalidRequest(f"output_format must be 'pth' or 'safetensors', not {output_format[:32]!r}")
         frozen_raw = form.fields.get("frozen_prefixes")
+        require_frozen = _bool(form.fields.get("require_frozen"), "require_frozen")
+        if require_frozen and not frozen_raw:
+            raise InvalidRequest("require_frozen needs frozen_prefixes: the key prefixes of the part you froze")
         options = MergeOptions(
             architecture=architecture,
             strip=strip_mode,
             drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
             output_format=output_format,  # type: ignore[arg-type]
             frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip()) if frozen_raw else None,
+            require_frozen=require_frozen,
+            frozen_atol=_atol(form.fields.get("frozen_atol")),
             labels=parse_labels(form.fields.get("labels")),
         )
         original = await _source(services, form, "original")
         trained = await _source(services, form, "trained")
         try:
             result = await slot.run(
-                lambda: merge_checkpoints(
-                    services.store,
-                    services.registry,
-                    original=original,
-                    trained=trained,
-                    options=options,
-                    safe_globals=settings.safe_globals,
-                )
+                lambda: services.operations.merge(original=original, trained=trained, options=options)
             )
         except VerificationFailed:
             services.metrics.verification_failures.inc()
