@@ -2,20 +2,76 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Token scopes, weakest first; a token may do what its scope and every weaker one allow.
+SCOPES = ("read", "write", "admin")
+# A prefix before the first ':' that is one short word is meant as a scope, whatever its case: "READ:abc" or
+# "reader:abc" must never silently become a write token named "READ:abc".
+_SCOPE_LIKE = re.compile(r"[A-Za-z][A-Za-z_-]{0,15}")
+
+
+def parse_tokens(raw: str | None) -> dict[str, str]:
+    """Map each token of a `CKPT_API_TOKENS` value to its scope.
+
+    Args:
+        raw: Comma-separated entries, each `SCOPE:TOKEN` (scope `read`, `write` or `admin`, any case) or a bare
+            TOKEN (a write token).
+
+    Returns:
+        Token -> lowercase scope; empty when `raw` holds no entry (the service is open).
+
+    Raises:
+        ValueError: An entry's prefix looks like a scope but is not a known one, or a scope has no token. The
+            message names the setting and the entry's position, never the token itself.
+    """
+    out: dict[str, str] = {}
+    for position, raw_item in enumerate((raw or "").split(","), start=1):
+        item = raw_item.strip()
+        if not item:
+            continue
+        prefix, sep, token = item.partition(":")
+        if sep and _SCOPE_LIKE.fullmatch(prefix):
+            scope = prefix.lower()
+            if scope not in SCOPES:
+                raise ValueError(
+                    f"CKPT_API_TOKENS entry {position} has the unknown scope {prefix[:16]!r}; known scopes are "
+                    f"{', '.join(map(repr, SCOPES))} (write a bare token that contains ':' as 'write:TOKEN')"
+                )
+            if not token:
+                raise ValueError(f"CKPT_API_TOKENS entry {position} has the scope {scope!r} but no token")
+            out[token] = scope
+        else:
+            out[item] = "write"
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address or `localhost`: nothing off this machine can connect."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname may resolve to anything
 
 
 class Settings(BaseSettings):
     """Everything the service can be told. Tests build `Settings(data_dir=tmp_path)` directly."""
 
-    model_config = SettingsConfigDict(env_prefix="CKPT_", extra="ignore")
+    # hide_input_in_errors: a validation error must never print CKPT_API_TOKENS' value into a log.
+    model_config = SettingsConfigDict(env_prefix="CKPT_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(Path("data"), description="The artifact directory (created if missing).")
     config: Path | None = Field(None, description="TOML file with [architectures.NAME] factories.")
-    host: str = "127.0.0.1"
+    host: str = Field(
+        "127.0.0.1", description="Bind address; a non-loopback one without CKPT_API_TOKENS logs a warning."
+    )
     port: int = 8000
 
     max_upload_bytes: int = Field(32 << 30, description="Largest accepted upload; 413 above it.")
@@ -32,10 +88,16 @@ class Settings(BaseSettings):
     body_idle_timeout_seconds: float = Field(
         120, gt=0, description="A request body that sends no bytes for this long is cut off with 408."
     )
+    max_json_bytes: int = Field(
+        1 << 20, ge=1, description="Largest JSON request body; 413 (before reading when Content-Length says so)."
+    )
 
-    # Bearer tokens, comma separated, each `read:TOKEN` or `write:TOKEN` (a bare TOKEN is a write token).
     # Unset: the service is open.
-    api_tokens: str | None = None
+    api_tokens: str | None = Field(
+        None,
+        description="Bearer tokens, comma separated, each `read:TOKEN`, `write:TOKEN` or `admin:TOKEN`; a bare "
+        "TOKEN is a write token. An unknown scope stops start-up.",
+    )
 
     url_signing_secret: str | None = Field(
         None,
@@ -57,7 +119,11 @@ class Settings(BaseSettings):
 
     # Globals that weights_only unpickling may additionally accept, as "module.qualname" strings.
     # Applied per load through torch.serialization.safe_globals (scoped), never add_safe_globals.
-    safe_globals: list[str] = Field(default_factory=list)
+    safe_globals: list[str] = Field(
+        default_factory=list,
+        description="Globals weights_only unpickling may also accept, as 'module.qualname' (JSON list); a name "
+        "that does not resolve to an allowed class or function stops start-up.",
+    )
 
     # The first parse of every upload runs in a pool of worker processes (service.sandbox), so that a bomb, a
     # hang or a crash in native code costs a worker, not the API process.
@@ -79,7 +145,10 @@ class Settings(BaseSettings):
     archive_max_entries: int | None = Field(
         None, ge=1, description="Deprecated alias of max_keys (CKPT_MAX_KEYS wins when both are set)."
     )
-    archive_max_total_bytes: int = 64 << 30
+    archive_max_total_bytes: int = Field(
+        64 << 30, ge=1, description="Most uncompressed bytes in a zip checkpoint; 422 above."
+    )
+    archive_max_name_length: int = Field(1024, ge=1, description="Longest entry name in a zip checkpoint; 422.")
     # Keys that view one storage make a small file that expands to gigabytes (service.core.expansion).
     max_expansion_ratio: float = Field(
         4.0, gt=0, description="An upload's keys may expand to this many times its size, plus 64 MiB; 422 above."
@@ -103,6 +172,12 @@ class Settings(BaseSettings):
         """The configured CORS origins (empty: CORS is off)."""
         return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _known_scopes(cls, value: str | None) -> str | None:
+        parse_tokens(value)
+        return value
+
     @model_validator(mode="after")
     def _fold_deprecated(self) -> Settings:
         if self.archive_max_entries is not None and "max_keys" not in self.model_fields_set:
@@ -114,15 +189,5 @@ class Settings(BaseSettings):
         return self.max_expanded_bytes if self.max_expanded_bytes is not None else 4 * self.max_upload_bytes
 
     def tokens(self) -> dict[str, str]:
-        """Map each configured token to its scope ("read" or "write")."""
-        out: dict[str, str] = {}
-        for raw in (self.api_tokens or "").split(","):
-            item = raw.strip()
-            if not item:
-                continue
-            scope, sep, token = item.partition(":")
-            if sep and scope in ("read", "write"):
-                out[token] = scope
-            else:
-                out[item] = "write"
-        return out
+        """Map each configured token to its scope ("read", "write" or "admin")."""
+        return parse_tokens(self.api_tokens)

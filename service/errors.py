@@ -29,9 +29,10 @@
     │   └── RequestTimeout           the client stopped sending its body
     ├── Overloaded                   the bounded work pool is full (`retry_after`)
     ├── TimeBudgetExceeded           a request's heavy work ran past its time budget (`budget_seconds`)
-    └── AuthError
-        ├── Unauthorized             no or unknown token
-        └── Forbidden                a read token used for a write
+    ├── AuthError
+    │   ├── Unauthorized             no or unknown token
+    │   └── Forbidden                a read token used for a write
+    └── InvalidSettings              the service's own settings are unusable: start-up stops (`setting`)
 
 Every error carries a short human `detail` and `extensions`, a JSON-serialisable dict of typed fields that the
 API puts into the RFC 9457 problem document (for example `missing_keys`, `unsafe_globals`).
@@ -196,3 +197,11 @@ class Unauthorized(AuthError):
 
 class Forbidden(AuthError):
     title = "Forbidden"
+
+
+class InvalidSettings(CheckpointServiceError):
+    title = "Invalid settings"
+
+    def __init__(self, detail: str, *, setting: str) -> None:
+        super().__init__(detail, setting=setting)
+        self.setting = setting

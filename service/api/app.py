@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,19 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__
-from service.api.deps import Services
+from service.api.deps import AUTH_SCOPES, Services
+from service.api.guard import RequestGuard
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from service.api.routes import architectures, checkpoints, health, operations, ui
 from service.api.schemas import Problem
 from service.api.signing import DownloadSigner, load_signing_secret
 from service.api.work import WorkPool
-from service.config import Settings
+from service.config import Settings, is_loopback
+from service.core.load import resolve_globals
 from service.core.types import ArchiveLimits
-from service.errors import quote_keys
+from service.errors import InvalidRequest, InvalidSettings, quote_keys
+from service.operations import Operations
 from service.registry import ArchitectureRegistry
 from service.runtime import tune_gc
 from service.sandbox import ParserSandbox
@@ -56,13 +59,19 @@ _STATIC = Path(fastapi_offline.__file__).parent / "static"
 
 
 def build_services(settings: Settings) -> Services:
-    """Build the long-lived objects of one app from its settings."""
+    """Build the long-lived objects of one app from its settings.
+
+    Raises:
+        InvalidSettings: A setting is unusable (an allowlist entry that does not resolve); start-up stops.
+    """
     limits = ArchiveLimits(
         max_keys=settings.max_keys,
         max_total_bytes=settings.archive_max_total_bytes,
+        max_name_length=settings.archive_max_name_length,
         max_expansion_ratio=settings.max_expansion_ratio,
         max_expanded_bytes=settings.expanded_bytes_cap(),
     )
+    safe_globals = check_safe_globals(settings.safe_globals)
     inspector: Inspector
     sandbox: ParserSandbox | None = None
     if settings.sandbox:
@@ -75,12 +84,12 @@ def build_services(settings: Settings) -> Services:
             seconds_per_gb=settings.sandbox_seconds_per_gb,
             wait_seconds=settings.sandbox_wait_seconds,
             retry_after=settings.retry_after_seconds,
-            safe_globals=settings.safe_globals,
+            safe_globals=safe_globals,
             limits=limits,
         )
         inspector = sandbox.inspect
     else:
-        inspector = functools.partial(inspect_checkpoint, safe_globals=tuple(settings.safe_globals), limits=limits)
+        inspector = functools.partial(inspect_checkpoint, safe_globals=safe_globals, limits=limits)
     store = ArtifactStore(
         settings.data_dir,
         inspector=inspector,
@@ -98,6 +107,9 @@ def build_services(settings: Settings) -> Services:
     registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)
+    operations = Operations(
+        store, registry, safe_globals=safe_globals, max_upload_bytes=settings.max_upload_bytes
+    )
     pool = WorkPool(
         concurrency=settings.heavy_concurrency,
         queue=settings.heavy_queue,
@@ -118,12 +130,20 @@ def build_services(settings: Settings) -> Services:
     metrics = Metrics()
     for work_pool in (pool, read_pool):
         metrics.heavy_admitted.labels(work_pool.kind).set_function(functools.partial(_admitted, work_pool))
+    tokens = settings.tokens()
+    if not tokens and not is_loopback(settings.host):
+        log.warning(
+            "SECURITY: the service listens on %s, which is not a loopback address, and CKPT_API_TOKENS is not "
+            "set: ANYONE WHO CAN REACH THIS PORT CAN UPLOAD, OVERWRITE NAMES AND DELETE ARTIFACTS. Set "
+            "CKPT_API_TOKENS, or bind to 127.0.0.1 behind a proxy that authenticates.",
+            settings.host,
+        )
     return Services(
         settings=settings,
-        store=store,
-        registry=registry,
+        operations=operations,
         pool=pool,
         metrics=metrics,
+        tokens=tokens,
         sandbox=sandbox,
         read_pool=read_pool,
         signer=signer,
@@ -132,6 +152,19 @@ def build_services(settings: Settings) -> Services:
 
 def _admitted(pool: WorkPool) -> float:
     return float(pool.inflight)
+
+
+def check_safe_globals(names: Sequence[str]) -> tuple[str, ...]:
+    """Resolve `CKPT_SAFE_GLOBALS` once, at start-up, so that a bad entry stops the service.
+
+    Raises:
+        InvalidSettings: An entry is malformed, cannot be imported, or is never allowed.
+    """
+    try:
+        resolve_globals(names)
+    except InvalidRequest as exc:
+        raise InvalidSettings(f"CKPT_SAFE_GLOBALS: {exc.detail}", setting="CKPT_SAFE_GLOBALS") from exc
+    return tuple(names)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -173,9 +206,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_problem_handlers(app)
+    routers = [module.router for module in (checkpoints, operations, architectures, health, ui)]
+    # Outermost first: metrics see every answer, then auth and the JSON limit run before any route reads a body.
+    app.add_middleware(
+        RequestGuard,
+        routes=[route for router in routers for route in router.routes],
+        scopes=AUTH_SCOPES,
+        tokens=services.tokens,
+        max_json_bytes=settings.max_json_bytes,
+        idle_timeout=settings.body_idle_timeout_seconds,
+    )
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
-    for module in (checkpoints, operations, architectures, health, ui):
-        app.include_router(module.router)
+    for router in routers:
+        app.include_router(router)
     app.mount("/ui/static", ui.static_files, name="ui-static")
     _install_docs(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import hmac
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.guard import authorize
 from service.api.metrics import Metrics
 from service.api.signing import DownloadSigner
 from service.api.work import WorkPool
 from service.config import Settings
-from service.errors import Forbidden, Unauthorized
+from service.operations import Operations
 from service.registry import ArchitectureRegistry
 from service.sandbox import ParserSandbox
 from service.store import ArtifactMeta, ArtifactStore
@@ -55,16 +55,24 @@ class Services:
     """Everything `create_app` builds once and routes share."""
 
     settings: Settings
-    store: ArtifactStore
-    registry: ArchitectureRegistry
+    operations: Operations  # store, registry, allowlist and limits: what the routes call
     pool: WorkPool  # heavy work of write-scope requests
     metrics: Metrics
+    tokens: Mapping[str, str] = field(default_factory=dict)  # token -> scope, parsed once; empty: open
     sandbox: ParserSandbox | None = None  # the parser worker pool, closed when the app shuts down
     signer: DownloadSigner = field(default_factory=lambda: DownloadSigner(b"unset"))  # create_app sets it
     # Heavy work of read-scope requests: its own slots, so that reads never delay writes.
     read_pool: WorkPool = field(default_factory=lambda: WorkPool(concurrency=1, queue=4, retry_after=2, kind="read"))
     # Rendered GET /diff bodies by (ids, options): artifacts never change, so neither does their diff.
     rendered_diffs: RenderedCache = field(default_factory=lambda: RenderedCache(max_bytes=64 << 20))
+
+    @property
+    def store(self) -> ArtifactStore:
+        return self.operations.store
+
+    @property
+    def registry(self) -> ArchitectureRegistry:
+        return self.operations.registry
 
 
 def get_services(request: Request) -> Services:
@@ -91,10 +99,15 @@ def get_pool(services: ServicesDep) -> WorkPool:
     return services.pool
 
 
+def get_operations(services: ServicesDep) -> Operations:
+    return services.operations
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 RegistryDep = Annotated[ArchitectureRegistry, Depends(get_registry)]
 PoolDep = Annotated[WorkPool, Depends(get_pool)]
+OperationsDep = Annotated[Operations, Depends(get_operations)]
 
 
 def get_metrics(services: ServicesDep) -> Metrics:
@@ -113,48 +126,35 @@ def get_artifact(ref: RefPath, store: StoreDep) -> ArtifactMeta:
 
 ArtifactDep = Annotated[ArtifactMeta, Depends(get_artifact)]
 
-_bearer = HTTPBearer(auto_error=False, description="`read:` or `write:` token from CKPT_API_TOKENS")
+_bearer = HTTPBearer(
+    auto_error=False, description="`read:`, `write:` or `admin:` token from CKPT_API_TOKENS"
+)
 
 
-def _scope_of(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    tokens = settings.tokens()
-    if not tokens:
-        return "write"  # no tokens configured: the service is open
-    if credentials is None:
-        raise Unauthorized("this service needs a Bearer token")
-    given = credentials.credentials.encode()
-    scope: str | None = None
-    for token, token_scope in tokens.items():
-        # Compare against every token, without an early exit, in constant time per comparison.
-        if hmac.compare_digest(given, token.encode()):
-            scope = token_scope
-    if scope is None:
-        raise Unauthorized("unknown token")
-    return scope
-
-
+# The RequestGuard middleware (service.api.guard) enforces these from the headers before any body is read, by
+# finding them in each route's dependencies; here they run again, and give OpenAPI its security scheme.
 def require_read(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, services: ServicesDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    _scope_of(settings, credentials)
+    authorize(services.tokens, request.headers.get("authorization"), "read")
 
 
 def require_write(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, services: ServicesDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    if _scope_of(settings, credentials) != "write":
-        raise Forbidden("this operation needs a write token")
+    authorize(services.tokens, request.headers.get("authorization"), "write")
 
 
 def require_read_or_signature(
     request: Request,
     services: ServicesDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     # A signed URL (POST /checkpoints/{ref}/download-url) stands for a read token, for its one file and format.
+    # The RequestGuard does not know this dependency, so it passes the route through; it is checked here.
     sig = request.query_params.get("sig")
     if sig is None:
-        _scope_of(services.settings, credentials)
+        authorize(services.tokens, request.headers.get("authorization"), "read")
         return
     services.signer.check(
         request.path_params.get("ref", ""),
@@ -167,3 +167,4 @@ def require_read_or_signature(
 ReadAuth = Depends(require_read)
 ReadOrSignedAuth = Depends(require_read_or_signature)
 WriteAuth = Depends(require_write)
+AUTH_SCOPES = {require_read: "read", require_write: "write"}

@@ -8,6 +8,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# The methods of RFC 9110 and PATCH. Any other token from the request line is counted as "other": a label taken
+# verbatim from the client would let it create one series per made-up method.
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def method_label(method: str) -> str:
+    """The request's method as a metrics label: itself when standard, else "other"."""
+    return method if method in STANDARD_METHODS else "other"
+
 
 class Metrics:
     """Requests and latency per route, bytes ingested, merges, verification failures."""
@@ -65,6 +74,6 @@ class MetricsMiddleware:
             route: Any = scope.get("route")
             # The route template, never the raw path: ids and names would explode label cardinality.
             name = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
+            method = method_label(scope.get("method", ""))
             self.metrics.requests.labels(method, name, str(status)).inc()
             self.metrics.latency.labels(method, name).observe(time.perf_counter() - start)

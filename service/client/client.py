@@ -46,6 +46,7 @@ from service.api.schemas import (
     ManifestOut,
     NameOut,
     OperationOut,
+    Readiness,
 )
 from service.client.errors import (
     ClientError,
@@ -1009,11 +1010,12 @@ class CheckpointClient:
         """
         return _parse(Health, self._send("GET", "/healthz", idempotent=True))
 
-    def ready(self) -> Health:
+    def ready(self) -> Readiness:
         """Readiness (`GET /readyz`), asked once: a not-ready service is an answer, not an error.
 
         Returns:
-            `status` is `"ok"` or `"unavailable"`, with the individual `checks`.
+            `status` is `"ok"`, `"degraded"` or `"unavailable"` (the worst of the `checks`), with each check's
+            status and detail.
         """
         response = self._send("GET", "/readyz", idempotent=False, ok_statuses=(503,))
-        return _parse(Health, response)
+        return _parse(Readiness, response)

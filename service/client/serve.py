@@ -63,10 +63,21 @@ def run_serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[env] = str(value)
     import uvicorn
+    from pydantic import ValidationError
     from uvicorn.config import LOGGING_CONFIG
 
+    from service.api.app import check_safe_globals
     from service.config import Settings
+    from service.errors import InvalidSettings
 
+    # Settings that fail open (an unknown token scope, an allowlist entry that resolves to nothing) stop here,
+    # with the setting's name, before uvicorn starts; create_app checks them again in every worker.
+    try:
+        settings = Settings()
+        check_safe_globals(settings.safe_globals)
+    except (ValidationError, InvalidSettings) as exc:
+        print(f"ckpt serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
     settings = Settings()
     # The service's own start-up lines (data directory, architectures, auth, docs URL) go where uvicorn's go.
     log_config = copy.deepcopy(LOGGING_CONFIG)

@@ -99,7 +99,12 @@ def locked_work_dir(tmp_dir: Path, prefix: str) -> Iterator[Path]:
             if is_no_space(exc):
                 raise storage_full(exc) from exc
             raise
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Between mkdir and open a collector running with grace 0 may have removed the (then unlocked)
+            # directory: take a new name, as create_locked_temp does when it loses the same race.
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

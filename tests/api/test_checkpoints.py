@@ -188,3 +188,23 @@ def test_upload_over_limit_is_413(tmp_path: Path, recipe_files: dict[str, Path])
         r = c.post("/checkpoints", content=gen(), headers={"content-type": "application/octet-stream"})
         assert r.status_code == 413
         assert c.get("/checkpoints").json()["total"] == 0
+
+
+def test_a_download_by_id_is_immutable_and_by_name_is_revalidated(
+    client: TestClient, recipe_files: dict[str, Path]
+) -> None:
+    first = _upload(client, recipe_files["original"], name="current")
+    by_id = client.get(first["download_url"])
+    assert "immutable" in by_id.headers["cache-control"]
+    by_name = client.get("/checkpoints/current/file")
+    assert by_name.headers["cache-control"] == "no-cache"
+    etag = by_name.headers["etag"]
+    assert client.get("/checkpoints/current/file", headers={"If-None-Match": etag}).status_code == 304
+
+    # The name moves: the same validator no longer matches, and the new bytes come back.
+    second = _upload(client, recipe_files["trained"], name="current")
+    moved = client.get("/checkpoints/current/file", headers={"If-None-Match": etag})
+    assert moved.status_code == 200
+    assert moved.headers["cache-control"] == "no-cache"
+    assert moved.headers["etag"] == f'"{second["id"]}"'
+    assert hashlib.sha256(moved.content).hexdigest() == second["id"]

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_health_ready_metrics(client: TestClient, recipe_files: dict[str, Path]) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ok" and ready["checks"]["store_writable"] is True
+    assert ready["status"] == "ok" and ready["checks"]["store"]["status"] == "ok"
     with recipe_files["original"].open("rb") as fh:
         client.post("/checkpoints", files={"file": ("o.pth", fh)})
     text = client.get("/metrics").text

@@ -164,7 +164,7 @@ def test_download_is_retried_when_the_connection_breaks(tmp_path: Path) -> None:
 
 
 def test_ready_is_asked_once_and_not_ready_is_an_answer() -> None:
-    body = {"status": "unavailable", "checks": {"store_writable": "EROFS"}}
+    body = {"status": "unavailable", "checks": {"store": {"status": "unavailable", "detail": "EROFS"}}}
     server = Server(httpx.Response(503, json=body))
     ckpt, sleeps = _client(server)
     health = ckpt.ready()

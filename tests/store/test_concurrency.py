@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from service.store import ArtifactStore
+from service.store._fs import locked_work_dir, remove_if_unlocked
 from tests.store._workers import context, ingest_after_barrier
 from tests.store.conftest import tmp_entries
 
@@ -54,3 +59,27 @@ def test_different_bytes_from_several_processes_all_land(tmp_path: Path, ckpt: C
                                                               for p in paths)
     assert all(store.verify(i).ok for i, _ in out)
     assert tmp_entries(store) == []
+
+
+def test_a_work_dir_removed_by_a_collector_before_it_is_locked_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interleaving of a concurrent collect_garbage(grace_seconds=0): it runs, for real, right after the
+    # first mkdir and before the creator opens and locks the directory.
+    tmp_dir = tmp_path / "tmp"
+    tmp_dir.mkdir()
+    real_mkdir = os.mkdir
+    collected: list[str] = []
+
+    def mkdir_then_collect(path: Any, mode: int = 0o777, **kwargs: Any) -> None:
+        real_mkdir(path, mode, **kwargs)
+        if not collected:
+            assert remove_if_unlocked(Path(path))
+            collected.append(str(path))
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_collect)
+    with locked_work_dir(tmp_dir, "work-") as work:
+        assert work.is_dir()
+        assert str(work) != collected[0]
+        assert not remove_if_unlocked(work)  # now locked: a collector leaves it alone
+    assert collected and os.listdir(tmp_dir) == []

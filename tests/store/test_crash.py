@@ -56,6 +56,7 @@ def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path
     sources = [str(ckpt(i)) for i in range(3)]
     rng = random.Random(1234)
     leftovers_seen = 0
+    stored_seen = 0
     for round_ in range(ROUNDS):
         events = [ctx.Event() for _ in range(CHURNERS)]
         procs = [ctx.Process(target=churn, args=(str(root), sources, round_ * 10 + k, ev), daemon=True)
@@ -71,7 +72,7 @@ def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path
             p.join(30)
             assert p.exitcode == -signal.SIGKILL  # it was still churning: no unexpected error killed it
 
-        check_consistent(root)
+        stored_seen = max(stored_seen, check_consistent(root))
         store = ArtifactStore(root, tmp_grace_seconds=3600)
         young = tmp_entries(store)
         leftovers_seen += len(young) + len(orphans(root))
@@ -81,8 +82,10 @@ def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path
         assert tmp_entries(store) == []
         assert orphans(root) == []
         check_consistent(root)
-    total = check_consistent(root)
-    assert total > 0
+    check_consistent(root)
+    # sanity of the test itself: some round saw published artifacts (a busy machine may have deleted them all
+    # by the last round, so not only the end state counts)
+    assert stored_seen > 0
     # sanity of the test itself: over all rounds some kills did land mid-write
     assert leftovers_seen > 0
 

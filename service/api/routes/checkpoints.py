@@ -24,7 +24,14 @@ from service.api.schemas import (
 from service.api.uploads import parse_multipart, read_raw_body
 from service.api.work import Admission
 from service.errors import InvalidRequest
-from service.store import NAME_RE, ArtifactMeta, ArtifactStore, IngestResult, PendingUpload
+from service.store import (
+    NAME_RE,
+    ArtifactMeta,
+    ArtifactStore,
+    IngestResult,
+    PendingUpload,
+    is_id,
+)
 
 router = APIRouter()
 
@@ -51,6 +58,12 @@ UPLOAD_BODY: dict[str, Any] = {
                             "type": "string",
                             "pattern": SHA256_PATTERN,
                             "description": "The digest the client expects; a mismatch stores nothing.",
+                        },
+                        "container_key": {
+                            "type": "string",
+                            "description": "The state_dict to use inside the file (dotted, e.g. 'model.ema'). "
+                            "When it is not the default one, the upload is stored as sent and the answer is a "
+                            "derived artifact holding that state_dict alone (lineage 'extract').",
                         },
                     },
                 }
@@ -107,13 +120,15 @@ async def commit_upload(
     filename: str | None,
     labels: dict[str, str],
     name: str | None,
+    container_key: str | None = None,
 ) -> IngestResult:
     store = services.store
     if name is not None:
         store.check_settable_name(name)  # refuse a bad name before the heavy work
     result: IngestResult = await slot.run(
-        lambda: store.commit_upload(
-            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels
+        lambda: services.operations.commit_upload(
+            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels,
+            container_key=container_key,
         )
     )
     if result.created:
@@ -145,11 +160,12 @@ async def upload_checkpoint(
     labels: Annotated[str | None, Query(max_length=4096)] = None,
     sha256: Annotated[str | None, Query(pattern=SHA256_PATTERN)] = None,
     filename: Annotated[str | None, Query(max_length=1024)] = None,
+    container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
 ) -> ArtifactOut:
     """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
     # Admitted before a byte of the body is read: a full pool answers 503 at once.
     async with services.pool.admit() as slot:
-        return await _upload(request, response, services, slot, name, labels, sha256, filename)
+        return await _upload(request, response, services, slot, name, labels, sha256, filename, container_key)
 
 
 async def _upload(
@@ -161,15 +177,16 @@ async def _upload(
     labels: str | None,
     sha256: str | None,
     filename: str | None,
+    container_key: str | None,
 ) -> ArtifactOut:
-    limit = services.settings.max_upload_bytes
+    limit = services.operations.max_upload_bytes
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await parse_multipart(
             request,
             services.store,
             file_fields=frozenset({"file"}),
-            text_fields=frozenset({"name", "labels", "sha256"}),
+            text_fields=frozenset({"name", "labels", "sha256", "container_key"}),
             max_file_bytes=limit,
         )
         part = form.files.get("file")
@@ -180,6 +197,7 @@ async def _upload(
         name = form.fields.get("name", name)
         labels = form.fields.get("labels", labels)
         sha256 = form.fields.get("sha256", sha256)
+        container_key = form.fields.get("container_key", container_key) or None
     elif content_type.startswith("application/octet-stream") or not content_type:
         upload = await read_raw_body(request, services.store, max_bytes=limit)
     else:
@@ -188,7 +206,8 @@ async def _upload(
         )
     try:
         result = await commit_upload(
-            services, slot, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name
+            services, slot, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name,
+            container_key=container_key,
         )
     finally:
         await anyio.to_thread.run_sync(upload.abort)  # a no-op once committed
@@ -280,6 +299,7 @@ def _stored_kind(fmt: str) -> str:
 )
 async def download_checkpoint(
     request: Request,
+    ref: RefPath,
     artifact: ArtifactDep,
     services: ServicesDep,
     format: Literal["pth", "safetensors"] | None = None,
@@ -293,12 +313,14 @@ async def download_checkpoint(
         converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
         if converted is None:
             converted = await services.read_pool.run(
-                lambda: store.convert(artifact.id, format, safe_globals=services.settings.safe_globals)
+                lambda: services.operations.convert(artifact.id, output_format=format)
             )
         path, digest, suffix = converted.path, converted.sha256, f".{format}"
     etag = f'"{digest}"'
+    # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).
+    cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     return FileResponse(
         path if path is not None else store.blob_path(artifact.id),
         media_type="application/octet-stream",
@@ -307,7 +329,7 @@ async def download_checkpoint(
             "ETag": etag,
             # The sha256 of the bytes sent, so that `ckpt pull` verifies a converted download too.
             "X-Checkpoint-Id": digest,
-            "Cache-Control": "public, max-age=31536000, immutable",
+            "Cache-Control": cache_control,
         },
     )
 

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service.api.deps import MetricsDep, Services, ServicesDep
-from service.api.schemas import Health
+from service.api.schemas import Health, Readiness, ReadinessCheck
+from service.config import is_loopback
+from service.errors import quote_keys
 
 router = APIRouter()
 
@@ -26,31 +28,66 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
+_RANK = {"ok": 0, "degraded": 1, "unavailable": 2}
+
+
 @router.get(
     "/readyz",
-    response_model=Health,
+    response_model=Readiness,
     operation_id="readyz",
-    summary="Check that the service is ready",
-    tags=["health"],
-    responses={503: {"model": Health, "description": "Not ready"}},
+    responses={503: {"model": Readiness, "description": "Not ready"}},
 )
 def readyz(services: ServicesDep) -> Response:
-    """Readiness: the store is writable (else 503); `degraded` (200) when an architecture failed to load."""
-    checks: dict[str, object] = {}
+    """Readiness: each check ok, degraded or unavailable; the worst decides (503 only when unavailable)."""
+    checks = readiness_checks(services)
+    status = max((c.status for c in checks.values()), key=_RANK.__getitem__, default="ok")
+    body = Readiness(status=status, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=503 if status == "unavailable" else 200)
+
+
+def readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
+    """Every readiness check by name. A check that cannot serve anything is unavailable; one that serves less
+    than it should (or less safely) is degraded."""
+    return {
+        "store": _store_check(services),
+        "architectures": _architectures_check(services),
+        "auth": _auth_check(services),
+    }
+
+
+def _store_check(services: Services) -> ReadinessCheck:
     try:
         # In tmp/, where garbage collection finds it should the process die right here.
         fd, path = tempfile.mkstemp(dir=services.store.root / "tmp", prefix="ready-")
         os.close(fd)
         os.unlink(path)
-        checks["store_writable"] = True
     except OSError as exc:
-        checks["store_writable"] = f"{type(exc).__name__}: {exc.strerror}"
-    architectures = checks["architectures"] = architectures_check(services)
-    checks["registry_issues"] = len(services.registry.issues)
-    ok = checks["store_writable"] is True
-    status = "unavailable" if not ok else ("degraded" if architectures["status"] != "ok" else "ok")
-    body = Health(status=status, checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+        return ReadinessCheck(status="unavailable", detail=f"the store is not writable: {type(exc).__name__}: "
+                                                           f"{exc.strerror}")
+    return ReadinessCheck(status="ok", detail="the store is writable")
+
+
+def _architectures_check(services: Services) -> ReadinessCheck:
+    registry = services.registry
+    loaded = len(registry.list())
+    failed = sorted({issue.name for issue in registry.issues})
+    if failed:
+        return ReadinessCheck(
+            status="degraded",
+            detail=f"{len(failed)} architectures failed to load: {quote_keys(failed)}; {loaded} loaded",
+        )
+    return ReadinessCheck(status="ok", detail=f"{loaded} architectures loaded")
+
+
+def _auth_check(services: Services) -> ReadinessCheck:
+    host = services.settings.host
+    if services.tokens:
+        return ReadinessCheck(status="ok", detail=f"{len(services.tokens)} tokens configured")
+    if is_loopback(host):
+        return ReadinessCheck(status="ok", detail=f"open (no CKPT_API_TOKENS), bound to loopback {host}")
+    return ReadinessCheck(
+        status="degraded", detail=f"open (no CKPT_API_TOKENS) on the non-loopback address {host}: anyone may write"
+    )
 
 
 def architectures_check(services: Services) -> dict[str, str]:
