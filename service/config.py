@@ -99,6 +99,18 @@ class Settings(BaseSettings):
         "TOKEN is a write token. An unknown scope stops start-up.",
     )
 
+    url_signing_secret: str | None = Field(
+        None,
+        description="Secret for signed download URLs; unset: generated once into <data_dir>/url-signing.key (0600).",
+    )
+    download_url_ttl_seconds: int = Field(
+        300, ge=1, le=86400, description="How long a signed download URL stays valid."
+    )
+    root_path: str = Field(
+        "",
+        description="The path prefix a proxy serves the service under (ASGI root_path, e.g. '/ckpt'); links and "
+        "URLs the service builds carry it.",
+    )
     cors_origins: str | None = Field(
         None,
         description="Origins a browser dashboard may call the API from, comma separated "

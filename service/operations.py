@@ -22,7 +22,7 @@ from service.core.expansion import expansion_budget
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
-from service.core.manifest import compute_schema_fingerprint
+from service.core.manifest import build_manifest, compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
@@ -52,6 +52,8 @@ class Source:
     upload: PendingUpload | None = None
     filename: str | None = None
     inspection: Inspection | None = None
+    # the state_dict to use inside the file (dotted, e.g. "model.ema"); None: the one chosen at ingest
+    container_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,15 @@ def _open(
     store: ArtifactStore, source: Source, *, safe_globals: Sequence[str], limits: ArchiveLimits
 ) -> _Opened:
     if source.artifact_id is not None:
-        loaded = store.load(source.artifact_id, safe_globals=safe_globals)
+        loaded = store.load(source.artifact_id, safe_globals=safe_globals, container_key=source.container_key)
         sd = loaded.state_dict
-        return _Opened(_with_metadata(dict(sd), sd), store.manifest(source.artifact_id), source.artifact_id,
-                       loaded.records)
+        manifest = (store.manifest(source.artifact_id) if source.container_key is None
+                    or source.container_key == store.metadata(source.artifact_id).container_key else build_manifest(sd))
+        return _Opened(_with_metadata(dict(sd), sd), manifest, source.artifact_id, loaded.records)
     assert source.upload is not None
     upload = source.upload
     if source.inspection is None:
-        source.inspection = store.inspect_upload(upload)
+        source.inspection = store.inspect_upload(upload, container_key=source.container_key)
     if source.inspection.layout is not None:
         # The parser already unpickled it (in the sandbox); map the tensors where it says they are instead.
         sd, records = map_layout(upload.path, source.inspection.layout)
@@ -280,10 +283,14 @@ def merge_checkpoints(
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
     out_entries = {k: entries[k] for k in merged.state_dict if k in entries}
+    params = options.params()
+    chosen = {role: s.container_key for role, s in (("original", original), ("trained", trained)) if s.container_key}
+    if chosen:
+        params["container_keys"] = chosen
     lineage = Lineage(
         operation="merge",
         inputs={"original": original.artifact_id, "trained": trained.artifact_id},
-        params=options.params(),
+        params=params,
         report={**report, "provenance": {k: v.to_dict() for k, v in mr.provenance.items()}},
     )
     out_manifest = _manifest_or_none(out_entries, merged.state_dict)
@@ -411,6 +418,7 @@ def strip_checkpoint(
     prefixes: Sequence[str] | None = None,
     output_format: OutputFormat = "pth",
     safe_globals: Sequence[str] = (),
+    container_key: str | None = None,
 ) -> OperationResult:
     """Remove wrapper prefixes from a stored checkpoint and store the result with its lineage.
 
@@ -420,28 +428,55 @@ def strip_checkpoint(
         prefixes: Prefixes to remove from the start of keys; None strips known wrappers anywhere.
         output_format: "pth" or "safetensors".
         safe_globals: Extra globals allowed while unpickling.
+        container_key: The state_dict to use inside the file; None uses the one chosen at ingest.
 
     Returns:
         The stored result and a report of what was stripped.
     """
-    loaded = store.load(artifact_id, safe_globals=safe_globals)
-    sd = loaded.state_dict
+    opened = _open(store, Source(artifact_id=artifact_id, container_key=container_key),
+                   safe_globals=safe_globals, limits=store.limits)
+    sd = opened.state_dict
     result = strip_prefixes(sd, prefixes)
     out = _with_metadata(dict(result.state_dict), result.state_dict)
     report = result.to_dict()
     report.pop("state_dict", None)
-    entries = _carry_manifest(out, sd, store.manifest(artifact_id))
-    lineage = Lineage(
-        operation="strip",
-        inputs={"checkpoint": artifact_id},
-        params={"prefixes": list(prefixes) if prefixes is not None else None, "output_format": output_format},
-        report=report,
-    )
+    entries = _carry_manifest(out, sd, opened.manifest)
+    params: dict[str, Any] = {"prefixes": list(prefixes) if prefixes is not None else None,
+                              "output_format": output_format}
+    if container_key is not None:
+        params["container_key"] = container_key
+    lineage = Lineage(operation="strip", inputs={"checkpoint": artifact_id}, params=params, report=report)
     stored = store.store_state_dict(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
-        sources=_records(loaded), expanded_from=[artifact_id],
+        sources=_records(opened), expanded_from=[artifact_id],
     )
     return OperationResult(stored.artifact, stored.created, report)
+
+
+def extract_state_dict(
+    store: ArtifactStore, artifact_id: str, *, container_key: str, safe_globals: Sequence[str] = ()
+) -> OperationResult:
+    """Store the state_dict at ``container_key`` of a stored checkpoint as a clean file (lineage ``extract``).
+
+    Args:
+        store: The artifact store.
+        artifact_id: The stored checkpoint (a training checkpoint holding several state_dicts).
+        container_key: Dotted path of the state_dict to keep, e.g. ``"state_dict_ema"`` or ``"model.ema"``.
+        safe_globals: Extra globals allowed while unpickling.
+
+    Returns:
+        The stored state_dict, with lineage pointing to ``artifact_id``.
+    """
+    opened = _open(store, Source(artifact_id=artifact_id, container_key=container_key),
+                   safe_globals=safe_globals, limits=store.limits)
+    sd = opened.state_dict
+    lineage = Lineage(operation="extract", inputs={"checkpoint": artifact_id},
+                      params={"container_key": container_key}, report={"key_count": len(sd)})
+    stored = store.store_state_dict(
+        sd, format="pth", lineage=lineage, manifest=_manifest_or_none(dict(opened.manifest.entries), sd),
+        sources=_records(opened), expanded_from=[artifact_id],
+    )
+    return OperationResult(stored.artifact, stored.created, {"key_count": len(sd)})
 
 
 def diff_checkpoints(
@@ -474,7 +509,7 @@ def diff_checkpoints(
     """
     limits = limits or store.limits
     pair = None
-    if a.artifact_id is not None and b.artifact_id is not None:
+    if a.artifact_id is not None and b.artifact_id is not None and a.container_key is None and b.container_key is None:
         # Two stored artifacts never change, and neither does their diff: dashboards ask for the same one
         # again and again. The existence checks keep a deleted artifact a 404.
         for artifact_id in (a.artifact_id, b.artifact_id):
@@ -487,15 +522,15 @@ def diff_checkpoints(
                 _DIFF_CACHE.move_to_end(pair)
     if pair is not None and cached is not None and frozen is None and not values:
         return DiffResult(cached)
-    ma = _manifest_of(store, a)
-    mb = _manifest_of(store, b)
+    ma = _manifest_of(store, a, safe_globals=safe_globals)
+    mb = _manifest_of(store, b, safe_globals=safe_globals)
     if pair is not None and cached is not None:
         diff = cached
     elif normalize_prefixes:
         # The same comparison diff_manifests makes after normalizing both sides, with each side's normalized
         # table computed once per stored artifact (normalizing 20k keys costs far more than comparing them).
-        na, coll_a = _normalized_entries(store, a.artifact_id, ma)
-        nb, coll_b = _normalized_entries(store, b.artifact_id, mb)
+        na, coll_a = _normalized_entries(store, a.artifact_id if a.container_key is None else None, ma)
+        nb, coll_b = _normalized_entries(store, b.artifact_id if b.container_key is None else None, mb)
         plain = diff_manifests(Manifest(na, ma.schema_fingerprint), Manifest(nb, mb.schema_fingerprint))
         collisions = {side: dict(c) for side, c in (("a", coll_a), ("b", coll_b)) if c}
         diff = dataclasses.replace(plain, normalized=True, collisions=collisions)
@@ -580,12 +615,16 @@ _VALUES_CACHE = _SizedLRU(400_000)
 _SQ_NORMS = _SizedLRU(1_000_000)
 
 
-def _manifest_of(store: ArtifactStore, source: Source) -> Manifest:
+def _manifest_of(store: ArtifactStore, source: Source, *, safe_globals: Sequence[str] = ()) -> Manifest:
     if source.artifact_id is not None:
+        stored_key = store.metadata(source.artifact_id).container_key
+        if source.container_key is not None and source.container_key != stored_key:
+            loaded = store.load(source.artifact_id, safe_globals=safe_globals, container_key=source.container_key)
+            return build_manifest(loaded.state_dict)
         return store.manifest(source.artifact_id)
     assert source.upload is not None
     if source.inspection is None:
-        source.inspection = store.inspect_upload(source.upload)
+        source.inspection = store.inspect_upload(source.upload, container_key=source.container_key)
     return source.inspection.manifest
 
 
@@ -672,22 +711,45 @@ class Operations:
         expected_sha256: str | None = None,
         filename: str | None = None,
         labels: Mapping[str, str] | None = None,
+        container_key: str | None = None,
     ) -> IngestResult:
-        """Parse (with the service's limits and allowlist) and publish an upload; see `ArtifactStore`."""
-        return self.store.commit_upload(
-            upload, expected_sha256=expected_sha256, filename=filename, labels=dict(labels or {})
+        """Parse (with the service's limits) and publish an upload; see `ArtifactStore`.
+
+        A `container_key` other than the one the default rule picks keeps the upload as sent and answers with a
+        derived artifact holding only the chosen state_dict (lineage `extract`).
+        """
+        inspection = None
+        if container_key is not None:
+            if expected_sha256:
+                self.store.check_digest(upload, expected_sha256)
+            inspection = self.store.inspect_upload(upload, container_key=container_key)
+        raw = self.store.commit_upload(
+            upload, expected_sha256=expected_sha256, filename=filename, labels=dict(labels or {}),
+            inspection=inspection,
         )
+        if container_key is None or inspection is None or inspection.container_key == inspection.default_container_key:
+            return raw
+        derived = extract_state_dict(
+            self.store, raw.artifact.id, container_key=container_key, safe_globals=self.safe_globals
+        )
+        return IngestResult(derived.artifact, derived.created)
 
     def load(self, artifact_id: str) -> LoadedCheckpoint:
         """Load a stored checkpoint with the service's allowlist and limits."""
         return self.store.load(artifact_id, safe_globals=self.safe_globals)
 
     def strip(
-        self, artifact_id: str, *, prefixes: Sequence[str] | None = None, output_format: OutputFormat = "pth"
+        self,
+        artifact_id: str,
+        *,
+        prefixes: Sequence[str] | None = None,
+        output_format: OutputFormat = "pth",
+        container_key: str | None = None,
     ) -> OperationResult:
         """`strip_checkpoint` with the service's allowlist and limits."""
         return strip_checkpoint(
-            self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals
+            self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals,
+            container_key=container_key,
         )
 
     def convert(self, artifact_id: str, *, output_format: OutputFormat) -> ConvertedBlob:

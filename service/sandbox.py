@@ -144,11 +144,12 @@ class ParserSandbox:
         with self._cond:
             return sorted(w.pid for w in self._alive)
 
-    def inspect(self, path: Path) -> Inspection:
+    def inspect(self, path: Path, *, container_key: str | None = None) -> Inspection:
         """Parse a checkpoint file in a worker and return its inspection.
 
         Args:
             path: The checkpoint file; the worker opens it by path.
+            container_key: The state_dict to use inside the file; None applies the default rule.
 
         The parse runs as the calling thread's job (`service.core.budget.current_job`): a read takes one of
         the read workers, and the job's time budget cuts the parse short (the worker is killed and replaced).
@@ -171,7 +172,7 @@ class ParserSandbox:
         left = current.remaining()
         if left is not None and left <= 0:
             raise budget_exceeded(current)
-        job = json.dumps({"path": os.fspath(path), **self._job_options}).encode()
+        job = json.dumps({"path": os.fspath(path), "container_key": container_key, **self._job_options}).encode()
         while True:
             worker = self._acquire(kind)
             try:
@@ -483,7 +484,8 @@ def _run_job(job: Mapping[str, Any]) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
         inspection = inspect_checkpoint(
-            path, safe_globals=tuple(job["safe_globals"]), limits=ArchiveLimits(**job["limits"])
+            path, safe_globals=tuple(job["safe_globals"]), limits=ArchiveLimits(**job["limits"]),
+            container_key=job.get("container_key"),
         )
         result = inspection.to_dict()
     except MemoryError:

@@ -24,8 +24,9 @@ from service.api.deps import AUTH_SCOPES, Services
 from service.api.guard import RequestGuard
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from service.api.routes import architectures, checkpoints, health, operations
+from service.api.routes import architectures, checkpoints, health, operations, ui
 from service.api.schemas import Problem
+from service.api.signing import DownloadSigner, load_signing_secret
 from service.api.work import WorkPool
 from service.config import Settings, is_loopback
 from service.core.load import resolve_globals
@@ -116,6 +117,9 @@ def build_services(settings: Settings) -> Services:
         kind="write",
         time_budget=settings.heavy_time_budget_seconds,
     )
+    signer = DownloadSigner(
+        load_signing_secret(settings.url_signing_secret, settings.data_dir), settings.download_url_ttl_seconds
+    )
     read_pool = WorkPool(
         concurrency=settings.read_concurrency,
         queue=settings.read_queue,
@@ -142,6 +146,7 @@ def build_services(settings: Settings) -> Services:
         tokens=tokens,
         sandbox=sandbox,
         read_pool=read_pool,
+        signer=signer,
     )
 
 
@@ -197,10 +202,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=OPENAPI_TAGS,
         docs_url=None,
         redoc_url=None,
+        root_path=settings.root_path.rstrip("/"),
     )
     app.state.services = services
     install_problem_handlers(app)
-    routers = [module.router for module in (checkpoints, operations, architectures, health)]
+    routers = [module.router for module in (checkpoints, operations, architectures, health, ui)]
     # Outermost first: metrics see every answer, then auth and the JSON limit run before any route reads a body.
     app.add_middleware(
         RequestGuard,
@@ -213,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
     for router in routers:
         app.include_router(router)
+    app.mount("/ui/static", ui.static_files, name="ui-static")
     _install_docs(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     # Keep this the LAST add_middleware: the last added is the outermost, so a preflight OPTIONS is answered

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.guard import authorize
 from service.api.metrics import Metrics
+from service.api.signing import DownloadSigner
 from service.api.work import WorkPool
 from service.config import Settings
 from service.operations import Operations
@@ -59,6 +60,7 @@ class Services:
     metrics: Metrics
     tokens: Mapping[str, str] = field(default_factory=dict)  # token -> scope, parsed once; empty: open
     sandbox: ParserSandbox | None = None  # the parser worker pool, closed when the app shuts down
+    signer: DownloadSigner = field(default_factory=lambda: DownloadSigner(b"unset"))  # create_app sets it
     # Heavy work of read-scope requests: its own slots, so that reads never delay writes.
     read_pool: WorkPool = field(default_factory=lambda: WorkPool(concurrency=1, queue=4, retry_after=2, kind="read"))
     # Rendered GET /diff bodies by (ids, options): artifacts never change, so neither does their diff.
@@ -143,6 +145,26 @@ def require_write(
     authorize(services.tokens, request.headers.get("authorization"), "write")
 
 
+def require_read_or_signature(
+    request: Request,
+    services: ServicesDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    # A signed URL (POST /checkpoints/{ref}/download-url) stands for a read token, for its one file and format.
+    # The RequestGuard does not know this dependency, so it passes the route through; it is checked here.
+    sig = request.query_params.get("sig")
+    if sig is None:
+        authorize(services.tokens, request.headers.get("authorization"), "read")
+        return
+    services.signer.check(
+        request.path_params.get("ref", ""),
+        request.query_params.get("format"),
+        request.query_params.get("expires"),
+        sig,
+    )
+
+
 ReadAuth = Depends(require_read)
+ReadOrSignedAuth = Depends(require_read_or_signature)
 WriteAuth = Depends(require_write)
 AUTH_SCOPES = {require_read: "read", require_write: "write"}

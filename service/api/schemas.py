@@ -62,7 +62,16 @@ class ArtifactOut(BaseModel):
     labels: dict[str, str] = {}
     names: list[str] = []
     lineage: LineageOut | None = None
+    candidates: dict[str, int] = Field(
+        {}, description="Every state_dict in the file: container key ('' = top level) -> tensor count.")
     download_url: str
+
+
+class DownloadUrlOut(BaseModel):
+    url: str = Field(description="GET it without a token until `expires`; it opens this artifact in this format only.")
+    id: str
+    format: Literal["pth", "safetensors"]
+    expires: int = Field(description="Unix seconds.")
 
 
 class ArtifactPage(BaseModel):
@@ -105,6 +114,11 @@ class StripIn(BaseModel):
     prefixes: list[str] | None = Field(None, description="Prefixes to remove; omitted: detect known wrappers.")
     output_format: Literal["pth", "safetensors"] = "pth"
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    container_key: str | None = Field(
+        None, min_length=1, max_length=1024,
+        description="The state_dict to use inside the file (dotted, e.g. 'model.ema'); omitted: the one chosen "
+        "at upload.",
+    )
 
 
 class OperationOut(BaseModel):

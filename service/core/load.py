@@ -1,4 +1,4 @@
-"""Load untrusted checkpoints safely: weights-only unpickling, zip pre-checks, one domain error each."""
+"""Load untrusted checkpoints safely: placeholder or weights-only unpickling, zip pre-checks, one domain error each."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import struct
 import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeGuard, cast
@@ -20,6 +20,7 @@ from typing import IO, Any, TypeGuard, cast
 import safetensors.torch
 import torch
 
+from service.core import unpickle
 from service.core.formats import (
     DEFAULT_LIMITS,
     SAFETENSORS_MAX_HEADER,
@@ -31,6 +32,7 @@ from service.core.formats import (
 from service.core.keycount import check_key_count
 from service.core.pthzip import Record, StorageRecords
 from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, StateDict
+from service.core.unpickle import DeniedGlobal, Placeholder, is_denied, iter_placeholders
 from service.errors import (
     ArchiveLimitExceeded,
     ContainerKeyError,
@@ -41,7 +43,8 @@ from service.errors import (
     quote_keys,
 )
 
-__all__ = ["CONTAINER_KEYS", "load_checkpoint", "resolve_globals"]
+__all__ = ["CONTAINER_KEYS", "is_module_record", "list_candidates", "load_checkpoint", "module_state_dict",
+           "resolve_globals"]
 
 # Where training scripts commonly put the state_dict inside a bigger checkpoint dict, in search order.
 CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state", "model_state_dict", "state_dict_ema",
@@ -77,21 +80,27 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 
 
 def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None = None,
-                    safe_globals: Sequence[str] = (),
+                    safe_globals: Sequence[str] = (), placeholders: bool = True,
                     limits: ArchiveLimits = DEFAULT_LIMITS) -> LoadedCheckpoint:
     """Load a checkpoint file of any accepted format and find the state_dict inside it.
 
-    The format is detected from the content. torch files are read with ``weights_only=True`` (zip archives
-    after `check_archive`, memory-mapped when ``mmap``); safetensors headers are validated before
-    safetensors reads the file. The state_dict is the top level when that is a dict of tensors, else the
-    first of `CONTAINER_KEYS` (also one level deep, e.g. ``"model.state_dict"``) holding one. Everything
-    next to it, and non-tensor values inside it, are reported in ``extras`` rather than dropped silently.
+    The format is detected from the content. torch files are read by the placeholder unpickler
+    (`service.core.unpickle`: tensors built as torch builds them, every other object an inert record, nothing
+    imported or called), or with ``placeholders=False`` by torch's ``weights_only=True`` loader and the
+    ``safe_globals`` allowlist (for callers that need real objects). Zip archives pass `check_archive` first and
+    are memory-mapped when ``mmap``; safetensors headers are validated before safetensors reads the file.
+    The state_dict is the top level when that is a dict of tensors, else the first of `CONTAINER_KEYS` (also
+    one level deep, e.g. ``"model.state_dict"``) holding one; a whole pickled ``nn.Module`` gives the
+    state_dict its ``state_dict()`` would return. Everything next to it, and non-tensor values inside it, are
+    reported in ``extras`` (placeholders by their global's dotted name) rather than dropped silently.
 
     Args:
         path: The checkpoint file.
         mmap: Memory-map zip archives so tensors are paged in lazily (legacy files cannot be mapped).
         container_key: Dotted path of the state_dict inside the checkpoint; ``None`` searches for it.
-        safe_globals: Extra ``"module.qualname"`` globals the unpickler may accept, for this load only.
+        safe_globals: Extra ``"module.qualname"`` globals the allowlist loader may accept, for this load only.
+        placeholders: Read pickles with the placeholder unpickler (the default); False uses torch's
+            weights-only loader with the ``safe_globals`` allowlist.
         limits: Pre-check limits (keys, zip entries and sizes).
 
     Returns:
@@ -99,11 +108,13 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
         was found around it.
 
     Raises:
-        UnsafeCheckpoint: The pickle references globals outside the allowlist (``unsafe_globals``).
+        UnsafeCheckpoint: The pickle references globals that only serve to run code (or, with
+            ``placeholders=False``, globals outside the allowlist), listed in ``unsafe_globals``.
         UnsupportedFormat: A TorchScript archive, or a safetensors dtype torch cannot hold.
         CorruptCheckpoint: Empty, truncated, garbage, or otherwise unreadable content.
         ArchiveLimitExceeded: The zip archive fails a pre-check.
-        ContainerKeyError: ``container_key`` is absent, or no state_dict was found.
+        ContainerKeyError: ``container_key`` is absent, or no state_dict was found (the message says what
+            the file looks like: an optimizer state, an RNG state, training arguments...).
         InvalidRequest: A ``safe_globals`` name cannot be resolved or is not allowed.
         OSError: The file cannot be opened.
     """
@@ -124,15 +135,73 @@ def load_checkpoint(path: Path, *, mmap: bool = True, container_key: str | None 
         obj, metadata = _load_safetensors(path, limits)
     else:
         if fmt is CheckpointFormat.PTH_ZIP:
-            check_archive(path, limits=limits)
-        check_key_count(path, fmt, limit=limits.max_keys)  # before torch's per-key unpickling
-        mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP and not path.name.endswith(".safetensors")
-        obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
+            try:
+                check_archive(path, limits=limits)
+            except CorruptCheckpoint as exc:
+                # Bytes before the archive the end record describes: junk, or other archives before it.
+                raise (_archives_in_a_row(path) if "precedes" in exc.detail else None) or exc from None
+        check_key_count(path, fmt, limit=limits.max_keys)  # before any per-key unpickling
+        if placeholders:
+            mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP
+            obj = _placeholder_load(path, fmt, mmap=mmapped)
+        else:
+            mmapped = mmap and fmt is CheckpointFormat.PTH_ZIP and not path.name.endswith(".safetensors")
+            obj = _torch_load(path, fmt, mmap=mmapped, allowed=allowed)
         if mmapped:
-            records = _check_storage_records(path, obj, allowed)
+            records = _check_storage_records(path, obj, allowed, placeholders=placeholders)
+    _refuse_deepspeed_shards(obj)
     state_dict, key, extras, has_metadata = _unwrap(obj, container_key)
     return LoadedCheckpoint(state_dict=state_dict, format=fmt, container_key=key, extras=extras,
-                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped, records=records)
+                            has_metadata=has_metadata, metadata=metadata, mmapped=mmapped, records=records,
+                            candidates=list_candidates(obj), default_container_key=_default_key(obj, key,
+                                                                                                 container_key))
+
+
+# Candidates are looked for this deep, and this many are listed (a container of containers of state_dicts).
+_CANDIDATE_DEPTH = 3
+_MAX_CANDIDATES = 100
+
+
+def list_candidates(obj: object) -> dict[str, int]:
+    """Every state_dict a checkpoint holds, by container key, with its key count.
+
+    ``""`` is the top level. Dicts are searched a few levels deep (``"model.ema"``); a whole pickled module
+    counts as the state_dict it stands for. Values of a state_dict are not searched.
+
+    Args:
+        obj: What the unpickler returned.
+
+    Returns:
+        Dotted container key -> number of tensors, in the order found (at most 100).
+    """
+    out: dict[str, int] = {}
+    stack: list[tuple[str, object, int]] = [("", obj, 0)]
+    while stack and len(out) < _MAX_CANDIDATES:
+        path, value, depth = stack.pop()
+        if isinstance(value, dict) and _is_rng_state(value):
+            continue
+        try:
+            found = _as_state_dict(value, path)
+        except CorruptCheckpoint:
+            found = None
+        if found is not None:
+            out[path] = sum(isinstance(v, torch.Tensor) for v in dict.values(found[0]))
+            continue
+        if isinstance(value, dict) and depth < _CANDIDATE_DEPTH:
+            children = [(f"{path}.{k}" if path else k, v, depth + 1)
+                        for k, v in dict.items(value) if isinstance(k, str) and isinstance(v, (dict, Placeholder))]
+            stack.extend(reversed(children))
+    return out
+
+
+def _default_key(obj: object, chosen: str | None, requested: str | None) -> str | None:
+    # Which key the default rule picks; the same as the chosen one unless the caller asked for another.
+    if requested is None:
+        return chosen
+    try:
+        return None if _as_state_dict(obj, "") is not None else _search(obj)[2]
+    except (ContainerKeyError, CorruptCheckpoint):
+        return None
 
 
 def resolve_globals(names: Sequence[str]) -> list[Any]:
@@ -284,7 +353,64 @@ def _load_legacy(path: Path) -> tuple[object, int]:
         return obj, os.fstat(f.fileno()).st_size - f.tell()
 
 
-def _check_storage_records(path: Path, obj: object, allowed: list[Any]) -> StorageRecords | None:
+class _Unnamed:
+    """A file object without ``fileno``: torch's legacy reader then skips its tar-format attempt, which would
+    extract entries into a temporary directory, and reads the pickles in a row."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.read, self.readline, self.seek, self.tell = f.read, f.readline, f.seek, f.tell
+        self.readinto = getattr(f, "readinto", None)
+
+
+def _placeholder_load(path: Path, fmt: CheckpointFormat, *, mmap: bool, map_location: str = "cpu") -> object:
+    """torch's own readers (storages, byte order, mmap, legacy views) with the placeholder unpickler."""
+    trailing = 0
+    try:
+        with open(path, "rb") as f:
+            if fmt is CheckpointFormat.PTH_LEGACY:
+                obj = torch.serialization._legacy_load(  # type: ignore[no-untyped-call]
+                    _Unnamed(f), map_location, unpickle, encoding="utf-8")
+                trailing = os.fstat(f.fileno()).st_size - f.tell()
+            else:
+                with torch.serialization._open_zipfile_reader(f) as reader:
+                    overall = None
+                    if mmap:
+                        size = os.fstat(f.fileno()).st_size
+                        overall = torch.UntypedStorage.from_file(os.fspath(path), False, size)
+                    obj = torch.serialization._load(  # type: ignore[no-untyped-call]
+                        reader, map_location, unpickle, overall_storage=overall, encoding="utf-8")
+    except DeniedGlobal as exc:
+        names = set(_denied_globals_in_file(path, fmt)) | {exc.name}
+        raise UnsafeCheckpoint(
+            f"the checkpoint references globals that only serve to run code: {quote_keys(names)}",
+            unsafe_globals=sorted(names),
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # damaged files: UnpicklingError, RuntimeError, EOFError, struct.error, ...
+        raise CorruptCheckpoint(f"cannot read the {fmt.value} checkpoint: {_short(exc)}") from exc
+    if trailing:
+        raise CorruptCheckpoint(f"{trailing} bytes follow the end of the legacy checkpoint (a zip appended?)")
+    return obj
+
+
+def _denied_globals_in_file(path: Path, fmt: CheckpointFormat) -> list[str]:
+    try:
+        if fmt is CheckpointFormat.PTH_ZIP:
+            with zipfile.ZipFile(path) as zf:
+                data_pkl = next(n for n in zf.namelist() if n.split("/")[1:] == ["data.pkl"])
+                with zf.open(data_pkl) as stream:
+                    found = _scan_pickle_globals(stream, pickles=1)
+        else:
+            with open(path, "rb") as stream:
+                found = _scan_pickle_globals(stream, pickles=4)
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
+        return []
+    return sorted({name for name in found if is_denied(name)})
+
+
+def _check_storage_records(path: Path, obj: object, allowed: list[Any], *,
+                           placeholders: bool = False) -> StorageRecords | None:
     """Refuse storages that do not cover exactly one storage record of the archive; say which record each is.
 
     A memory-mapped load slices each storage out of the mapped file at its record's offset, with the byte size
@@ -308,8 +434,11 @@ def _check_storage_records(path: Path, obj: object, allowed: list[Any]) -> Stora
         return StorageRecords(path, {ptr: Record(offset, size, crc)
                                      for (ptr, _), (offset, size, crc) in zip(extents, layout, strict=True)})
     try:
-        with _GATE.hold(allowed):
-            meta = torch.load(path, map_location="meta", weights_only=True)
+        if placeholders:
+            meta = _placeholder_load(path, CheckpointFormat.PTH_ZIP, mmap=False, map_location="meta")
+        else:
+            with _GATE.hold(allowed):
+                meta = torch.load(path, map_location="meta", weights_only=True)
     except Exception:  # the real load succeeded; a failure of the meta-only load proves nothing
         return None
     for storage in _reachable_storages(meta):
@@ -363,10 +492,13 @@ def _reachable_storages(obj: object) -> list[torch.UntypedStorage]:
             out.append(item._untyped_storage)
         elif isinstance(item, torch.UntypedStorage):
             out.append(item)
-        elif isinstance(item, Mapping):
-            stack.extend(item.values())
+        elif isinstance(item, dict):
+            stack.extend(dict.values(item))
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend(item)
+        elif isinstance(item, Placeholder):
+            stack.extend((item.args, item.state, item.listitems))
+            stack.extend(value for pair in item.dictitems for value in pair)
     return out
 
 
@@ -407,7 +539,10 @@ def _unknown_content_error(path: Path, allowed: list[Any]) -> Exception:
         head = f.read(64)
         if is_pickle_start(head):
             # Never unpickled: only parsed, to say which globals it would have imported.
-            unsafe = _unsafe_globals(_scan_pickle_globals(f, pickles=1, start=0), allowed)
+            found = _scan_pickle_globals(f, pickles=1, start=0)
+            if any(name.startswith("torch.distributed.checkpoint.") for name in found):
+                return UnsupportedFormat(f"the file is the .metadata of a torch.distributed checkpoint; {_DCP_WAY_OUT}")
+            unsafe = _unsafe_globals(found, allowed)
             if unsafe:
                 return UnsafeCheckpoint(
                     "the file is a plain pickle (not a torch.save checkpoint) referencing globals: "
@@ -431,6 +566,40 @@ def _unknown_content_error(path: Path, allowed: list[Any]) -> Exception:
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return CorruptCheckpoint(f"the file is text, not a checkpoint (starts with {text[:24]!r})")
     return CorruptCheckpoint(f"unrecognised content, not a checkpoint (starts with {head[:8].hex()})")
+
+
+_DCP_WAY_OUT = ("convert the checkpoint folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save"
+                "(folder, 'model.pth') and send that file")
+_ZERO_WAY_OUT = ("run the zero_to_fp32.py script DeepSpeed wrote into the checkpoint folder (python zero_to_fp32.py . "
+                 "pytorch_model.bin) and send its output")
+
+
+def _archives_in_a_row(path: Path) -> Exception | None:
+    # A torch.distributed checkpoint shard (.distcp) is torch.save archives written one after another: the file
+    # opens with a torch.save archive's first entry, and the directory at its end belongs to the last archive.
+    with open(path, "rb") as f:
+        header = f.read(30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            return None
+        name = f.read(struct.unpack("<H", header[26:28])[0])
+    if not name.endswith(b"/data.pkl"):
+        return None
+    return UnsupportedFormat(
+        "the file holds several torch.save archives in a row (data precedes the last one), as a torch.distributed "
+        f"checkpoint shard (.distcp) does; {_DCP_WAY_OUT}"
+    )
+
+
+def _refuse_deepspeed_shards(obj: object) -> None:
+    # DeepSpeed ZeRO partitions the weights: *_optim_states.pt hold flat fp32 partitions, and with ZeRO-3 the
+    # "module" of mp_rank_*_model_states.pt holds empty placeholders. Only zero_to_fp32.py can put them together.
+    if not isinstance(obj, dict) or not dict.__contains__(obj, "ds_version"):
+        return
+    module = dict.get(obj, "module")
+    tensors = [v for v in dict.values(module) if isinstance(v, torch.Tensor)] if isinstance(module, dict) else []
+    if not tensors or all(t.numel() == 0 for t in tensors):
+        raise UnsupportedFormat(
+            f"the file is a DeepSpeed ZeRO checkpoint shard, not a model's weights; {_ZERO_WAY_OUT}")
 
 
 def _as_text(head: bytes) -> str:
@@ -635,34 +804,85 @@ def _check_safetensors_entry(name: str, entry: object, data_len: int) -> tuple[i
 def _unwrap(obj: object, container_key: str | None) -> tuple[StateDict, str | None, dict[str, str], bool]:
     if container_key is not None:
         found, parents = _follow(obj, container_key)
-        if not _is_tensor_dict(found):
+        candidate = _as_state_dict(found, container_key)
+        if candidate is None:
             raise ContainerKeyError(
-                f"{container_key!r} holds a {type(found).__name__}, not a state_dict",
-                container_key=container_key,
+                f"{container_key!r} holds {_looks_like(found)}, not a state_dict", container_key=container_key,
             )
         key: str | None = container_key
-    elif _is_tensor_dict(obj):
-        found, parents, key = obj, [], None
     else:
-        found, parents, key = _search(obj)
-    extras: dict[str, str] = {}
+        candidate = _as_state_dict(obj, "")
+        if candidate is not None:
+            parents, key = [], None
+        else:
+            candidate, parents, key = _search(obj)
+    found_dict, extras = candidate
     for prefix, parent, chosen in parents:
-        for name, value in parent.items():
+        for name, value in dict.items(parent):
             if name != chosen:
-                extras[prefix + str(name)] = type(value).__name__
+                _add_extra(extras, prefix + str(name), value)
     state_dict: OrderedDict[str, torch.Tensor] = OrderedDict()
     inner = f"{key}." if key else ""
-    for name, value in found.items():
+    for name, value in dict.items(found_dict):
         if isinstance(name, str) and isinstance(value, torch.Tensor):
             # nn.Parameter -> plain Tensor sharing the same storage (no copy).
             _check_view_extent(name, value)
             state_dict[name] = value.detach() if isinstance(value, torch.nn.Parameter) else value
         else:
-            extras[inner + str(name)] = type(value).__name__
-    metadata = getattr(found, "_metadata", None)
+            _add_extra(extras, inner + str(name), value)
+    metadata = _state_dict_metadata(found_dict)
     if metadata is not None:
         state_dict._metadata = metadata  # type: ignore[attr-defined]
     return state_dict, key, extras, metadata is not None
+
+
+# A file can hold many placeholders (an MMEngine message hub holds hundreds); the extras list the first ones.
+_MAX_EXTRAS = 1000
+
+
+def _add_extra(extras: dict[str, str], path: str, value: object) -> None:
+    if len(extras) >= _MAX_EXTRAS:
+        return
+    extras[path] = _kind(value)
+    if isinstance(value, (dict, list, tuple)):
+        for inner, placeholder in iter_placeholders(value, path):
+            if len(extras) >= _MAX_EXTRAS:
+                return
+            extras[inner] = placeholder.name
+
+
+def _kind(value: object) -> str:
+    return value.name if isinstance(value, Placeholder) else type(value).__name__
+
+
+def _state_dict_metadata(found: dict[Any, Any]) -> Any:
+    # torch.load keeps a BUILD state as instance attributes of an OrderedDict; `items` or `values` there would
+    # hide the real entries from any reader calling obj.items(). A state_dict carries only `_metadata` (a dict
+    # of per-module dicts, as nn.Module.state_dict() writes it); anything else is refused.
+    try:
+        attrs: dict[str, Any] = object.__getattribute__(found, "__dict__")
+    except AttributeError:
+        return None
+    others = sorted(str(k) for k in attrs if k != "_metadata")
+    if others:
+        raise CorruptCheckpoint(
+            f"the state_dict carries instance attributes other than '_metadata': {quote_keys(others)}"
+        )
+    if "_metadata" not in attrs:
+        return None
+    metadata = attrs["_metadata"]
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and not _instance_attrs(v) for k, v in dict.items(metadata)
+    ) or _instance_attrs(metadata):
+        raise CorruptCheckpoint("the state_dict's '_metadata' is not a dict of per-module dicts")
+    return metadata
+
+
+def _instance_attrs(value: object) -> bool:
+    try:
+        return bool(object.__getattribute__(value, "__dict__"))
+    except AttributeError:
+        return False
 
 
 def _check_view_extent(name: str, tensor: torch.Tensor) -> None:
@@ -678,68 +898,180 @@ def _check_view_extent(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _is_tensor_dict(value: object) -> TypeGuard[Mapping[Any, Any]]:
+def _as_state_dict(value: object, path: str) -> tuple[dict[Any, Any], dict[str, str]] | None:
+    """The state_dict a value is or (a whole pickled nn.Module) stands for, and the extras that come with it."""
+    if _is_tensor_dict(value) and not _is_rng_state(value):
+        return value, {}
+    if is_module_record(value):
+        return module_state_dict(value, path)
+    return None
+
+
+def _is_tensor_dict(value: object) -> TypeGuard[dict[Any, Any]]:
     # A state_dict: str keys, at least one tensor, and no nested tensor dict (that would be a container).
-    if not isinstance(value, Mapping) or not value:
+    # dict.* on purpose: instance attributes of an OrderedDict (a BUILD state) must not change what is read.
+    if not isinstance(value, dict) or not dict.__len__(value):
         return False
-    if not all(isinstance(k, str) for k in value):
+    if not all(isinstance(k, str) for k in dict.keys(value)):
         return False
-    tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
-    return tensors > 0 and not any(_holds_tensors(v) for v in value.values())
+    values = dict.values(value)
+    tensors = sum(isinstance(v, torch.Tensor) for v in values)
+    return tensors > 0 and not any(_holds_tensors(v) for v in values)
 
 
 def _holds_tensors(value: object) -> bool:
-    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+    return isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in dict.values(value))
 
 
-ParentChain = list[tuple[str, Mapping[Any, Any], Any]]  # (extras prefix, mapping, key taken from it)
+def is_module_record(value: object) -> TypeGuard[Placeholder]:
+    """Whether a placeholder is a pickled ``nn.Module`` (its BUILD state has the module's own tables)."""
+    if not isinstance(value, Placeholder) or not value.called or not isinstance(value.state, dict):
+        return False
+    return all(dict.__contains__(value.state, k) for k in ("_parameters", "_buffers", "_modules"))
 
 
-def _search(obj: object) -> tuple[Mapping[Any, Any], ParentChain, str]:
-    if not isinstance(obj, Mapping):
-        raise ContainerKeyError(f"the checkpoint holds a {type(obj).__name__}, not a dict with a state_dict")
+# Bounds the module walk: a module tree shares sub-modules (visited again, as state_dict() does) or is cyclic.
+_MAX_MODULE_VISITS = 1_000_000
+
+
+def module_state_dict(root: Placeholder, path: str = "") -> tuple[OrderedDict[str, Any], dict[str, str]]:
+    """What ``nn.Module.state_dict()`` returns for a pickled module tree, built from its records alone.
+
+    Each module's own parameters, then its persistent buffers, then its children's, depth first, keys in
+    the same order; ``None`` entries and ``_non_persistent_buffers_set`` members are left out. Classes outside
+    ``torch.nn`` are listed in the extras (their ``_save_to_state_dict`` or hooks could differ, which cannot be
+    known without running their code; strict verification catches a difference).
+
+    Args:
+        root: A placeholder for which `is_module_record` holds.
+        path: Where the module is in the checkpoint (prefix of the extras' paths).
+
+    Returns:
+        The state_dict and the extras: module path -> class name for custom classes, and non-tensor entries.
+
+    Raises:
+        CorruptCheckpoint: The tree is cyclic or too large, or its tables are not dicts.
+    """
+    out: OrderedDict[str, Any] = OrderedDict()
+    extras: dict[str, str] = {}
+    stack: list[tuple[str, Placeholder]] = [("", root)]
+    visits = 0
+    while stack:
+        prefix, module = stack.pop()
+        visits += 1
+        if visits > _MAX_MODULE_VISITS:
+            raise CorruptCheckpoint("the pickled module tree is cyclic or has too many modules")
+        where = ".".join(p for p in (path, prefix.rstrip(".")) if p)
+        if not module.name.startswith("torch.nn.") and len(extras) < _MAX_EXTRAS:
+            extras[where or "(module)"] = module.name
+        state = module.state
+        tables = [dict.get(state, name) for name in ("_parameters", "_buffers", "_modules")]
+        if not all(isinstance(t, dict) for t in tables):
+            raise CorruptCheckpoint(f"the pickled module {where or '(root)'!r} has malformed tables")
+        params, buffers, children = cast(list[dict[Any, Any]], tables)
+        non_persistent = dict.get(state, "_non_persistent_buffers_set")
+        skip = non_persistent if isinstance(non_persistent, (set, frozenset)) else set()
+        for table, persistent_only in ((params, False), (buffers, True)):
+            for name, value in dict.items(table):
+                if value is None or (persistent_only and name in skip):
+                    continue
+                if isinstance(value, torch.Tensor):
+                    out[f"{prefix}{name}"] = value
+                elif len(extras) < _MAX_EXTRAS:
+                    extras[f"{where}.{name}" if where else str(name)] = _kind(value)
+        for name, child in reversed(list(dict.items(children))):
+            if is_module_record(child):
+                stack.append((f"{prefix}{name}.", child))
+            elif child is not None and len(extras) < _MAX_EXTRAS:
+                extras[f"{where}.{name}" if where else str(name)] = _kind(child)
+    return out, extras
+
+
+ParentChain = list[tuple[str, dict[Any, Any], Any]]  # (extras prefix, mapping, key taken from it)
+
+
+def _search(obj: object) -> tuple[tuple[dict[Any, Any], dict[str, str]], ParentChain, str]:
+    if not isinstance(obj, dict):
+        raise ContainerKeyError(f"no state_dict found: the checkpoint holds {_looks_like(obj)}")
     for key in CONTAINER_KEYS:
-        value = obj.get(key)
-        if _is_tensor_dict(value):
-            return value, [("", obj, key)], key
-        if isinstance(value, Mapping):
+        value = dict.get(obj, key)
+        found = _as_state_dict(value, key)
+        if found is not None:
+            return found, [("", obj, key)], key
+        if isinstance(value, dict):
             for inner in CONTAINER_KEYS:
-                nested = value.get(inner)
-                if _is_tensor_dict(nested):
-                    return nested, [("", obj, key), (f"{key}.", value, inner)], f"{key}.{inner}"
+                nested = dict.get(value, inner)
+                found = _as_state_dict(nested, f"{key}.{inner}")
+                if found is not None:
+                    return found, [("", obj, key), (f"{key}.", value, inner)], f"{key}.{inner}"
+    keys = sorted(str(k) for k in dict.keys(obj))
     raise ContainerKeyError(
-        f"no state_dict found; top-level keys: {quote_keys(str(k) for k in obj) or 'none'}",
-        available_keys=sorted(str(k) for k in obj),
+        f"no state_dict found: the checkpoint holds {_looks_like(obj)}; top-level keys: "
+        f"{quote_keys(keys) or 'none'}",
+        available_keys=keys,
     )
+
+
+_RNG_KEYS = frozenset({"python", "numpy", "cpu", "cuda", "mps", "xpu", "npu", "torch", "random", "rng_state"})
+_SCHEDULER_KEYS = frozenset({"base_lrs", "last_epoch", "_last_lr", "_step_count"})
+
+
+def _is_rng_state(obj: dict[Any, Any]) -> bool:
+    # transformers' rng_state.pth and similar: {"python": ..., "numpy": ..., "cpu": ByteTensor, "cuda": ...}
+    keys = {str(k) for k in dict.keys(obj)}
+    return bool(keys) and keys <= _RNG_KEYS and bool(keys & {"python", "numpy", "cpu", "rng_state"})
+
+
+def _looks_like(obj: object) -> str:
+    """A few words on what a value that holds no model state_dict looks like, for error messages."""
+    if isinstance(obj, Placeholder):
+        if obj.name.endswith(("TrainingArguments", "Namespace", "DictConfig", "ListConfig")):
+            return f"training arguments ({obj.name}), not a model"
+        return f"a {obj.name} object, not a model's weights"
+    if isinstance(obj, torch.Tensor):
+        return "a single tensor, not a state_dict"
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a dict with a state_dict"
+    keys = {str(k) for k in dict.keys(obj)}
+    if {"state", "param_groups"} <= keys:
+        return "an optimizer state, not a model"
+    if len(keys & _SCHEDULER_KEYS) >= 2:
+        return "a learning-rate scheduler state, not a model"
+    if _is_rng_state(obj):
+        return "an RNG state, not a model"
+    if keys & {"optimizer", "optimizer_states", "optimizer_state_dict", "lr_schedulers", "scheduler"}:
+        return "a training state without model weights"
+    if not any(isinstance(v, (torch.Tensor, dict, Placeholder)) for v in dict.values(obj)):
+        return "no tensors (training arguments or metadata?), not a model"
+    return "a dict without a model state_dict"
 
 
 def _follow(obj: object, dotted: str) -> tuple[object, ParentChain]:
     parents: ParentChain = []
     current, rest, prefix = obj, dotted, ""
     while True:
-        if not isinstance(current, Mapping):
+        if not isinstance(current, dict):
             raise ContainerKeyError(
-                f"cannot look up {dotted!r}: {prefix.rstrip('.') or 'the checkpoint'} is a "
-                f"{type(current).__name__}, not a dict",
+                f"cannot look up {dotted!r}: {prefix.rstrip('.') or 'the checkpoint'} is "
+                f"{_looks_like(current)}",
                 container_key=dotted,
             )
         # Prefer the longest key that matches, so keys that themselves contain dots still work.
-        head = rest if rest in current else None
+        head = rest if dict.__contains__(current, rest) else None
         if head is None:
             cut = rest.rfind(".")
-            while cut > 0 and rest[:cut] not in current:
+            while cut > 0 and not dict.__contains__(current, rest[:cut]):
                 cut = rest.rfind(".", 0, cut)
             head = rest[:cut] if cut > 0 else None
         if head is None:
-            available = sorted(str(k) for k in current)
+            available = sorted(str(k) for k in dict.keys(current))
             raise ContainerKeyError(
                 f"container key {dotted!r} not found; available keys"
                 f"{' in ' + repr(prefix.rstrip('.')) if prefix else ''}: {quote_keys(available) or 'none'}",
                 container_key=dotted, available_keys=available,
             )
         parents.append((prefix, current, head))
-        current = current[head]
+        current = dict.__getitem__(current, head)
         if head == rest:
             return current, parents
         prefix, rest = f"{prefix}{head}.", rest[len(head) + 1:]
-

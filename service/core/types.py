@@ -57,6 +57,10 @@ class LoadedCheckpoint:
     mmapped: bool = False
     # where the mapped storages' bytes are in the file, for saving them without reading them (service.core.pthzip)
     records: StorageRecords | None = field(default=None, compare=False, repr=False)
+    # every state_dict in the file: dotted container key ("" = top level) -> tensor count
+    candidates: Mapping[str, int] = field(default_factory=dict)
+    # the container key the default rule picks (differs from container_key when the caller chose another)
+    default_container_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +70,7 @@ class LoadedCheckpoint:
             "has_metadata": self.has_metadata,
             "metadata": dict(self.metadata),
             "key_count": len(self.state_dict),
+            "candidates": dict(self.candidates),
         }
 
 

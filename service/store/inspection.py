@@ -20,7 +20,8 @@ _DEFAULT_LIMITS = ArchiveLimits()
 
 
 def inspect_checkpoint(
-    path: Path, *, safe_globals: Sequence[str] = (), limits: ArchiveLimits = _DEFAULT_LIMITS
+    path: Path, *, safe_globals: Sequence[str] = (), limits: ArchiveLimits = _DEFAULT_LIMITS,
+    container_key: str | None = None,
 ) -> Inspection:
     """Load a checkpoint safely (weights_only, mmap where possible) and build its manifest.
 
@@ -31,6 +32,7 @@ def inspect_checkpoint(
         path: The checkpoint file. Its name is never looked at; the format is detected from the content.
         safe_globals: Extra "module.qualname" globals the unpickler may accept for this load only.
         limits: Zip pre-check limits and the expansion bound.
+        container_key: The state_dict to use inside the file; None applies the default rule.
 
     Returns:
         The format, container key, extras, `_metadata` presence, manifest, and the tensors' layout in the file.
@@ -40,7 +42,7 @@ def inspect_checkpoint(
             for keys that are not valid UTF-8.
         ExpansionLimitExceeded: The keys expand to more than the bound.
     """
-    loaded = load_checkpoint(path, mmap=True, safe_globals=safe_globals, limits=limits)
+    loaded = load_checkpoint(path, mmap=True, safe_globals=safe_globals, limits=limits, container_key=container_key)
     _check_keys(loaded.state_dict)
     check_expansion(loaded.state_dict, budget=expansion_budget([os.stat(path).st_size], limits))
     return Inspection(
@@ -50,6 +52,8 @@ def inspect_checkpoint(
         has_metadata=loaded.has_metadata,
         manifest=build_manifest(loaded.state_dict),
         layout=describe_layout(loaded),
+        candidates=dict(loaded.candidates),
+        default_container_key=loaded.default_container_key,
     )
 
 

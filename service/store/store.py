@@ -215,7 +215,7 @@ class ArtifactStore:
         self._manifest_cache_keys = 0
         self._manifest_cache_lock = threading.Lock()
         # Recent memory-mapped loads by (id, safe globals); see `load`.
-        self._loaded_cache: OrderedDict[tuple[str, tuple[str, ...]], LoadedCheckpoint] = OrderedDict()
+        self._loaded_cache: OrderedDict[tuple[str, tuple[str, ...], str | None], LoadedCheckpoint] = OrderedDict()
         self.tmp_grace_seconds = float(tmp_grace_seconds)
         self._blobs = self.root / "blobs"
         self._manifests = self.root / "manifests"
@@ -526,14 +526,16 @@ class ArtifactStore:
             raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
 
     def load(
-        self, artifact_id: str, *, mmap: bool = True, safe_globals: Sequence[str] = ()
+        self, artifact_id: str, *, mmap: bool = True, safe_globals: Sequence[str] = (),
+        container_key: str | None = None,
     ) -> LoadedCheckpoint:
-        """Load a stored checkpoint with the container key recorded at ingest.
+        """Load a stored checkpoint with the container key recorded at ingest, or another one.
 
         Args:
             artifact_id: A 64-hex id.
             mmap: Map tensors from the blob instead of reading them (ignored for the legacy format).
             safe_globals: Extra "module.qualname" globals the unpickler may accept for this load only.
+            container_key: The state_dict to use inside the file; None uses the one recorded at ingest.
 
         Returns:
             The loaded checkpoint.
@@ -548,7 +550,8 @@ class ArtifactStore:
         use_mmap = mmap and meta.format is not CheckpointFormat.PTH_LEGACY
         if not path.exists():
             raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-        key = (artifact_id, tuple(safe_globals))
+        chosen = container_key if container_key is not None else meta.container_key
+        key = (artifact_id, tuple(safe_globals), chosen)
         with self._manifest_cache_lock:
             hit = self._loaded_cache.get(key) if use_mmap else None
             if hit is not None:
@@ -556,7 +559,7 @@ class ArtifactStore:
         if hit is not None:
             return replace(hit, state_dict=_shallow_copy(hit.state_dict))
         loaded = load_checkpoint(
-            path, mmap=use_mmap, container_key=meta.container_key, safe_globals=safe_globals, limits=self.limits
+            path, mmap=use_mmap, container_key=chosen, safe_globals=safe_globals, limits=self.limits
         )
         if loaded.mmapped:
             # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained
@@ -772,11 +775,12 @@ class ArtifactStore:
             return self._publish(artifact_id, upload.path, upload.fd, upload.size, inspection,
                                  filename=filename_, labels=labels_, lineage=lineage_)
 
-    def inspect_upload(self, upload: PendingUpload) -> Inspection:
+    def inspect_upload(self, upload: PendingUpload, *, container_key: str | None = None) -> Inspection:
         """Finish an upload and parse it with the store's inspector, without publishing it.
 
         Args:
             upload: From `open_upload`, with all bytes written.
+            container_key: The state_dict to use inside the file; None applies the default rule.
 
         Returns:
             The inspection, to pass to `commit_upload` later.
@@ -785,6 +789,8 @@ class ArtifactStore:
             InvalidCheckpoint: From the inspector; the upload stays open for the caller to abort.
         """
         upload.finish()
+        if container_key is not None:
+            return self._inspector(upload.path, container_key=container_key)
         return self._inspector(upload.path)
 
     def check_digest(self, upload: PendingUpload, expected_sha256: str) -> None:
@@ -969,6 +975,7 @@ class ArtifactStore:
             extras=dict(inspection.extras),
             labels=labels,
             lineage=lineage,
+            candidates=dict(inspection.candidates),
         )
         record = meta.to_dict()
         del record["names"]  # names live under names/ and are joined in on read

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from service.core.types import CheckpointFormat, Manifest
 
-LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert")
+LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract")
 
 
 @dataclass(frozen=True)
@@ -24,6 +23,9 @@ class Inspection:
     # Where the state_dict's tensors are in the file (service.core.layout), when they can be described: lets
     # the API process map them without unpickling the upload again. Not stored.
     layout: dict[str, Any] | None = None
+    # every state_dict in the file (container key -> tensor count), and the key the default rule picks
+    candidates: dict[str, int] = field(default_factory=dict)
+    default_container_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +35,8 @@ class Inspection:
             "has_metadata": self.has_metadata,
             "manifest": self.manifest.to_dict(),
             "layout": self.layout,
+            "candidates": dict(self.candidates),
+            "default_container_key": self.default_container_key,
         }
 
     @classmethod
@@ -44,12 +48,15 @@ class Inspection:
             has_metadata=bool(data["has_metadata"]),
             manifest=Manifest.from_dict(data["manifest"]),
             layout=data.get("layout") if isinstance(data.get("layout"), dict) else None,
+            candidates={str(k): int(v) for k, v in data.get("candidates", {}).items()},
+            default_container_key=data.get("default_container_key"),
         )
 
 
 # Parses a checkpoint file into an Inspection, raising InvalidCheckpoint subclasses. Injected into the store
 # so that the parse of untrusted bytes can run in a sandboxed worker process.
-Inspector = Callable[[Path], Inspection]
+# Called as inspector(path) or inspector(path, container_key=key) to use another state_dict inside the file.
+Inspector = Callable[..., Inspection]
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class ArtifactMeta:
     labels: dict[str, str] = field(default_factory=dict)
     lineage: Lineage | None = None
     names: tuple[str, ...] = ()
+    candidates: dict[str, int] = field(default_factory=dict)  # state_dicts in the file: container key -> keys
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +122,7 @@ class ArtifactMeta:
             "labels": dict(self.labels),
             "lineage": self.lineage.to_dict() if self.lineage is not None else None,
             "names": list(self.names),
+            "candidates": dict(self.candidates),
         }
 
     @classmethod
@@ -134,6 +143,7 @@ class ArtifactMeta:
             labels={str(k): str(v) for k, v in data.get("labels", {}).items()},
             lineage=Lineage.from_dict(lineage) if lineage is not None else None,
             names=tuple(data.get("names", ())),
+            candidates={str(k): int(v) for k, v in data.get("candidates", {}).items()},
         )
 
 

@@ -270,9 +270,9 @@ def namespace_ckpt(tmp_path: Path, original_sd: dict[str, torch.Tensor]) -> Path
     return save_pth({"state_dict": original_sd, "args": args, "epoch": 2}, tmp_path / "with-args.pth")
 
 
-def test_namespace_needs_the_allowlist(namespace_ckpt: Path) -> None:
+def test_namespace_needs_the_allowlist_on_the_allowlist_path(namespace_ckpt: Path) -> None:
     with pytest.raises(UnsafeCheckpoint) as info:
-        load_checkpoint(namespace_ckpt)
+        load_checkpoint(namespace_ckpt, placeholders=False)
 
     assert info.value.unsafe_globals == ["argparse.Namespace"]
     assert "'argparse.Namespace'" in info.value.detail
@@ -283,14 +283,22 @@ def test_namespace_loads_with_the_allowlist_and_it_does_not_leak(
 ) -> None:
     before = set(torch.serialization.get_safe_globals())  # torch registers a few of its own
 
-    loaded = load_checkpoint(namespace_ckpt, safe_globals=["argparse.Namespace"])
+    loaded = load_checkpoint(namespace_ckpt, safe_globals=["argparse.Namespace"], placeholders=False)
 
     assert loaded.container_key == "state_dict"
     assert loaded.extras == {"args": "Namespace", "epoch": "int"}
     assert_same_tensors(loaded.state_dict, original_sd)
     assert set(torch.serialization.get_safe_globals()) == before
     with pytest.raises(UnsafeCheckpoint):
-        load_checkpoint(namespace_ckpt)
+        load_checkpoint(namespace_ckpt, placeholders=False)
+
+
+def test_namespace_is_a_placeholder_by_default(namespace_ckpt: Path, original_sd: dict[str, torch.Tensor]) -> None:
+    loaded = load_checkpoint(namespace_ckpt)
+
+    assert loaded.container_key == "state_dict"
+    assert loaded.extras == {"args": "argparse.Namespace", "epoch": "int"}
+    assert_same_tensors(loaded.state_dict, original_sd)
 
 
 def test_allowlist_of_one_thread_is_not_seen_by_another(namespace_ckpt: Path) -> None:
@@ -300,7 +308,7 @@ def test_allowlist_of_one_thread_is_not_seen_by_another(namespace_ckpt: Path) ->
 
     def load_without_allowlist() -> None:
         try:
-            load_checkpoint(namespace_ckpt)
+            load_checkpoint(namespace_ckpt, placeholders=False)
             outcome.append(None)
         except BaseException as exc:  # noqa: B036 - recorded for the main thread
             outcome.append(exc)
@@ -327,9 +335,9 @@ def test_unsafe_error_lists_every_global_not_just_the_first(
     path = save_pth(ckpt, tmp_path / "many-globals.pth")
 
     with pytest.raises(UnsafeCheckpoint) as everything:
-        load_checkpoint(path)
+        load_checkpoint(path, placeholders=False)
     with pytest.raises(UnsafeCheckpoint) as rest:
-        load_checkpoint(path, safe_globals=["argparse.Namespace"])
+        load_checkpoint(path, safe_globals=["argparse.Namespace"], placeholders=False)
 
     assert everything.value.unsafe_globals == ["argparse.Namespace", "datetime.date", "fractions.Fraction"]
     assert rest.value.unsafe_globals == ["datetime.date", "fractions.Fraction"]
@@ -370,4 +378,6 @@ def test_pickle_protocol_3_loads_and_4_is_a_clear_domain_error(tmp_path: Path) -
     assert torch.equal(load_checkpoint(p3).state_dict["w"], sd["w"])
     torch.save(sd, p4, pickle_protocol=4)  # FRAME opcodes: torch's weights-only unpickler refuses them
     with pytest.raises(InvalidCheckpoint):
-        load_checkpoint(p4)
+        load_checkpoint(p4, placeholders=False)
+    # The placeholder unpickler reads every protocol torch.save can write.
+    assert torch.equal(load_checkpoint(p4).state_dict["w"], sd["w"])

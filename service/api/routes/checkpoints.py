@@ -9,9 +9,18 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from service.api.deps import ArtifactDep, ReadAuth, RefPath, ServicesDep, StoreDep, WriteAuth
+from service.api.deps import ArtifactDep, ReadAuth, ReadOrSignedAuth, RefPath, ServicesDep, StoreDep, WriteAuth
 from service.api.problems import problem_responses
-from service.api.schemas import ArtifactOut, ArtifactPage, DeletedOut, ManifestOut, NameIn, NameOut, TensorEntryOut
+from service.api.schemas import (
+    ArtifactOut,
+    ArtifactPage,
+    DeletedOut,
+    DownloadUrlOut,
+    ManifestOut,
+    NameIn,
+    NameOut,
+    TensorEntryOut,
+)
 from service.api.uploads import parse_multipart, read_raw_body
 from service.api.work import Admission
 from service.errors import InvalidRequest
@@ -49,6 +58,12 @@ UPLOAD_BODY: dict[str, Any] = {
                             "type": "string",
                             "pattern": SHA256_PATTERN,
                             "description": "The digest the client expects; a mismatch stores nothing.",
+                        },
+                        "container_key": {
+                            "type": "string",
+                            "description": "The state_dict to use inside the file (dotted, e.g. 'model.ema'). "
+                            "When it is not the default one, the upload is stored as sent and the answer is a "
+                            "derived artifact holding that state_dict alone (lineage 'extract').",
                         },
                     },
                 }
@@ -105,13 +120,15 @@ async def commit_upload(
     filename: str | None,
     labels: dict[str, str],
     name: str | None,
+    container_key: str | None = None,
 ) -> IngestResult:
     store = services.store
     if name is not None:
         store.check_settable_name(name)  # refuse a bad name before the heavy work
     result: IngestResult = await slot.run(
         lambda: services.operations.commit_upload(
-            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels
+            upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels,
+            container_key=container_key,
         )
     )
     if result.created:
@@ -143,11 +160,12 @@ async def upload_checkpoint(
     labels: Annotated[str | None, Query(max_length=4096)] = None,
     sha256: Annotated[str | None, Query(pattern=SHA256_PATTERN)] = None,
     filename: Annotated[str | None, Query(max_length=1024)] = None,
+    container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
 ) -> ArtifactOut:
     """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
     # Admitted before a byte of the body is read: a full pool answers 503 at once.
     async with services.pool.admit() as slot:
-        return await _upload(request, response, services, slot, name, labels, sha256, filename)
+        return await _upload(request, response, services, slot, name, labels, sha256, filename, container_key)
 
 
 async def _upload(
@@ -159,6 +177,7 @@ async def _upload(
     labels: str | None,
     sha256: str | None,
     filename: str | None,
+    container_key: str | None,
 ) -> ArtifactOut:
     limit = services.operations.max_upload_bytes
     content_type = request.headers.get("content-type", "")
@@ -167,7 +186,7 @@ async def _upload(
             request,
             services.store,
             file_fields=frozenset({"file"}),
-            text_fields=frozenset({"name", "labels", "sha256"}),
+            text_fields=frozenset({"name", "labels", "sha256", "container_key"}),
             max_file_bytes=limit,
         )
         part = form.files.get("file")
@@ -178,6 +197,7 @@ async def _upload(
         name = form.fields.get("name", name)
         labels = form.fields.get("labels", labels)
         sha256 = form.fields.get("sha256", sha256)
+        container_key = form.fields.get("container_key", container_key) or None
     elif content_type.startswith("application/octet-stream") or not content_type:
         upload = await read_raw_body(request, services.store, max_bytes=limit)
     else:
@@ -186,7 +206,8 @@ async def _upload(
         )
     try:
         result = await commit_upload(
-            services, slot, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name
+            services, slot, upload, expected=sha256, filename=filename, labels=parse_labels(labels), name=name,
+            container_key=container_key,
         )
     finally:
         await anyio.to_thread.run_sync(upload.abort)  # a no-op once committed
@@ -261,7 +282,7 @@ def _stored_kind(fmt: str) -> str:
     operation_id="download_checkpoint",
     summary="Download a checkpoint file",
     tags=["checkpoints"],
-    dependencies=[ReadAuth],
+    dependencies=[ReadOrSignedAuth],
     response_class=FileResponse,
     responses={
         200: {
@@ -283,7 +304,7 @@ async def download_checkpoint(
     services: ServicesDep,
     format: Literal["pth", "safetensors"] | None = None,
 ) -> Response:
-    """Download the blob, streamed, with ETag and Range; `format=safetensors` converts on the way out."""
+    """Download the blob (Range, ETag; `format=safetensors` converts); a Bearer token or `expires`+`sig`."""
     store = services.store
     path, digest = None, artifact.id
     suffix = ".safetensors" if artifact.format == "safetensors" else ".pth"
@@ -311,6 +332,30 @@ async def download_checkpoint(
             "Cache-Control": cache_control,
         },
     )
+
+
+@router.post(
+    "/checkpoints/{ref}/download-url",
+    response_model=DownloadUrlOut,
+    operation_id="sign_download_url",
+    summary="Get a signed download URL (no token needed to follow it)",
+    tags=["checkpoints"],
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401, 404),
+)
+def sign_download_url(
+    request: Request,
+    artifact: ArtifactDep,
+    services: ServicesDep,
+    format: Literal["pth", "safetensors"] | None = None,
+) -> DownloadUrlOut:
+    """A download URL that needs no token, for this artifact and format, valid for a few minutes."""
+    fmt = format or _stored_kind(artifact.format)
+    expires, sig = services.signer.sign(artifact.id, fmt)
+    url = request.url_for("download_checkpoint", ref=artifact.id).include_query_params(
+        format=fmt, expires=expires, sig=sig
+    )
+    return DownloadUrlOut(url=str(url), id=artifact.id, format=fmt, expires=expires)
 
 
 @router.get(

@@ -49,7 +49,9 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
         store.check_settable_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
     result = await services.pool.run(
-        lambda: services.operations.strip(artifact_id, prefixes=body.prefixes, output_format=body.output_format)
+        lambda: services.operations.strip(
+            artifact_id, prefixes=body.prefixes, output_format=body.output_format, container_key=body.container_key
+        )
     )
     if body.name is not None:
         result = OperationResult(await point_name(store, body.name, result.artifact.id), result.created, result.report)
@@ -107,7 +109,8 @@ def _frozen_arg(frozen: str | None) -> list[str] | None:
 
 DIFF_QUERY_DOC = (
     "`frozen`: 'true' checks the original's (a's) parameters in b, or comma-separated key prefixes; "
-    "`category`, `key_prefix` and `limit` keep a large diff small."
+    "`category`, `key_prefix` and `limit` keep a large diff small; `a_container_key` / `b_container_key` pick "
+    "another state_dict inside a file (dotted, e.g. 'model.ema')."
 )
 
 CategoryQuery = Annotated[
@@ -126,6 +129,8 @@ class DiffParams:
     category: CategoryQuery = None
     key_prefix: Annotated[str | None, Query(max_length=512)] = None
     limit: Annotated[int, Query(ge=0, le=100_000)] = 1000
+    a_container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None
+    b_container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None
 
 
 DiffParamsDep = Annotated[DiffParams, Depends()]
@@ -152,17 +157,19 @@ async def diff_get(
     ida = await anyio.to_thread.run_sync(store.resolve, a)
     idb = await anyio.to_thread.run_sync(store.resolve, b)
     # Artifacts never change, so a manifest-only diff of two ids is rendered once (dashboards poll the same pair).
-    key = None
+    key: tuple[Any, ...] | None = None
     if not params.values and _frozen_arg(params.frozen) is None:
         key = (ida, idb, params.normalize_prefixes, tuple(params.category or ()), params.key_prefix, params.limit)
+        if params.a_container_key is not None or params.b_container_key is not None:
+            key += (params.a_container_key, params.b_container_key)
         body = services.rendered_diffs.get(key)
         if body is not None:
             return _json(body)
 
     def run() -> bytes:
         result = services.operations.diff(
-            Source(artifact_id=ida),
-            Source(artifact_id=idb),
+            Source(artifact_id=ida, container_key=params.a_container_key),
+            Source(artifact_id=idb, container_key=params.b_container_key),
             normalize_prefixes=params.normalize_prefixes,
             values=params.values,
             frozen=_frozen_arg(params.frozen),
@@ -211,14 +218,24 @@ DIFF_BODY: dict[str, Any] = {
 }
 
 
-async def _diff_side(services: Any, form: ParsedForm, role: str) -> Source:
+async def _diff_side(services: Any, form: ParsedForm, role: str, container_key: str | None) -> Source:
     part = form.files.get(role)
     if part is not None:
-        return Source(upload=part.upload)
+        return Source(upload=part.upload, container_key=container_key)
     ref = form.fields.get(role)
     if ref is None:
         raise InvalidRequest(f"POST /diff needs '{role}' as a file part or as a ref")
-    return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref))
+    return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref), container_key=container_key)
+
+
+def container_key_field(form: ParsedForm, field: str) -> str | None:
+    """A ``*container_key`` form field: None when absent or empty, else a dotted key of at most 1024 chars."""
+    value = form.fields.get(field)
+    if value is None or not value.strip():
+        return None
+    if len(value) > 1024:
+        raise InvalidRequest(f"{field} is longer than 1024 characters")
+    return value.strip()
 
 
 @router.post(
@@ -249,12 +266,14 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
         request,
         services.store,
         file_fields=frozenset({"a", "b"}),
-        text_fields=frozenset({"a", "b"}),
+        text_fields=frozenset({"a", "b", "a_container_key", "b_container_key"}),
         max_file_bytes=services.operations.max_upload_bytes,
     )
     try:
-        sa = await _diff_side(services, form, "a")
-        sb = await _diff_side(services, form, "b")
+        sa = await _diff_side(services, form, "a",
+                              container_key_field(form, "a_container_key") or params.a_container_key)
+        sb = await _diff_side(services, form, "b",
+                              container_key_field(form, "b_container_key") or params.b_container_key)
 
         def run() -> bytes:
             result = services.operations.diff(
@@ -289,6 +308,8 @@ MERGE_FIELDS = frozenset(
         "frozen_atol",
         "original_sha256",
         "trained_sha256",
+        "original_container_key",
+        "trained_container_key",
     }
 )
 
@@ -337,6 +358,14 @@ MERGE_BODY: dict[str, Any] = {
                         },
                         "original_sha256": {"type": "string"},
                         "trained_sha256": {"type": "string"},
+                        "original_container_key": {
+                            "type": "string",
+                            "description": "The state_dict to use inside the original (dotted, e.g. 'model.ema').",
+                        },
+                        "trained_container_key": {
+                            "type": "string",
+                            "description": "The state_dict to use inside the trained checkpoint.",
+                        },
                     },
                 }
             }
@@ -373,13 +402,15 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
     part = form.files.get(f"{role}_file")
     if (ref is None) == (part is None):
         raise InvalidRequest(f"give exactly one of '{role}' (a ref) and '{role}_file' (an upload)")
+    container_key = container_key_field(form, f"{role}_container_key")
     if ref is not None:
-        return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref))
+        return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref),
+                      container_key=container_key)
     assert part is not None
     expected = form.fields.get(f"{role}_sha256")
     if expected:
         await anyio.to_thread.run_sync(lambda: services.store.check_digest(part.upload, expected.lower()))
-    return Source(upload=part.upload, filename=part.filename)
+    return Source(upload=part.upload, filename=part.filename, container_key=container_key)
 
 
 @router.post(
