@@ -130,6 +130,8 @@ _EMPTY = ModuleChange(0, 0, 0, 0, 0.0, 0.0, 0.0)
 
 def _sq_norm(t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> float:
     t = t.detach()
+    if t.layout != torch.strided:  # sparse: its dense size is within the upload's expansion bound
+        t = t.to_dense()
     if t.is_quantized:
         t = t.dequantize()
     if t.is_complex():
