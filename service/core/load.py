@@ -382,7 +382,8 @@ def _placeholder_load(path: Path, fmt: CheckpointFormat, *, mmap: bool, map_loca
     except DeniedGlobal as exc:
         names = set(_denied_globals_in_file(path, fmt)) | {exc.name}
         raise UnsafeCheckpoint(
-            f"the checkpoint references globals that only serve to run code: {quote_keys(names)}",
+            f"the checkpoint references globals that only serve to run code: {quote_keys(names)}; they can never be "
+            "allowed (no setting changes this, and no training framework writes them)",
             unsafe_globals=sorted(names),
         ) from exc
     except MemoryError:
