@@ -396,18 +396,7 @@ def _placeholder_load(path: Path, fmt: CheckpointFormat, *, mmap: bool, map_loca
 
 
 def _denied_globals_in_file(path: Path, fmt: CheckpointFormat) -> list[str]:
-    try:
-        if fmt is CheckpointFormat.PTH_ZIP:
-            with zipfile.ZipFile(path) as zf:
-                data_pkl = next(n for n in zf.namelist() if n.split("/")[1:] == ["data.pkl"])
-                with zf.open(data_pkl) as stream:
-                    found = _scan_pickle_globals(stream, pickles=1)
-        else:
-            with open(path, "rb") as stream:
-                found = _scan_pickle_globals(stream, pickles=4)
-    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
-        return []
-    return sorted({name for name in found if is_denied(name)})
+    return sorted({name for name in _globals_in_file(path, fmt) if is_denied(name)})
 
 
 def _check_storage_records(path: Path, obj: object, allowed: list[Any], *,
@@ -614,19 +603,22 @@ def _as_text(head: bytes) -> str:
 
 
 def _unsafe_globals_in_file(path: Path, fmt: CheckpointFormat, allowed: list[Any]) -> list[str]:
+    return _unsafe_globals(_globals_in_file(path, fmt), allowed)
+
+
+def _globals_in_file(path: Path, fmt: CheckpointFormat) -> list[str]:
+    """Every global the file's pickle(s) name, by an opcode scan that executes nothing; empty when unreadable."""
     try:
         if fmt is CheckpointFormat.PTH_ZIP:
             with zipfile.ZipFile(path) as zf:
                 data_pkl = next(n for n in zf.namelist() if n.split("/")[1:] == ["data.pkl"])
                 with zf.open(data_pkl) as stream:
-                    found = _scan_pickle_globals(stream, pickles=1)
-        else:
-            # Legacy files are pickles in a row: magic number, protocol, sys info, then the object.
-            with open(path, "rb") as stream:
-                found = _scan_pickle_globals(stream, pickles=4)
+                    return _scan_pickle_globals(stream, pickles=1)
+        # Legacy files are pickles in a row: magic number, protocol, sys info, then the object.
+        with open(path, "rb") as stream:
+            return _scan_pickle_globals(stream, pickles=4)
     except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
         return []
-    return _unsafe_globals(found, allowed)
 
 
 class _ScanLimit(Exception):
