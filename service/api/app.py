@@ -29,6 +29,7 @@ from service.api.schemas import Problem
 from service.api.signing import DownloadSigner, load_signing_secret
 from service.api.work import WorkPool
 from service.config import Settings, is_loopback
+from service.core.budget import JobKind
 from service.core.load import resolve_globals
 from service.core.types import ArchiveLimits
 from service.errors import InvalidRequest, InvalidSettings, quote_keys
@@ -110,23 +111,11 @@ def build_services(settings: Settings) -> Services:
     operations = Operations(
         store, registry, safe_globals=safe_globals, max_upload_bytes=settings.max_upload_bytes
     )
-    pool = WorkPool(
-        concurrency=settings.heavy_concurrency,
-        queue=settings.heavy_queue,
-        retry_after=settings.retry_after_seconds,
-        kind="write",
-        time_budget=settings.heavy_time_budget_seconds,
-    )
+    pool = _work_pool(settings, "write", settings.heavy_concurrency, settings.heavy_queue)
     signer = DownloadSigner(
         load_signing_secret(settings.url_signing_secret, settings.data_dir), settings.download_url_ttl_seconds
     )
-    read_pool = WorkPool(
-        concurrency=settings.read_concurrency,
-        queue=settings.read_queue,
-        retry_after=settings.retry_after_seconds,
-        kind="read",
-        time_budget=settings.heavy_time_budget_seconds,
-    )
+    read_pool = _work_pool(settings, "read", settings.read_concurrency, settings.read_queue)
     metrics = Metrics()
     for work_pool in (pool, read_pool):
         metrics.heavy_admitted.labels(work_pool.kind).set_function(functools.partial(_admitted, work_pool))
@@ -165,6 +154,16 @@ def check_safe_globals(names: Sequence[str]) -> tuple[str, ...]:
     except InvalidRequest as exc:
         raise InvalidSettings(f"CKPT_SAFE_GLOBALS: {exc.detail}", setting="CKPT_SAFE_GLOBALS") from exc
     return tuple(names)
+
+
+def _work_pool(settings: Settings, kind: JobKind, concurrency: int, queue: int) -> WorkPool:
+    return WorkPool(
+        concurrency=concurrency,
+        queue=queue,
+        retry_after=settings.retry_after_seconds,
+        kind=kind,
+        time_budget=settings.heavy_time_budget_seconds,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

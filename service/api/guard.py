@@ -25,10 +25,10 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import error_response
+from service.api.uploads import check_declared_length
 from service.errors import (
     CheckpointServiceError,
     Forbidden,
-    InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
@@ -156,14 +156,7 @@ class RequestGuard:
 
     async def _read_json_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self.max_json_bytes
-        raw = _header(scope, b"content-length")
-        if raw is not None:
-            try:
-                length = int(raw)
-            except ValueError as exc:
-                raise InvalidRequest(f"invalid Content-Length {raw[:32]!r}") from exc
-            if length > limit:
-                raise PayloadTooLarge(f"JSON body of {length} bytes exceeds the limit of {limit} bytes", limit=limit)
+        check_declared_length(_header(scope, b"content-length"), limit, what="JSON body")
         body = bytearray()
         while True:
             try:

@@ -110,7 +110,11 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
 
 def check_content_length(request: Request, limit: int) -> None:
     """Refuse with 413 before reading the body when Content-Length already says it is too large."""
-    raw = request.headers.get("content-length")
+    check_declared_length(request.headers.get("content-length"), limit)
+
+
+def check_declared_length(raw: str | None, limit: int, *, what: str = "request body") -> None:
+    """Refuse a Content-Length header value (None: absent) that is not a number (400) or above `limit` (413)."""
     if raw is None:
         return
     try:
@@ -118,7 +122,7 @@ def check_content_length(request: Request, limit: int) -> None:
     except ValueError as exc:
         raise InvalidRequest(f"invalid Content-Length {raw[:32]!r}") from exc
     if length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit} bytes", limit=limit)
+        raise PayloadTooLarge(f"{what} of {length} bytes exceeds the limit of {limit} bytes", limit=limit)
 
 
 class _FormState:
