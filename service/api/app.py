@@ -98,6 +98,8 @@ def build_services(settings: Settings) -> Services:
         conversion_cache_bytes=settings.conversion_cache_bytes,
         conversion_cache_max_age_seconds=settings.conversion_cache_max_age_seconds,
         limits=limits,
+        database_url=settings.database_url,
+        retention_seconds=settings.artifact_retention_seconds,
     )
     hex_names = store.hex_names()
     if hex_names:
@@ -105,7 +107,8 @@ def build_services(settings: Settings) -> Services:
             "names made only of hex digits win over the id prefixes they look like (new ones are refused): %s",
             quote_keys(hex_names),
         )
-    registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
+    # Specs registered over the API live in the index, so every replica sharing it sees them.
+    registry = ArchitectureRegistry(spec_store=store.index, config_path=settings.config)
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)
     operations = Operations(
@@ -192,6 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await task
             if services.sandbox is not None:
                 await anyio.to_thread.run_sync(services.sandbox.stop_workers)
+            await anyio.to_thread.run_sync(services.store.close)  # the index's pooled connections
 
     app = FastAPI(
         title="ckpt-service",
@@ -250,7 +254,8 @@ def _log_startup(services: Services) -> None:
     failed = sorted(registry.issues, key=lambda i: i.name)
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
-    log.info("data directory: %s (%d artifacts)", settings.data_dir.resolve(), artifacts)
+    log.info("data directory: %s (%d artifacts, index: %s)", settings.data_dir.resolve(), artifacts,
+             services.store.describe()["index"])
     log.info("architectures loaded (%d): %s", len(loaded), ", ".join(loaded) or "none")
     if failed:
         log.warning("architectures that failed to load (%d): %s", len(failed),

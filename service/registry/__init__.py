@@ -6,6 +6,7 @@ from service.registry.registry import (
     ArchitectureRegistry,
     ArchitectureSource,
     RegistryIssue,
+    SpecStore,
     import_factory,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "ArchitectureRegistry",
     "ArchitectureSource",
     "RegistryIssue",
+    "SpecStore",
     "import_factory",
 ]

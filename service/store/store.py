@@ -1078,7 +1078,7 @@ class ArtifactStore:
             self.index.ping()
         except Exception as exc:  # any driver error means the same: the index does not answer
             return StoreHealth(False, f"the index ({self.index.dialect}) does not answer: {type(exc).__name__}")
-        return StoreHealth(True, f"the store is writable and its index ({self.index.dialect}) answers")
+        return StoreHealth(True, "the store is writable")
 
     def describe(self) -> dict[str, str]:
         """Where the data is, for logs and `ckpt` tools (never a password)."""
