@@ -61,7 +61,7 @@ def test_new_all_hex_names_are_refused_existing_ones_keep_working(
     tmp_path: Path, recipe_files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    store = ArtifactStore(settings.data_dir)
+    store = ArtifactStore(settings.data_dir, database_url=settings.database_url)
     artifact = store.ingest_file(recipe_files["original"]).artifact
     # A name from before short ids (the index takes it; only the store's API refuses new ones).
     store.index.set_name("deadbeef", artifact.id)

@@ -45,8 +45,8 @@ def _assert_intact(store: ArtifactStore, artifact_id: str) -> None:
     assert [p.name for p in (store.root / "blobs").glob("*/*")] == [artifact_id]
 
 
-def test_real_full_disk(tiny_fs: Path, ckpt: Callable[..., Path]) -> None:
-    store = ArtifactStore(tiny_fs / "store")
+def test_real_full_disk(tiny_fs: Path, ckpt: Callable[..., Path], database_url: str | None) -> None:
+    store = ArtifactStore(tiny_fs / "store", database_url=database_url)
     kept = store.ingest_file(ckpt(0)).artifact.id
     with pytest.raises(StorageFull):
         store.ingest(iter([b"\0" * (64 << 10)] * 16))  # 1 MiB into a 512 KiB filesystem
@@ -94,6 +94,7 @@ def _cross_device(src: object, dst: object, **_: object) -> None:
     raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
 
+@pytest.mark.index("sqlite")  # SQLite's own limit on the database's pages
 def test_a_full_index_stores_nothing(store: ArtifactStore, ckpt: Callable[..., Path]) -> None:
     kept = store.ingest_file(ckpt(0)).artifact.id
     path = ckpt(1)

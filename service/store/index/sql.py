@@ -145,6 +145,8 @@ class MetadataIndex:
             # Two connections per publication at most (its artifact lock and its write): a pool of 10 + 20.
             self.engine = sa.create_engine(engine_url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         os.register_at_fork(after_in_child=functools.partial(_dispose_after_fork, weakref.ref(self.engine)))
+        # A store that is dropped without close() still closes its connections (not at some later GC of the pool).
+        weakref.finalize(self, self.engine.dispose)
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -358,12 +360,13 @@ class MetadataIndex:
             ArtifactInUse: Names point to it and `force` is False.
         """
         with self._write() as conn:
-            if conn.execute(sa.select(artifacts.c.id).where(artifacts.c.id == artifact_id)).first() is None:
-                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-            query = sa.select(names.c.name).where(names.c.artifact_id == artifact_id)
+            row = sa.select(artifacts.c.id).where(artifacts.c.id == artifact_id)
             if self.dialect == "postgresql":
-                query = query.with_for_update()
-            pointing = sorted(conn.execute(query).scalars())
+                # The row lock makes a concurrent name insert wait for us, then fail its foreign key check.
+                row = row.with_for_update()
+            if conn.execute(row).first() is None:
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+            pointing = sorted(conn.execute(sa.select(names.c.name).where(names.c.artifact_id == artifact_id)).scalars())
             if pointing and not force:
                 raise ArtifactInUse(f"names point to artifact {artifact_id}: {quote_keys(pointing)}", names=pointing)
             if pointing:
