@@ -284,8 +284,9 @@ class MetadataIndex:
 
     def _insert(self, conn: sa.Connection, meta: ArtifactMeta, manifest: Mapping[str, Any]) -> bool:
         row = _artifact_row(meta)
-        result = conn.execute(self._insert_ignore(artifacts, ["id"]).values(**row))
-        if result.rowcount == 0:
+        # RETURNING, not rowcount: drivers differ in what rowcount says for an INSERT ... ON CONFLICT.
+        inserted = conn.execute(self._insert_ignore(artifacts, ["id"]).values(**row).returning(artifacts.c.id))
+        if inserted.first() is None:
             return False
         if meta.labels:
             conn.execute(labels.insert(), [{"artifact_id": meta.id, "key": k, "value": v}
@@ -545,9 +546,10 @@ class MetadataIndex:
     def insert_spec(self, name: str, document: Mapping[str, Any]) -> bool:
         """Store a spec unless the name is taken; False when it was."""
         with self._write() as conn:
-            result = conn.execute(self._insert_ignore(architectures, ["name"]).values(
-                name=name, revision=secrets.token_hex(8), created=now(), body=dump_json(document)))
-            return bool(result.rowcount)
+            inserted = conn.execute(self._insert_ignore(architectures, ["name"]).values(
+                name=name, revision=secrets.token_hex(8), created=now(), body=dump_json(document),
+            ).returning(architectures.c.name))
+            return inserted.first() is not None
 
     def delete_spec(self, name: str) -> bool:
         """Remove a spec; False when there was none."""
