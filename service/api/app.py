@@ -24,7 +24,7 @@ from service.api.deps import AUTH_SCOPES, Services
 from service.api.guard import RequestGuard
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from service.api.routes import architectures, checkpoints, health, operations, ui
+from service.api.routes import admin, architectures, checkpoints, health, operations, ui
 from service.api.schemas import Problem
 from service.api.signing import DownloadSigner, load_signing_secret
 from service.api.work import WorkPool
@@ -53,6 +53,7 @@ OPENAPI_TAGS = [
     {"name": "operations", "description": "Strip wrapper prefixes, diff, and merge with strict verification."},
     {"name": "architectures", "description": "The model architectures merges are verified against."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+    {"name": "admin", "description": "Operator tasks (admin scope): the store's consistency check."},
 ]
 
 # Swagger UI and ReDoc assets ship inside the fastapi-offline wheel: no CDN, for air-gapped clusters.
@@ -209,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_problem_handlers(app)
-    routers = [module.router for module in (checkpoints, operations, architectures, health, ui)]
+    routers = [module.router for module in (checkpoints, operations, architectures, health, admin, ui)]
     # Outermost first: metrics see every answer, then auth and the JSON limit run before any route reads a body.
     app.add_middleware(
         RequestGuard,

@@ -151,7 +151,14 @@ def require_read_or_signature(
     )
 
 
+def require_admin(
+    request: Request, services: ServicesDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    authorize(services.tokens, request.headers.get("authorization"), "admin")
+
+
 ReadAuth = Depends(require_read)
 ReadOrSignedAuth = Depends(require_read_or_signature)
 WriteAuth = Depends(require_write)
-AUTH_SCOPES = {require_read: "read", require_write: "write"}
+AdminAuth = Depends(require_admin)
+AUTH_SCOPES = {require_read: "read", require_write: "write", require_admin: "admin"}

@@ -8,9 +8,9 @@ OPERATION_IDS = {
     "upload_checkpoint", "checkpoint_exists", "get_checkpoint", "get_manifest", "download_checkpoint",
     "list_checkpoints", "delete_checkpoint", "set_name", "list_names", "delete_name", "strip_checkpoint",
     "diff_checkpoints", "diff_uploaded", "merge_checkpoints", "list_architectures", "get_architecture",
-    "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url",
+    "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url", "fsck",
 }
-TAGS = ["checkpoints", "names", "operations", "architectures", "health"]
+TAGS = ["checkpoints", "names", "operations", "architectures", "health", "admin"]
 
 
 def test_every_operation_has_one_tag_and_a_human_summary(client: TestClient) -> None:
