@@ -143,6 +143,7 @@ class PrefixMatch:
             "total": self.total,
             "expected": self.expected,
             "score": self.score,
+            "transform": self.transform.to_dict(),
         }
 
 
@@ -394,13 +395,17 @@ def _heads(keys: Iterable[str], *, limit: int, min_share: float = 0.0) -> list[s
 
 def _strip_candidates(keys: Sequence[str], *, heads: int = 8, min_share: float = 0.0) -> list[KeyTransform]:
     # Nothing, the known wrappers, and each common leading component removed once (with the wrappers first when
-    # there are any): checkpoints are often saved from a container that held the model under an attribute.
+    # there are any): checkpoints are often saved from a container that held the model under an attribute. Once,
+    # because the model inside may have an attribute of the same name (a LightningModule's `model` holding a
+    # transformers *ForCausalLM, whose body is `model` again); repeatedly too where keys start with it twice.
     wrapped = _has_wrappers(keys)
     bases = [IDENTITY, _WRAPPERS] if wrapped else [IDENTITY]
     out = list(bases)
     plain = [_apply(k, _WRAPPERS, None) for k in keys] if wrapped else keys
     for head in _heads(plain, limit=heads, min_share=min_share):
         out.extend(KeyTransform(wrappers=b.wrappers, lead=head) for b in bases)
+        if any(k.startswith(head + head) for k in plain):
+            out.extend(KeyTransform(wrappers=b.wrappers, strip=(head,)) for b in bases)
     return out
 
 
@@ -416,9 +421,8 @@ def _add_candidates(keys: Sequence[str], other: Sequence[str]) -> list[KeyTransf
 def _legacy_prefixes(transform: KeyTransform) -> tuple[str, ...] | None:
     if transform == _WRAPPERS:
         return None
-    if transform.lead:
-        return (*KNOWN_WRAPPERS, transform.lead) if transform.wrappers else (transform.lead,)
-    return transform.strip
+    removed = (transform.lead,) if transform.lead else transform.strip
+    return (*KNOWN_WRAPPERS, *removed) if transform.wrappers else removed
 
 
 def _transformed(keys: Sequence[str], transform: KeyTransform) -> set[str] | None:

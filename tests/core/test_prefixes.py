@@ -294,3 +294,11 @@ def test_align_keys_adds_the_targets_prefix_and_renames_the_metadata_root() -> N
     wrapped = nn.DataParallel(model).state_dict()
     found = align_keys(wrapped.keys(), target)  # "module.*" -> "model.*"
     assert found.a == KeyTransform(wrappers=True, add="model.") and found.matched == len(target)
+
+
+def test_a_prefix_doubled_by_two_wrapping_containers_is_removed_twice_when_that_fits() -> None:
+    expected = list(TinyConvNet().state_dict())
+    doubled = ["model.model." + k for k in expected]
+    match = match_prefixes(doubled, expected)
+    assert match.transform == KeyTransform(strip=("model.",)) and match.score == 1.0
+    assert match.to_dict()["transform"]["strip"] == ["model."]
