@@ -7,9 +7,9 @@ the standard AWS settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_
 Correctness never relies on conditional writes (Ceph RGW 16 ignores `If-None-Match` on CompleteMultipartUpload):
 keys are digests, so two writers of one digest write the same bytes and either may win; a put first asks (HEAD)
 whether the object is there and then does nothing. Large files go up as multipart uploads in parallel parts, with
-memory bounded by `part_size × concurrency`; a failed or refused upload is aborted, so no part is left behind.
-Reads are ranged GETs streamed to the caller; `local_path()` pins a verified copy in a bounded local cache
-(`BlobCache`) for mmap.
+memory bounded by `part_size × concurrency` per process however many puts run at once; a failed or refused upload
+is aborted, so no part is left behind. Reads are ranged GETs streamed to the caller; `local_path()` pins a
+verified copy in a bounded local cache (`BlobCache`) for mmap.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import os
 import threading
 import time
@@ -106,7 +107,7 @@ class S3BlobStore:
         secret_access_key: str | None = None,
         region: str | None = None,
         public_endpoint: str | None = None,
-        part_size: int = 32 * MIB,
+        part_size: int = 16 * MIB,
         concurrency: int = 4,
     ) -> None:
         """Describe the store; no request is sent until the first operation.
@@ -121,8 +122,9 @@ class S3BlobStore:
             secret_access_key: See `access_key_id`.
             region: None for boto3's chain (`AWS_REGION`, `AWS_DEFAULT_REGION`), then us-east-1.
             public_endpoint: Endpoint that clients can reach, used only in presigned URLs; None for the same one.
-            part_size: Multipart part size (at least 5 MiB); a put holds at most `concurrency` parts in memory.
-            concurrency: Parts uploaded at once by one put.
+            part_size: Multipart part size (at least 5 MiB); larger for files over 10,000 parts.
+            concurrency: Parts in flight at once in this process, across all puts: the memory puts take is
+                about `part_size × concurrency`.
 
         Raises:
             InvalidSettings: A part size under 5 MiB or a concurrency under 1.
@@ -147,6 +149,7 @@ class S3BlobStore:
         self._cache = BlobCache(cache_dir, max_bytes=cache_bytes)
         self._clients: dict[tuple[int, bool], S3Client] = {}
         self._clients_lock = threading.Lock()
+        self._slots: tuple[int, threading.BoundedSemaphore] | None = None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> S3BlobStore:
@@ -214,17 +217,18 @@ class S3BlobStore:
             self._client().put_object(Bucket=self.bucket, Key=key, Body=first, ContentLength=len(first))
             return
 
-        def parts() -> Iterator[Callable[[], bytes]]:
-            data = first
+        def parts(data: bytes) -> Iterator[Callable[[], bytes]]:
+            # No read-ahead: a part is read (and hashed) only once a slot is free for it.
             while data:
-                following = _read_up_to(stream, self.part_size)
-                hasher.update(following)
-                if not following:
-                    verify()  # before the last part goes up: a refused stream never completes
-                yield functools.partial(bytes, data)
-                data = following
+                yield functools.partial(bytes, data)  # bytes(b) is b: no copy
+                data = _read_up_to(stream, self.part_size)
+                hasher.update(data)
 
-        self._multipart(key, parts())
+        pending = parts(first)
+        del first
+        # The last part is sent before the digest is known: completion waits for `verify`, and a refused
+        # stream aborts the upload, so its parts are never published.
+        self._multipart(key, pending, before_complete=verify)
 
     def open(self, digest: str, *, start: int = 0, end: int | None = None) -> BinaryIO:
         """Stream bytes `[start, end)` of a blob with one ranged GET (empty past its end)."""
@@ -372,19 +376,20 @@ class S3BlobStore:
             part = -(-part // MIB) * MIB
         return part
 
-    def _multipart(self, key: str, parts: Iterator[Callable[[], bytes]]) -> None:
-        # At most `concurrency` parts are in flight, each reading its bytes only when it starts; the producer
-        # waits for a slot before it builds the next part, so memory stays at `concurrency` parts.
+    def _multipart(
+        self, key: str, parts: Iterator[Callable[[], bytes]], *, before_complete: Callable[[], None] | None = None
+    ) -> None:
+        # Parts in flight are bounded per process, across every put (`concurrency` of them, each `part_size`
+        # at most): a put takes a slot before it reads a part, and the slot is freed when the part is sent.
         client = self._client()
+        slots = self._part_slots()
         upload_id = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
-        slots = threading.BoundedSemaphore(self.concurrency)
         futures: list[Future[CompletedPartTypeDef]] = []
 
         def send(number: int, read: Callable[[], bytes]) -> CompletedPartTypeDef:
             try:
-                body = read()
                 etag = client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=read()
                 )["ETag"]
                 return {"PartNumber": number, "ETag": etag}
             finally:
@@ -393,17 +398,26 @@ class S3BlobStore:
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-put") as pool:
                 try:
-                    for number, read in enumerate(parts, start=1):
+                    for number in itertools.count(1):
                         slots.acquire()
-                        if any(f.done() and f.exception() for f in futures):
+                        try:
+                            if any(f.done() and f.exception() for f in futures):
+                                raise _PartFailed
+                            read = next(parts)
+                        except BaseException:
                             slots.release()
-                            break
+                            raise
                         futures.append(pool.submit(send, number, read))
+                        del read
+                except (StopIteration, _PartFailed):
+                    pass
                 except BaseException:
                     for f in futures:
                         f.cancel()
                     raise
-            completed = [f.result() for f in futures]
+            completed = [f.result() for f in futures]  # raises a part's error
+            if before_complete is not None:
+                before_complete()
             client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": completed}
             )
@@ -413,6 +427,18 @@ class S3BlobStore:
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 pass  # a crashed writer's leftover: abort_stale_uploads() collects it
             raise
+
+    def _part_slots(self) -> threading.BoundedSemaphore:
+        # Like the clients, one per process: a semaphore copied by fork may hold slots of threads that are gone.
+        pid = os.getpid()
+        with self._clients_lock:
+            if self._slots is None or self._slots[0] != pid:
+                self._slots = (pid, threading.BoundedSemaphore(self.concurrency))
+            return self._slots[1]
+
+
+class _PartFailed(Exception):
+    """A part upload failed: stop reading parts; the failure itself is raised from its future."""
 
 
 def _read_up_to(stream: BinaryIO, size: int) -> bytes:
