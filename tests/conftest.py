@@ -26,6 +26,9 @@ from service.api.app import create_app
 from service.config import Settings
 from tests.factories import make_original, make_trained
 
+# Real backing services (Ceph RGW for the S3 blob store), started only by the tests that use them.
+pytest_plugins = ["tests._services"]
+
 _BACKENDS = ("sqlite", "postgresql")
 _ROOT = Path(__file__).resolve().parent.parent
 _TEMPLATE = "ckpt_template"
