@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from service.errors import ArtifactNotFound, StoreError
+from service.errors import ArtifactNotFound, DigestMismatch, StoreError
 from service.store._fs import (
     CHUNK,
     create_locked_temp,
@@ -114,7 +114,7 @@ class LocalBlobStore:
                 if exc.errno != errno.EXDEV:
                     raise
                 # Another filesystem: a copy into our own staging directory first, then the same link.
-                self._put_copy(digest, fd, size)
+                self._put_copy(digest, fd)
                 return
             fsync_dir(dest.parent)
         except OSError as exc:
@@ -126,17 +126,32 @@ class LocalBlobStore:
 
     def put_stream(self, digest: str, stream: BinaryIO) -> None:
         """Store bytes read from a stream, hashed while written; a wrong digest stores nothing."""
+        self._put_chunks(digest, iter(lambda: stream.read(CHUNK), b""), verify=True)
+
+    def _put_copy(self, digest: str, src_fd: int) -> None:
+        def chunks() -> Iterator[bytes]:
+            offset = 0
+            while chunk := os.pread(src_fd, CHUNK, offset):
+                offset += len(chunk)
+                yield chunk
+
+        self._put_chunks(digest, chunks(), verify=False)
+
+    def _put_chunks(self, digest: str, chunks: Iterator[bytes], *, verify: bool) -> None:
+        # Into a flock'ed temp in the staging directory, then published like a staged file.
         dest = self.path(digest)
         fd, tmp = create_locked_temp(self._tmp, "blob-")
         try:
             hasher = hashlib.sha256()
             size = 0
-            while chunk := stream.read(CHUNK):
-                hasher.update(chunk)
+            for chunk in chunks:
+                if verify:
+                    hasher.update(chunk)
                 write_all(fd, chunk)
                 size += len(chunk)
-            if hasher.hexdigest() != digest:
-                raise StoreError(f"the bytes hash to {hasher.hexdigest()}, not to {digest}")
+            if verify and hasher.hexdigest() != digest:
+                raise DigestMismatch(f"the bytes hash to {hasher.hexdigest()}, not to {digest}", expected=digest,
+                                     actual=hasher.hexdigest())
             if not self._has(dest, size):
                 os.fchmod(fd, 0o444)
                 os.fsync(fd)
@@ -147,22 +162,6 @@ class LocalBlobStore:
             if is_no_space(exc):
                 raise storage_full(exc) from exc
             raise
-        finally:
-            unlink_quietly(tmp)
-            os.close(fd)
-
-    def _put_copy(self, digest: str, src_fd: int, size: int) -> None:
-        dest = self.path(digest)
-        fd, tmp = create_locked_temp(self._tmp, "blob-")
-        try:
-            offset = 0
-            while chunk := os.pread(src_fd, CHUNK, offset):
-                write_all(fd, chunk)
-                offset += len(chunk)
-            os.fchmod(fd, 0o444)
-            os.fsync(fd)
-            self._link(tmp, dest, size)
-            fsync_dir(dest.parent)
         finally:
             unlink_quietly(tmp)
             os.close(fd)
