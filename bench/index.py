@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -104,7 +105,10 @@ def measure(root: Path, database_url: str | None, seeded: dict[str, Any], rounds
 
 def _start_postgres(directory: Path) -> str:
     script = ROOT / "scripts" / "services" / "postgres.sh"
-    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "25433")}
+    with socket.socket() as probe:  # a free loopback port, unless PGPORT names one
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", port)}
     out = subprocess.run([str(script), "start", str(directory)], env=env, check=True, capture_output=True,
                          text=True, timeout=900).stdout
     server = out.strip().splitlines()[-1]
