@@ -255,8 +255,8 @@ def _log_startup(services: Services) -> None:
     failed = sorted(registry.issues, key=lambda i: i.name)
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
-    log.info("data directory: %s (%d artifacts, index: %s)", settings.data_dir.resolve(), artifacts,
-             services.store.describe()["index"])
+    log.info("data directory: %s (%d artifacts)", settings.data_dir.resolve(), artifacts)
+    log.info("metadata index: %s", services.store.describe()["index"])
     log.info("architectures loaded (%d): %s", len(loaded), ", ".join(loaded) or "none")
     if failed:
         log.warning("architectures that failed to load (%d): %s", len(failed),
