@@ -12,13 +12,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.expansion import expansion_budget
+from service.core.formats import writer_for
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
@@ -26,10 +27,11 @@ from service.core.manifest import build_manifest, compute_schema_fingerprint
 from service.core.merge import merge_state_dicts
 from service.core.prefixes import match_prefixes, strip_prefixes
 from service.core.pthzip import StorageRecords
-from service.core.save import check_safetensors_output
+from service.core.statedict import metadata_of, with_metadata
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import ArtifactNotFound, FrozenPartChanged, InvalidRequest, VerificationFailed, quote_keys
+from service.format_names import OutputFormat
 from service.registry import ArchitectureRegistry
 from service.store import (
     ArtifactMeta,
@@ -40,8 +42,6 @@ from service.store import (
     Lineage,
     PendingUpload,
 )
-
-OutputFormat = Literal["pth", "safetensors"]
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _open(
         sd = loaded.state_dict
         manifest = (store.manifest(source.artifact_id) if source.container_key is None
                     or source.container_key == store.metadata(source.artifact_id).container_key else build_manifest(sd))
-        return _Opened(_with_metadata(dict(sd), sd), manifest, source.artifact_id, loaded.records)
+        return _Opened(_own(sd), manifest, source.artifact_id, loaded.records)
     assert source.upload is not None
     upload = source.upload
     if source.inspection is None:
@@ -126,20 +126,12 @@ def _open(
         limits=limits,
     )
     sd = loaded.state_dict
-    return _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256, loaded.records)
+    return _Opened(_own(sd), source.inspection.manifest, upload.sha256, loaded.records)
 
 
-def _with_metadata(
-    target: dict[str, torch.Tensor], source: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    meta = getattr(source, "_metadata", None)
-    if meta is not None:
-        from collections import OrderedDict
-
-        out: OrderedDict[str, torch.Tensor] = OrderedDict(target)
-        out._metadata = meta  # type: ignore[attr-defined]
-        return out
-    return target
+def _own(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A dict of the caller's own (the store may cache the one it was given), with the same `_metadata`.
+    return with_metadata(state_dict, metadata_of(state_dict))
 
 
 def _carry_manifest(
@@ -159,7 +151,7 @@ def _strip(
             return sd, {"mode": "none", "applied": {}}
         if mode == "known" or (mode == "auto" and expected is None):
             result = strip_prefixes(sd)
-            return _with_metadata(dict(result.state_dict), result.state_dict), {
+            return _own(result.state_dict), {
                 "mode": "known",
                 "applied": dict(result.applied),
             }
@@ -172,13 +164,13 @@ def _strip(
         if match.prefixes == ():
             return sd, {"mode": "auto", "applied": {}, "match": match.to_dict()}
         result = strip_prefixes(sd, match.prefixes)
-        return _with_metadata(dict(result.state_dict), result.state_dict), {
+        return _own(result.state_dict), {
             "mode": "auto",
             "applied": dict(result.applied),
             "match": match.to_dict(),
         }
     result = strip_prefixes(sd, list(mode))
-    return _with_metadata(dict(result.state_dict), result.state_dict), {
+    return _own(result.state_dict), {
         "mode": "explicit",
         "applied": dict(result.applied),
     }
@@ -275,10 +267,12 @@ def merge_checkpoints(
             changed_keys=list(frozen.changed) + list(frozen.mismatched),
             report=report,
         )
-    if options.output_format == "safetensors":
-        # Before the inputs are committed: a merge that cannot be written stores nothing.
-        sizes = [_source_size(store, s) for s in (original, trained)]
-        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
+    writer = writer_for(options.output_format)
+    # Before the inputs are committed: a merge that cannot be written stores nothing.
+    budget = None
+    if writer.expands_views:
+        budget = expansion_budget([_source_size(store, s) for s in (original, trained)], store.limits)
+    writer.check_output(merged.state_dict, max_expanded_bytes=budget)
     _commit_inputs(store, (original, trained))
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
@@ -437,7 +431,7 @@ def strip_checkpoint(
                    safe_globals=safe_globals, limits=store.limits)
     sd = opened.state_dict
     result = strip_prefixes(sd, prefixes)
-    out = _with_metadata(dict(result.state_dict), result.state_dict)
+    out = _own(result.state_dict)
     report = result.to_dict()
     report.pop("state_dict", None)
     entries = _carry_manifest(out, sd, opened.manifest)

@@ -55,6 +55,7 @@ from service.client.errors import (
     TransportError,
     error_from_problem,
 )
+from service.format_names import OutputFormat
 
 __all__ = [
     "DEFAULT_URL",
@@ -79,7 +80,6 @@ Progress = Callable[[int, int | None], None]
 Source = str | os.PathLike[str]
 """A stored artifact (an id or a name, given as `str`) or a local file (given as a `Path`)."""
 
-OutputFormat = Literal["pth", "safetensors"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # What a service name may be ([A-Za-z0-9][A-Za-z0-9._-]*): safe as a file name as it is.
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

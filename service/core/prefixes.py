@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from service.core.statedict import metadata_of, rename_metadata, with_metadata
 from service.core.types import StateDict
 from service.errors import PrefixCollision, quote_keys
 
@@ -158,21 +159,6 @@ def strip_key(key: str, prefixes: Sequence[str] | None = None) -> str:
     return _transform_key(key, _normalise(prefixes))
 
 
-def _rename_metadata(metadata: Mapping[str, Any], prefixes: Sequence[str] | None) -> OrderedDict[str, Any]:
-    # Wrapper metadata collides by nature (DataParallel's root "" and the wrapped model's "module" both become
-    # ""): the innermost module's entry is the real one, so the longest source path wins.
-    targets = [(path, _transform_module_path(path, prefixes)) for path in metadata]
-    chosen: dict[str, str] = {}
-    for path, target in targets:
-        if target not in chosen or len(path) > len(chosen[target]):
-            chosen[target] = path
-    out: OrderedDict[str, Any] = OrderedDict()
-    for path, target in targets:
-        if chosen[target] == path:
-            out[target] = metadata[path]
-    return out
-
-
 def strip_prefixes(
     state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[str] | None = None
 ) -> StripResult:
@@ -211,9 +197,9 @@ def strip_prefixes(
         raise PrefixCollision(
             f"keys {quote_keys(collisions[first])} would all become {first!r}{more}", keys=involved
         )
-    metadata = getattr(state_dict, "_metadata", None)
+    metadata = metadata_of(state_dict)
     if metadata is not None:
-        out._metadata = _rename_metadata(metadata, prefixes)  # type: ignore[attr-defined]
+        out = with_metadata(out, rename_metadata(metadata, lambda path: _transform_module_path(path, prefixes)))
     return StripResult(state_dict=out, applied=applied, renamed=renamed, has_metadata=metadata is not None)
 
 
