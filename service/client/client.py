@@ -468,6 +468,7 @@ class CheckpointClient:
         labels: Mapping[str, str] | None = None,
         filename: str | None = None,
         progress: Progress | None = None,
+        container_key: str | None = None,
     ) -> PushResult:
         """Upload a checkpoint file, streamed from disk, unless the service already has its bytes.
 
@@ -476,12 +477,19 @@ class CheckpointClient:
         artifact that exists, `name` is still pointed at it, while `labels` and `filename` are kept as they
         were (the service does the same for a repeated upload).
 
+        A `container_key` other than the one the service's default rule picks stores the file as sent and
+        answers with a derived artifact holding only that state_dict (lineage `extract`). The service derives
+        it from the bytes of an upload, so with `container_key` the file is always sent (nothing is stored
+        twice: the upload and the derived artifact are found by their ids).
+
         Args:
             path: The local file.
-            name: Point this name at the artifact.
+            name: Point this name at the artifact (the derived one, with `container_key`).
             labels: Key/value labels for a new artifact.
             filename: The filename to record; default the file's name.
             progress: Called with (bytes sent, file size) while uploading.
+            container_key: The state_dict to keep inside the file, a dotted path (`"state_dict_ema"`,
+                `"model.ema"`); default: the service's rule (docs/files.md).
 
         Returns:
             The artifact, and whether bytes were sent and a new artifact stored.
@@ -489,13 +497,15 @@ class CheckpointClient:
         Raises:
             OSError: The file cannot be read.
             BadRequestError: The bytes changed while uploading (digest mismatch) or the name is invalid.
-            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
+            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported), or `container_key`
+                holds no state_dict (the problem names the keys that are there).
             PayloadTooLargeError: The file is over the service's limit.
         """
         path = Path(path)
         size = path.stat().st_size
         digest = sha256_file(path)
-        if self.exists(digest):
+        # With a container_key the service derives the artifact from the upload's bytes, so they are always sent.
+        if container_key is None and self.exists(digest):
             if name is not None:
                 self.set_name(name, digest)
             return PushResult(self.get(digest), uploaded=False, created=False)
@@ -506,7 +516,7 @@ class CheckpointClient:
                     "headers": {"Content-Type": "application/octet-stream", "Content-Length": str(size)}}
 
         params = {"sha256": digest, "filename": filename or path.name, "name": name,
-                  "labels": _labels_field(labels)}
+                  "labels": _labels_field(labels), "container_key": container_key}
         response = self._send("POST", "/checkpoints", idempotent=True, params=params, body=body)
         return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
 
@@ -744,6 +754,7 @@ class CheckpointClient:
         prefixes: Sequence[str] | None = None,
         output_format: OutputFormat = "pth",
         name: str | None = None,
+        container_key: str | None = None,
     ) -> OperationOut:
         """Remove wrapper prefixes (`module.` and friends) and store the result. Not retried.
 
@@ -752,17 +763,19 @@ class CheckpointClient:
             prefixes: The prefixes to remove; default: detect the known wrappers.
             output_format: `"pth"` or `"safetensors"`.
             name: Point this name at the result.
+            container_key: The state_dict to use inside the file (dotted, e.g. `"state_dict_ema"`); default: the
+                one chosen at upload.
 
         Returns:
             The stored result and the strip report.
 
         Raises:
             NotFoundError: No such artifact or name.
-            UnprocessableError: Two keys would collide after stripping.
+            UnprocessableError: Two keys would collide after stripping, or `container_key` holds no state_dict.
             OverloadedError: The service is busy (`retry_after`).
         """
         payload = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
-                   "output_format": output_format, "name": name}
+                   "output_format": output_format, "name": name, "container_key": container_key}
         return _parse(OperationOut, self._send("POST", "/strip", idempotent=False, json_body=payload))
 
     def _local_or_ref(self, source: Source) -> tuple[str | None, Path | None, str | None]:
@@ -786,6 +799,8 @@ class CheckpointClient:
         categories: Sequence[str] | None = None,
         key_prefix: str | None = None,
         limit: int = 1000,
+        a_container_key: str | None = None,
+        b_container_key: str | None = None,
     ) -> DiffOut:
         """Diff two checkpoints by key, shape, dtype and content fingerprint.
 
@@ -804,6 +819,9 @@ class CheckpointClient:
                 `dtype_mismatch`, `changed`, `unchanged`).
             key_prefix: Only keys under this prefix.
             limit: At most this many keys per category.
+            a_container_key: The state_dict to use inside `a` (dotted, e.g. `"state_dict_ema"`); default: the one
+                chosen at upload, or the service's rule for a file.
+            b_container_key: The same for `b`.
 
         Returns:
             The diff.
@@ -818,7 +836,8 @@ class CheckpointClient:
             frozen_param = ",".join(frozen) if frozen else None
         params: dict[str, Any] = {"normalize_prefixes": normalize_prefixes, "values": values,
                                   "frozen": frozen_param, "key_prefix": key_prefix, "limit": limit,
-                                  "category": list(categories) if categories else None}
+                                  "category": list(categories) if categories else None,
+                                  "a_container_key": a_container_key, "b_container_key": b_container_key}
         ref_a, path_a, _ = self._local_or_ref(a)
         ref_b, path_b, _ = self._local_or_ref(b)
         if ref_a is not None and ref_b is not None:
@@ -852,6 +871,8 @@ class CheckpointClient:
         frozen_atol: float | None = None,
         output: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
+        original_container_key: str | None = None,
+        trained_container_key: str | None = None,
     ) -> OperationOut:
         """Merge a trained checkpoint with its original and verify it strictly against an architecture.
 
@@ -878,6 +899,10 @@ class CheckpointClient:
             frozen_atol: Largest absolute difference of a frozen tensor still counted as unchanged.
             output: Also download the verified result to this file (or directory).
             progress: Called with (bytes done, total) during the uploads and the download.
+            original_container_key: The state_dict to use inside the original (dotted); default: the one chosen
+                at upload, or the service's rule for a file.
+            trained_container_key: The same for the trained checkpoint, e.g. `"state_dict_ema"` to merge the EMA
+                weights a training framework saved next to the others.
 
         Returns:
             The stored result and the merge report (`report["verification"]`, `report["filled"]`, ...).
@@ -906,6 +931,10 @@ class CheckpointClient:
             fields.append(("require_frozen", "true"))
         if frozen_atol is not None:
             fields.append(("frozen_atol", repr(float(frozen_atol))))
+        for field_name, key in (("original_container_key", original_container_key),
+                                ("trained_container_key", trained_container_key)):
+            if key is not None:
+                fields.append((field_name, key))
         uploads: list[tuple[str, Path]] = []
         for role, source in (("original", original), ("trained", trained)):
             path: Path | None
