@@ -11,7 +11,9 @@
     │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
-    │   └── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
+    │   ├── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
+    │   ├── IncompleteTrained        require_complete: parameters came from the original (`filled_keys`, `report`)
+    │   └── InputsSwapped            original and trained look swapped (`keys`, `report`); allow_swapped overrides
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
     │   ├── ArtifactInUse            names still point to the artifact (`names`)
@@ -113,6 +115,14 @@ class VerificationFailed(CheckpointServiceError):
 
 class FrozenPartChanged(VerificationFailed):
     title = "Frozen part changed"
+
+
+class IncompleteTrained(VerificationFailed):
+    title = "Trained checkpoint incomplete"
+
+
+class InputsSwapped(VerificationFailed):
+    title = "Original and trained look swapped"
 
 
 class StoreError(CheckpointServiceError):
