@@ -8,12 +8,14 @@
     │   ├── ArchiveLimitExceeded     zip pre-checks: too many entries, too large, compressed, bad names
     │   │   └── ExpansionLimitExceeded  keys expand to far more bytes than the file holds (`expanded_bytes`)
     │   ├── UnconvertibleCheckpoint  the target format cannot hold some keys or dtypes (`keys`, `dtypes`)
-    │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
+    │   ├── ContainerKeyError        the requested container key is absent, or no state_dict found
+    │   └── InconsistentShards       shards that do not make one checkpoint (`missing_keys`, `missing_files`, ...)
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
     │   └── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
+    │   │   └── ShardNotFound        no shard of that number in an artifact's split
     │   ├── ArtifactInUse            names still point to the artifact (`names`)
     │   ├── NameNotFound             no such name (`name`)
     │   ├── InvalidReference         not a 64-hex id nor a valid name
@@ -99,6 +101,10 @@ class ContainerKeyError(InvalidCheckpoint):
     title = "State dict not found in checkpoint"
 
 
+class InconsistentShards(InvalidCheckpoint):
+    title = "Inconsistent shards"
+
+
 class PrefixCollision(CheckpointServiceError):
     title = "Prefix collision"
 
@@ -121,6 +127,10 @@ class StoreError(CheckpointServiceError):
 
 class ArtifactNotFound(StoreError):
     title = "Artifact not found"
+
+
+class ShardNotFound(ArtifactNotFound):
+    title = "Shard not found"
 
 
 class ArtifactInUse(StoreError):
