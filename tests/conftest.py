@@ -14,6 +14,9 @@ from service.api.app import create_app
 from service.config import Settings
 from tests.factories import make_original, make_trained
 
+# Real backing services (Ceph RGW for the S3 blob store), started only by the tests that use them.
+pytest_plugins = ["tests._services"]
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
