@@ -12,7 +12,9 @@
     │   └── InconsistentShards       shards that do not make one checkpoint (`missing_keys`, `missing_files`, ...)
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
-    │   └── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
+    │   ├── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
+    │   ├── IncompleteTrained        require_complete: parameters came from the original (`filled_keys`, `report`)
+    │   └── InputsSwapped            original and trained look swapped (`keys`, `report`); allow_swapped overrides
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
     │   │   └── ShardNotFound        no shard of that number in an artifact's split
@@ -119,6 +121,14 @@ class VerificationFailed(CheckpointServiceError):
 
 class FrozenPartChanged(VerificationFailed):
     title = "Frozen part changed"
+
+
+class IncompleteTrained(VerificationFailed):
+    title = "Trained checkpoint incomplete"
+
+
+class InputsSwapped(VerificationFailed):
+    title = "Original and trained look swapped"
 
 
 class StoreError(CheckpointServiceError):

@@ -25,8 +25,24 @@ from service.core.frozen import FrozenReport, check_frozen_manifests, with_value
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
 from service.core.manifest import build_manifest, compute_schema_fingerprint
-from service.core.merge import merge_state_dicts
-from service.core.prefixes import match_prefixes, strip_prefixes
+from service.core.merge import (
+    BN_STAT_NAMES,
+    ShardEvidence,
+    SwapSignals,
+    detect_swap,
+    merge_state_dicts,
+    shard_evidence,
+)
+from service.core.prefixes import (
+    KeyTransform,
+    align_keys,
+    align_prefixes,
+    apply_transform,
+    is_lightning,
+    lightning_transform,
+    match_prefixes,
+    strip_prefixes,
+)
 from service.core.pthzip import StorageRecords
 from service.core.save import check_safetensors_output
 from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, Manifest, TensorEntry
@@ -35,7 +51,9 @@ from service.errors import (
     ArchiveLimitExceeded,
     ArtifactNotFound,
     FrozenPartChanged,
+    IncompleteTrained,
     InconsistentShards,
+    InputsSwapped,
     InvalidRequest,
     ShardNotFound,
     UnconvertibleCheckpoint,
@@ -54,6 +72,9 @@ from service.store import (
 )
 
 OutputFormat = Literal["pth", "safetensors"]
+# False: keys as stored; True: known wrappers stripped (and a Lightning file's module attribute); "align": the
+# transform of each side that gives the most keys in common.
+NormalizeMode = bool | Literal["align"]
 
 
 @dataclass
@@ -99,6 +120,8 @@ class MergeOptions:
     require_frozen: bool = False  # a changed frozen tensor is an error (FrozenPartChanged) and nothing is stored
     frozen_atol: float = 0.0  # largest absolute difference of a frozen tensor still counted as unchanged
     labels: Mapping[str, str] = field(default_factory=dict)
+    require_complete: bool = False  # a parameter taken from the original is an error (IncompleteTrained)
+    allow_swapped: bool = False  # merge even when original and trained look swapped
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -113,6 +136,10 @@ class MergeOptions:
             out["require_frozen"] = True
         if self.frozen_atol:
             out["frozen_atol"] = self.frozen_atol
+        if self.require_complete:
+            out["require_complete"] = True
+        if self.allow_swapped:
+            out["allow_swapped"] = True
         return out
 
 
@@ -122,6 +149,8 @@ class _Opened:
     manifest: Manifest
     artifact_id: str
     records: StorageRecords | None
+    lightning: bool = False  # written by Lightning's Trainer (its module attribute is a wrapper)
+    filename: str | None = None
 
 
 def _open(
@@ -130,9 +159,11 @@ def _open(
     if source.artifact_id is not None:
         loaded = store.load(source.artifact_id, safe_globals=safe_globals, container_key=source.container_key)
         sd = loaded.state_dict
+        meta = store.metadata(source.artifact_id)
         manifest = (store.manifest(source.artifact_id) if source.container_key is None
-                    or source.container_key == store.metadata(source.artifact_id).container_key else build_manifest(sd))
-        return _Opened(_with_metadata(dict(sd), sd), manifest, source.artifact_id, loaded.records)
+                    or source.container_key == meta.container_key else build_manifest(sd))
+        return _Opened(_with_metadata(dict(sd), sd), manifest, source.artifact_id, loaded.records,
+                       is_lightning(meta.extras), meta.filename)
     assert source.upload is not None
     upload = source.upload
     if source.inspection is None:
@@ -140,7 +171,8 @@ def _open(
     if source.inspection.layout is not None:
         # The parser already unpickled it (in the sandbox); map the tensors where it says they are instead.
         sd, records = map_layout(upload.path, source.inspection.layout)
-        return _Opened(sd, source.inspection.manifest, upload.sha256, records)
+        return _Opened(sd, source.inspection.manifest, upload.sha256, records,
+                       is_lightning(source.inspection.extras), source.filename)
     loaded = load_checkpoint(
         upload.path,
         mmap=True,
@@ -149,7 +181,8 @@ def _open(
         limits=limits,
     )
     sd = loaded.state_dict
-    return _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256, loaded.records)
+    return _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256, loaded.records,
+                   is_lightning(source.inspection.extras), source.filename)
 
 
 def _with_metadata(
@@ -175,13 +208,13 @@ def _carry_manifest(
 
 
 def _strip(
-    sd: dict[str, torch.Tensor], mode: str | Sequence[str], expected: Iterable[str] | None
+    sd: dict[str, torch.Tensor], mode: str | Sequence[str], expected: Iterable[str] | None, *, lightning: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if isinstance(mode, str):
         if mode == "none":
             return sd, {"mode": "none", "applied": {}}
         if mode == "known" or (mode == "auto" and expected is None):
-            result = strip_prefixes(sd)
+            result = strip_prefixes(sd, lightning=lightning)
             return _with_metadata(dict(result.state_dict), result.state_dict), {
                 "mode": "known",
                 "applied": dict(result.applied),
@@ -194,7 +227,7 @@ def _strip(
         match = match_prefixes(sd.keys(), expected)
         if match.prefixes == ():
             return sd, {"mode": "auto", "applied": {}, "match": match.to_dict()}
-        result = strip_prefixes(sd, match.prefixes)
+        result = apply_transform(sd, match.transform)
         return _with_metadata(dict(result.state_dict), result.state_dict), {
             "mode": "auto",
             "applied": dict(result.applied),
@@ -248,8 +281,12 @@ def merge_checkpoints(
     expected = list(arch.spec.keys)
     o = _open(store, original, safe_globals=safe_globals, limits=limits)
     t = _open(store, trained, safe_globals=safe_globals, limits=limits)
-    o_sd, o_strip = _strip(o.state_dict, options.strip, expected)
-    t_sd, t_strip = _strip(t.state_dict, options.strip, expected)
+    o_sd, o_strip = _strip(o.state_dict, options.strip, expected, lightning=o.lightning)
+    t_sd, t_strip = _strip(t.state_dict, options.strip, expected, lightning=t.lightning)
+    swap = detect_swap(o_sd.keys(), t_sd.keys(), original_prefixes=o_strip["applied"],
+                       trained_prefixes=t_strip["applied"])
+    shards = {role: shard_evidence(opened.filename, opened.state_dict.keys())
+              for role, opened in (("original", o), ("trained", t))}
     merged = merge_state_dicts(o_sd, t_sd, expected_keys=expected, drop_unexpected=options.drop_unexpected)
     verification = verify_state_dict(merged.state_dict, arch.verify_target())
     o_entries = _carry_manifest(o_sd, o.state_dict, o.manifest)
@@ -264,6 +301,7 @@ def merge_checkpoints(
         )
         frozen = with_value_changes(fingerprints, changes.keys, atol=options.frozen_atol)
     mr = merged.report
+    filled = _filled_parameters(mr.filled_parameters, mr.filled_parameter_modules, merged.state_dict)
     report: dict[str, Any] = {
         "architecture": arch.name,
         "provenance_counts": dict(mr.counts),
@@ -277,8 +315,19 @@ def merge_checkpoints(
         "verification": verification.to_dict(),
         "frozen": frozen.to_dict() if frozen is not None else None,
         "changes": changes.to_dict(),
-        "warnings": _warnings(mr.metadata_warning, frozen, mr.partial_bn_modules),
+        "filled_parameters": filled,
+        "shards": {role: e.to_dict() if e is not None else None for role, e in shards.items()},
+        "swap": swap.to_dict(),
+        "warnings": _warnings(mr.metadata_warning, frozen, mr.partial_bn_modules)
+        + _input_warnings(filled, shards, swap),
     }
+    if swap.swapped and not options.allow_swapped:
+        raise InputsSwapped(
+            f"original and trained look swapped: {swap.describe()}; pass allow_swapped=true if they are "
+            "the right way round; nothing was stored",
+            keys=list(swap.bn_stats),
+            report=report,
+        )
     if not verification.ok:
         raise VerificationFailed(
             _verification_detail(
@@ -290,6 +339,15 @@ def merge_checkpoints(
             ),
             missing_keys=sorted(verification.missing),
             unexpected_keys=sorted(verification.unexpected),
+            report=report,
+        )
+    if options.require_complete and mr.filled_parameters:
+        shard = shards["trained"]
+        hint = f" (it looks like shard {shard.shard} of {shard.of})" if shard is not None else ""
+        raise IncompleteTrained(
+            f"require_complete: {len(mr.filled_parameters)} parameters would come from the original because "
+            f"the trained checkpoint lacks them{hint}: {quote_keys(mr.filled_parameters)}; nothing was stored",
+            filled_keys=list(mr.filled_parameters),
             report=report,
         )
     if frozen is not None and options.require_frozen and (frozen.changed or frozen.mismatched):
@@ -413,6 +471,36 @@ def _warnings(
     return out
 
 
+def _filled_parameters(
+    keys: Sequence[str], modules: Mapping[str, int], merged: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    total = sum(1 for k in merged if k.rpartition(".")[2] not in BN_STAT_NAMES)
+    return {"count": len(keys), "total": total, "modules": dict(modules)}
+
+
+def _modules_text(modules: Mapping[str, int], limit: int = 5) -> str:
+    ranked = sorted(modules.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{m!r} ({n})" if m else f"the whole model ({n})" for m, n in ranked[:limit])
+    return shown + (f" (+{len(ranked) - limit} more)" if len(ranked) > limit else "")
+
+
+def _input_warnings(
+    filled: Mapping[str, Any], shards: Mapping[str, ShardEvidence | None], swap: SwapSignals
+) -> list[str]:
+    out: list[str] = []
+    if filled["count"]:
+        out.append(
+            f"{filled['count']} of {filled['total']} parameters were taken from the original because the trained "
+            f"checkpoint lacks them, in {_modules_text(filled['modules'])}: expected for a frozen-backbone "
+            "fine-tune saved without its backbone; require_complete=true refuses it"
+        )
+    out.extend(e.describe(role) for role, e in shards.items() if e is not None)
+    if swap.any:
+        verdict = "look swapped (allowed by allow_swapped)" if swap.swapped else "may be swapped"
+        out.append(f"original and trained {verdict}: {swap.describe()}")
+    return out
+
+
 def _verification_detail(
     missing: Sequence[str],
     unexpected: Sequence[str],
@@ -434,6 +522,14 @@ def _verification_detail(
     )
 
 
+@dataclass(frozen=True)
+class StripTarget:
+    """Keys to line a checkpoint up with (`POST /strip` with `like` or `like_architecture`)."""
+
+    keys: Sequence[str]
+    param: tuple[str, str]  # ("like", artifact id) or ("like_architecture", name), for the lineage
+
+
 def strip_checkpoint(
     store: ArtifactStore,
     artifact_id: str,
@@ -442,32 +538,51 @@ def strip_checkpoint(
     output_format: OutputFormat = "pth",
     safe_globals: Sequence[str] = (),
     container_key: str | None = None,
+    like: StripTarget | None = None,
 ) -> OperationResult:
     """Remove wrapper prefixes from a stored checkpoint and store the result with its lineage.
 
     Args:
         store: The artifact store.
         artifact_id: The stored input.
-        prefixes: Prefixes to remove from the start of keys; None strips known wrappers anywhere.
+        prefixes: Prefixes to remove from the start of keys; None strips known wrappers anywhere (and, in a
+            Lightning checkpoint, the LightningModule attribute every key starts with).
         output_format: "pth" or "safetensors".
         safe_globals: Extra globals allowed while unpickling.
         container_key: The state_dict to use inside the file; None uses the one chosen at ingest.
+        like: Instead of `prefixes`: rename (strip and add prefixes) so that the keys line up with these keys.
 
     Returns:
         The stored result and a report of what was stripped.
+
+    Raises:
+        InvalidRequest: Both `prefixes` and `like`.
+        PrefixCollision: Two keys would become one.
     """
+    if like is not None and prefixes is not None:
+        raise InvalidRequest("give prefixes or a key set to line up with, not both")
     opened = _open(store, Source(artifact_id=artifact_id, container_key=container_key),
                    safe_globals=safe_globals, limits=store.limits)
     sd = opened.state_dict
-    result = strip_prefixes(sd, prefixes)
+    alignment = align_keys(sd.keys(), like.keys) if like is not None else None
+    if alignment is not None:
+        result = apply_transform(sd, alignment.a)
+    else:
+        result = strip_prefixes(sd, prefixes, lightning=opened.lightning)
     out = _with_metadata(dict(result.state_dict), result.state_dict)
     report = result.to_dict()
-    report.pop("state_dict", None)
+    if alignment is not None or result.transform.lead:
+        report["transform"] = result.transform.to_dict()
+    if alignment is not None:
+        report["matched"] = alignment.matched
+        report["target_keys"] = alignment.b_keys
     entries = _carry_manifest(out, sd, opened.manifest)
     params: dict[str, Any] = {"prefixes": list(prefixes) if prefixes is not None else None,
                               "output_format": output_format}
     if container_key is not None:
         params["container_key"] = container_key
+    if like is not None:
+        params[like.param[0]] = like.param[1]
     lineage = Lineage(operation="strip", inputs={"checkpoint": artifact_id}, params=params, report=report)
     stored = store.store_state_dict(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
@@ -507,7 +622,7 @@ def diff_checkpoints(
     a: Source,
     b: Source,
     *,
-    normalize_prefixes: bool = False,
+    normalize_prefixes: NormalizeMode = False,
     values: bool = False,
     frozen: Sequence[str] | None = None,
     safe_globals: Sequence[str] = (),
@@ -519,7 +634,9 @@ def diff_checkpoints(
         store: The artifact store.
         a: The first checkpoint (for the frozen check: the original).
         b: The second checkpoint (for the frozen check: the trained one).
-        normalize_prefixes: Strip known wrapper prefixes from both sides first.
+        normalize_prefixes: True strips known wrapper prefixes from both sides first (and a Lightning file's
+            LightningModule attribute); "align" renames each side with the transform that gives the most keys in
+            common (`align_prefixes`; the diff's `alignment` says which).
         values: Also compute numeric statistics of changed keys (opens the blobs).
         frozen: None for no frozen check; [] for the original's parameters; else key prefixes to check.
         safe_globals: Extra globals allowed while unpickling.
@@ -547,13 +664,22 @@ def diff_checkpoints(
         return DiffResult(cached)
     ma = _manifest_of(store, a, safe_globals=safe_globals)
     mb = _manifest_of(store, b, safe_globals=safe_globals)
+    alignment = align_prefixes(ma.entries, mb.entries) if normalize_prefixes == "align" else None
+    transforms: tuple[KeyTransform, KeyTransform] | None = None
+    if alignment is not None:
+        transforms = (alignment.a, alignment.b)
+    elif normalize_prefixes:
+        transforms = (_known_transform(store, a, ma), _known_transform(store, b, mb))
     if pair is not None and cached is not None:
         diff = cached
-    elif normalize_prefixes:
+    elif alignment is not None:
+        plain = diff_manifests(_renamed(ma, alignment.a), _renamed(mb, alignment.b))
+        diff = dataclasses.replace(plain, normalized=True, alignment=alignment.to_dict())
+    elif transforms is not None:
         # The same comparison diff_manifests makes after normalizing both sides, with each side's normalized
         # table computed once per stored artifact (normalizing 20k keys costs far more than comparing them).
-        na, coll_a = _normalized_entries(store, a.artifact_id if a.container_key is None else None, ma)
-        nb, coll_b = _normalized_entries(store, b.artifact_id if b.container_key is None else None, mb)
+        na, coll_a = _normalized_entries(store, a.artifact_id if a.container_key is None else None, ma, transforms[0])
+        nb, coll_b = _normalized_entries(store, b.artifact_id if b.container_key is None else None, mb, transforms[1])
         plain = diff_manifests(Manifest(na, ma.schema_fingerprint), Manifest(nb, mb.schema_fingerprint))
         collisions = {side: dict(c) for side, c in (("a", coll_a), ("b", coll_b)) if c}
         diff = dataclasses.replace(plain, normalized=True, collisions=collisions)
@@ -566,7 +692,7 @@ def diff_checkpoints(
                 _DIFF_CACHE.popitem(last=False)
     frozen_report = None
     if frozen is not None:
-        fa, fb = (_normalized(ma), _normalized(mb)) if normalize_prefixes else (ma, mb)
+        fa, fb = (_renamed(ma, transforms[0]), _renamed(mb, transforms[1])) if transforms else (ma, mb)
         frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None)
     if not values:
         return DiffResult(diff, frozen=frozen_report.to_dict() if frozen_report is not None else None)
@@ -575,8 +701,9 @@ def diff_checkpoints(
         oa = _open(store, a, safe_globals=safe_globals, limits=limits)
         ob = _open(store, b, safe_globals=safe_globals, limits=limits)
         sa, sb = oa.state_dict, ob.state_dict
-        if normalize_prefixes:
-            sa, sb = dict(strip_prefixes(sa).state_dict), dict(strip_prefixes(sb).state_dict)
+        if transforms is not None:
+            sa = dict(apply_transform(sa, transforms[0]).state_dict)
+            sb = dict(apply_transform(sb, transforms[1]).state_dict)
         stats = diff_values(sa, sb, keys=diff.changed)
         keys = changes_from_stats(stats, sa, same=diff.unchanged)
         measured = (stats, ChangeSummary(keys, rollup_modules(keys)))
@@ -657,15 +784,17 @@ _NORMALIZED_CACHE: OrderedDict[tuple[str, str], _NormalizedEntries] = OrderedDic
 _NORMALIZED_CACHE_KEYS = 400_000
 _NORMALIZED_LOCK = threading.Lock()
 # (store root, id a, id b, normalize_prefixes) -> the diff of two stored artifacts.
-_DIFF_CACHE: OrderedDict[tuple[str, str, str, bool], ManifestDiff] = OrderedDict()
+_DIFF_CACHE: OrderedDict[tuple[str, str, str, NormalizeMode], ManifestDiff] = OrderedDict()
 _DIFF_CACHE_ITEMS = 64
 
 
 def _normalized_entries(
-    store: ArtifactStore, artifact_id: str | None, manifest: Manifest
+    store: ArtifactStore, artifact_id: str | None, manifest: Manifest, transform: KeyTransform
 ) -> _NormalizedEntries:
+    # The transform is a function of the artifact (its keys and whether Lightning wrote it), so the cache key
+    # need not hold it.
     if artifact_id is None:
-        return normalize_entries(manifest.entries)
+        return normalize_entries(manifest.entries, transform)
     key = (str(store.root), artifact_id)
     with _NORMALIZED_LOCK:
         hit = _NORMALIZED_CACHE.get(key)
@@ -673,7 +802,7 @@ def _normalized_entries(
             _NORMALIZED_CACHE.move_to_end(key)
             return hit
     # Stored artifacts are immutable, so their normalized table never goes stale.
-    value = normalize_entries(manifest.entries)
+    value = normalize_entries(manifest.entries, transform)
     with _NORMALIZED_LOCK:
         _NORMALIZED_CACHE[key] = value
         total = sum(len(v[0]) for v in _NORMALIZED_CACHE.values())
@@ -683,10 +812,19 @@ def _normalized_entries(
     return value
 
 
-def _normalized(manifest: Manifest) -> Manifest:
-    renamed = strip_prefixes(manifest.entries)  # type: ignore[arg-type]
+def _renamed(manifest: Manifest, transform: KeyTransform) -> Manifest:
+    renamed = apply_transform(manifest.entries, transform)  # type: ignore[arg-type]
     entries: dict[str, TensorEntry] = dict(renamed.state_dict)  # type: ignore[arg-type]
     return Manifest(entries, manifest.schema_fingerprint)
+
+
+def _known_transform(store: ArtifactStore, source: Source, manifest: Manifest) -> KeyTransform:
+    # normalize_prefixes=true: the known wrappers, and a Lightning file's LightningModule attribute.
+    if source.artifact_id is not None:
+        extras: Mapping[str, str] = store.metadata(source.artifact_id).extras
+    else:
+        extras = source.inspection.extras if source.inspection is not None else {}
+    return lightning_transform(manifest.entries) if is_lightning(extras) else KeyTransform(wrappers=True)
 
 
 def combine_shards(
@@ -1066,12 +1204,37 @@ class Operations:
         prefixes: Sequence[str] | None = None,
         output_format: OutputFormat = "pth",
         container_key: str | None = None,
+        like: StripTarget | None = None,
     ) -> OperationResult:
         """`strip_checkpoint` with the service's allowlist and limits."""
         return strip_checkpoint(
             self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals,
-            container_key=container_key,
+            container_key=container_key, like=like,
         )
+
+    def strip_target(self, *, like: str | None = None, like_architecture: str | None = None) -> StripTarget:
+        """The keys `POST /strip` lines a checkpoint up with: another stored checkpoint's, or an architecture's.
+
+        Args:
+            like: An artifact id or name.
+            like_architecture: A registered architecture name.
+
+        Returns:
+            The target keys, and what to record in the lineage.
+
+        Raises:
+            InvalidRequest: Neither or both.
+            ArtifactNotFound: No such checkpoint.
+            ArchitectureNotFound: No such architecture.
+        """
+        if (like is None) == (like_architecture is None):
+            raise InvalidRequest("give exactly one of 'like' and 'like_architecture'")
+        if like is not None:
+            target_id = self.store.resolve(like)
+            return StripTarget(list(self.store.manifest(target_id).entries), ("like", target_id))
+        assert like_architecture is not None
+        arch = self.registry.get(like_architecture)
+        return StripTarget(list(arch.spec.keys), ("like_architecture", arch.name))
 
     def convert(self, artifact_id: str, *, output_format: OutputFormat) -> ConvertedBlob:
         """`ArtifactStore.convert` (the conversion cache) with the service's allowlist and limits."""
@@ -1094,7 +1257,7 @@ class Operations:
         a: Source,
         b: Source,
         *,
-        normalize_prefixes: bool = False,
+        normalize_prefixes: NormalizeMode = False,
         values: bool = False,
         frozen: Sequence[str] | None = None,
     ) -> DiffResult:

@@ -132,7 +132,14 @@ class DeletedOut(BaseModel):
 
 class StripIn(BaseModel):
     checkpoint: str = Field(description="An artifact id or name.")
-    prefixes: list[str] | None = Field(None, description="Prefixes to remove; omitted: detect known wrappers.")
+    prefixes: list[str] | None = Field(
+        None, description="Prefixes to remove; omitted: detect known wrappers (and, in a Lightning checkpoint, the "
+        "LightningModule attribute every key starts with).")
+    like: str | None = Field(
+        None, max_length=200, description="Instead of `prefixes`: rename (strip or add prefixes) so that the keys "
+        "line up with this stored checkpoint's (an id or name).")
+    like_architecture: str | None = Field(
+        None, max_length=128, description="Instead of `prefixes`: line the keys up with a registered architecture's.")
     output_format: Literal["pth", "safetensors"] = "pth"
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     container_key: str | None = Field(
@@ -169,6 +176,10 @@ class DiffOut(BaseModel):
     # values=true: per-module change figures (service.core.changes): {"rel_change", "modules": {module: {keys,
     # changed_keys, numel, changed, rel_change, max_abs}}}, over the keys in both with equal shape and dtype.
     changes: dict[str, Any] | None = None
+    alignment: dict[str, Any] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="normalize_prefixes=align: each side's transform ({strip_wrappers, strip_lead, strip, add}) and "
+        "how many keys the two sides have in common after it.")
 
 
 class TensorSpecIO(BaseModel):
@@ -185,9 +196,31 @@ class ArchitectureOut(BaseModel):
     keys: dict[str, TensorSpecIO] | None = None
 
 
+class ArchitectureMatchOut(BaseModel):
+    """How well a checkpoint fits one architecture, after the prefix transform that fits it best."""
+
+    name: str
+    score: float = Field(description="Keys that match with the right shape / keys in either (0..1).")
+    matched: int = Field(description="Checkpoint keys the architecture expects (after the transform).")
+    missing: int = Field(description="Expected keys the checkpoint lacks.")
+    unexpected: int = Field(description="Checkpoint keys the architecture does not have.")
+    shape_mismatches: int = Field(description="Matched keys of another shape.")
+    dtype_mismatches: int = Field(description="Matched keys of the right shape and another dtype.")
+    transform: dict[str, Any] = Field(description="The rename applied first: {strip_wrappers, strip_lead, strip, add}.")
+
+
+class ArchitectureMatches(BaseModel):
+    checkpoint: str = Field(description="The id of the checkpoint ranked against.")
+    key_count: int
+    ranking: list[ArchitectureMatchOut] = Field(description="Best fit first.")
+
+
 class ArchitectureList(BaseModel):
     items: list[ArchitectureOut]
     issues: list[dict[str, str]]
+    matches: ArchitectureMatches | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="With `?matches=REF`: the architectures ranked by how well that checkpoint fits them.")
 
 
 class ArchitectureIn(BaseModel):

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from service.client.serve import add_serve_parser
 
@@ -237,13 +237,17 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
     frozen: bool | list[str] = False
     if args.frozen is not None:
         frozen = True if args.frozen == "true" else _split(args.frozen)
-    diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=args.normalize_prefixes,
+    normalize: bool | Literal["align"] = "align" if args.align_prefixes else args.normalize_prefixes
+    diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=normalize,
                        values=args.values, frozen=frozen, categories=args.category,
                        key_prefix=args.key_prefix, limit=args.limit)
     if args.json:
         _emit_json(diff.model_dump(mode="json"))
         return 0
     print(f"a: {diff.a}\nb: {diff.b}" + ("  (prefixes normalized)" if diff.normalized else ""))
+    if diff.alignment is not None:
+        print(f"aligned: a {_transform_text(diff.alignment.get('a'))}, b {_transform_text(diff.alignment.get('b'))}"
+              f" ({diff.alignment.get('matched', 0)} keys in common)")
     print(_table(["CATEGORY", "KEYS"], [[cat, n] for cat, n in diff.summary.items()]))
     for cat, listed in diff.keys.items():
         if cat != "unchanged" and listed.total:
@@ -266,6 +270,15 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
         if changed:
             _print_keys("changed frozen tensors", changed)
     return 0
+
+
+def _transform_text(transform: Any) -> str:
+    # A KeyTransform.to_dict() in words: "strip wrappers, strip 'net.', add 'model.'", or "unchanged".
+    t: dict[str, Any] = transform or {}
+    steps = (["strip wrappers"] if t.get("strip_wrappers") else []) + (
+        [f"strip {t['strip_lead']!r}"] if t.get("strip_lead") else []) + [
+        f"strip {p!r}" for p in t.get("strip") or []] + ([f"add {t['add']!r}"] if t.get("add") else [])
+    return ", ".join(steps) or "unchanged"
 
 
 def _fmt_float(value: Any) -> str:
@@ -308,7 +321,9 @@ def _print_verification_failure(exc: Any) -> None:
         if len(mismatched) > 50:
             print(f"  ... {len(mismatched) - 50} more (use --json for all)", file=sys.stderr)
     for label, keys in (("missing keys", exc.missing_keys), ("unexpected keys", exc.unexpected_keys),
-                        ("changed frozen keys", list(exc.problem.get("changed_keys") or []))):
+                        ("changed frozen keys", list(exc.problem.get("changed_keys") or [])),
+                        ("keys the trained checkpoint lacks", list(exc.problem.get("filled_keys") or [])),
+                        ("BatchNorm stats only the trained has", list(exc.problem.get("keys") or []))):
         if keys:  # an empty section says nothing
             _print_keys(label, keys, limit=50, file=sys.stderr)
 
@@ -342,7 +357,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             strip_prefixes=strip,
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
             labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
-            frozen_atol=args.frozen_atol, progress=progress)
+            frozen_atol=args.frozen_atol, progress=progress, require_complete=args.require_complete,
+            allow_swapped=args.allow_swapped)
         written = None
         if args.output:
             # By name when it has one, so that `-o out/` writes out/NAME.pth.
@@ -364,6 +380,10 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
     filled = list(report.get("filled") or [])
     print(f"  filled from the original: {len(filled)} keys"
           + (f" in {len(report.get('filled_modules') or [])} modules" if filled else ""))
+    parameters = report.get("filled_parameters") or {}
+    if parameters.get("count"):
+        modules = ", ".join(m or "(root)" for m in parameters.get("modules") or {})
+        print(f"  of which parameters: {parameters['count']} of {parameters.get('total', '?')} (in {modules})")
     _print_change_rollup(report.get("changes") or {})
     frozen_report = report.get("frozen")
     if frozen_report:
@@ -378,7 +398,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
-    result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name)
+    result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name,
+                          like=args.like, like_architecture=args.like_architecture)
     if args.json:
         _emit_json(result.model_dump(mode="json"))
     else:
@@ -386,6 +407,9 @@ def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
         applied = result.report.get("applied") or {}
         removed = ", ".join(f"{p!r} x{n}" for p, n in sorted(applied.items())) or "none"
         print(f"stripped: {state} {result.id}  (removed: {removed})")
+        if "matched" in result.report:
+            print(f"  renamed: {_transform_text(result.report.get('transform'))}; "
+                  f"{result.report['matched']} of {result.report.get('target_keys', '?')} target keys line up")
     return 0
 
 
@@ -400,13 +424,19 @@ def _cmd_rm(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_arch_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
-    archs = client.list_architectures()
+    archs = client.list_architectures(matches=args.matches)
     if args.json:
         _emit_json(archs.model_dump(mode="json"))
         return 0
-    print(_table(["NAME", "SOURCE", "KEYS", "SCHEMA", "DESCRIPTION"],
-                 [[a.name, a.source, a.key_count, a.schema_fingerprint[:12], a.description or "-"]
-                  for a in archs.items]))
+    if archs.matches is not None:
+        print(f"architectures ranked by fit to {archs.matches.checkpoint[:12]} ({archs.matches.key_count} keys):")
+        print(_table(["NAME", "SCORE", "MATCHED", "MISSING", "UNEXPECTED", "SHAPE MISMATCH", "TRANSFORM"],
+                     [[m.name, f"{m.score:.3f}", m.matched, m.missing, m.unexpected, m.shape_mismatches,
+                       _transform_text(m.transform)] for m in archs.matches.ranking]))
+    else:
+        print(_table(["NAME", "SOURCE", "KEYS", "SCHEMA", "DESCRIPTION"],
+                     [[a.name, a.source, a.key_count, a.schema_fingerprint[:12], a.description or "-"]
+                      for a in archs.items]))
     for issue in archs.issues:
         print(f"unavailable: {issue.get('name', '?')} ({issue.get('source', '?')}): {issue.get('error', '')}",
               file=sys.stderr)
@@ -556,7 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "diff", _cmd_diff, common, help="diff two checkpoints (stored or local files)")
     p.add_argument("a", metavar="A", help="REF or FILE (the original, for --frozen)")
     p.add_argument("b", metavar="B", help="REF or FILE")
-    p.add_argument("-n", "--normalize-prefixes", action="store_true", help="strip wrapper prefixes first")
+    p.add_argument("-n", "--normalize-prefixes", action="store_true",
+                   help="strip wrapper prefixes first (and a Lightning file's LightningModule attribute)")
+    p.add_argument("--align-prefixes", action="store_true",
+                   help="rename each side (strip or add prefixes) so that the most keys line up")
     p.add_argument("--values", action="store_true",
                    help="value statistics of changed tensors, and per module: relative change, max abs change")
     p.add_argument("--depth", type=int, default=1,
@@ -591,11 +624,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --frozen-prefixes: fail (and store nothing) when a frozen tensor changed")
     p.add_argument("--frozen-atol", type=float, metavar="ATOL",
                    help="largest difference of a frozen tensor still counted as unchanged (bf16 round trips)")
+    p.add_argument("--require-complete", action="store_true",
+                   help="fail (and store nothing) when a parameter would come from the original, e.g. one shard")
+    p.add_argument("--allow-swapped", action="store_true",
+                   help="merge even when ORIGINAL and TRAINED look swapped (refused otherwise)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
 
     p = _add(sub, "strip", _cmd_strip, common, help="remove wrapper prefixes (module., _orig_mod., ...)")
     p.add_argument("ref", metavar="REF")
-    p.add_argument("--prefix", action="append", help="a prefix to remove (repeatable; default: detect)")
+    like = p.add_mutually_exclusive_group()
+    like.add_argument("--prefix", action="append", help="a prefix to remove (repeatable; default: detect)")
+    like.add_argument("--like", metavar="REF", help="rename so that the keys line up with this checkpoint's")
+    like.add_argument("--like-architecture", metavar="NAME",
+                      help="rename so that the keys line up with this architecture's")
     p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
     p.add_argument("--name", help="point this name at the result")
 
@@ -605,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     arch = sub.add_parser("arch", help="architectures: ls, show, register, rm")
     arch_sub = arch.add_subparsers(dest="arch_command", required=True, metavar="ACTION")
-    _add(arch_sub, "ls", _cmd_arch_ls, common, help="list architectures")
+    p = _add(arch_sub, "ls", _cmd_arch_ls, common, help="list architectures")
+    p.add_argument("--matches", metavar="REF",
+                   help="rank the architectures by how well this stored checkpoint fits them")
     p = _add(arch_sub, "show", _cmd_arch_show, common, help="expected keys, shapes and dtypes")
     p.add_argument("name", metavar="NAME")
     p = _add(arch_sub, "register", _cmd_arch_register, common, help="register a code-free spec")

@@ -934,25 +934,36 @@ class CheckpointClient:
         prefixes: Sequence[str] | None = None,
         output_format: OutputFormat = "pth",
         name: str | None = None,
+        like: str | None = None,
+        like_architecture: str | None = None,
     ) -> OperationOut:
         """Remove wrapper prefixes (`module.` and friends) and store the result. Not retried.
 
         Args:
             ref: An artifact id or a name.
-            prefixes: The prefixes to remove; default: detect the known wrappers.
+            prefixes: The prefixes to remove; default: detect the known wrappers (and a Lightning checkpoint's
+                LightningModule attribute).
             output_format: `"pth"` or `"safetensors"`.
             name: Point this name at the result.
+            like: Instead of `prefixes`: rename (strip or add prefixes) so that the keys line up with this stored
+                checkpoint's (an id or name).
+            like_architecture: Instead of `prefixes`: line the keys up with a registered architecture's.
 
         Returns:
-            The stored result and the strip report.
+            The stored result and the strip report (`report["transform"]`, `report["matched"]` with `like*`).
 
         Raises:
-            NotFoundError: No such artifact or name.
+            NotFoundError: No such artifact, name or architecture.
+            BadRequestError: `prefixes` together with `like` or `like_architecture`.
             UnprocessableError: Two keys would collide after stripping.
             OverloadedError: The service is busy (`retry_after`).
         """
-        payload = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
-                   "output_format": output_format, "name": name}
+        payload: dict[str, Any] = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
+                                   "output_format": output_format, "name": name}
+        if like is not None:
+            payload["like"] = like
+        if like_architecture is not None:
+            payload["like_architecture"] = like_architecture
         return _parse(OperationOut, self._send("POST", "/strip", idempotent=False, json_body=payload))
 
     def _local_or_ref(self, source: Source) -> tuple[str | None, Path | None, str | None]:
@@ -970,7 +981,7 @@ class CheckpointClient:
         a: Source,
         b: Source,
         *,
-        normalize_prefixes: bool = False,
+        normalize_prefixes: bool | Literal["align"] = False,
         values: bool = False,
         frozen: bool | Sequence[str] = False,
         categories: Sequence[str] | None = None,
@@ -988,7 +999,8 @@ class CheckpointClient:
         Args:
             a: The first checkpoint (the original, for the frozen check).
             b: The second checkpoint.
-            normalize_prefixes: Strip wrapper prefixes on both sides before comparing.
+            normalize_prefixes: Strip wrapper prefixes on both sides before comparing; `"align"` renames each
+                side with the transform that gives the most keys in common (`DiffOut.alignment` says which).
             values: Also compute value statistics of changed tensors (heavier: opens the files).
             frozen: True checks that a's parameters are unchanged in b; a list of key prefixes checks those.
             categories: Only these key categories (`only_in_a`, `only_in_b`, `shape_mismatch`,
@@ -1061,6 +1073,8 @@ class CheckpointClient:
         frozen_atol: float | None = None,
         output: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
+        require_complete: bool = False,
+        allow_swapped: bool = False,
     ) -> OperationOut:
         """Merge a trained checkpoint with its original and verify it strictly against an architecture.
 
@@ -1088,13 +1102,17 @@ class CheckpointClient:
             frozen_atol: Largest absolute difference of a frozen tensor still counted as unchanged.
             output: Also download the verified result to this file (or directory).
             progress: Called with (bytes done, total) during the uploads and the download.
+            require_complete: A parameter taken from the original (anything but BatchNorm running stats) fails
+                the merge (`VerificationError`, title "Trained checkpoint incomplete", `problem["filled_keys"]`).
+            allow_swapped: Merge even when original and trained look swapped (refused otherwise).
 
         Returns:
-            The stored result and the merge report (`report["verification"]`, `report["filled"]`, ...).
+            The stored result and the merge report (`report["verification"]`, `report["filled"]`,
+            `report["filled_parameters"]`, `report["warnings"]`, ...).
 
         Raises:
             VerificationError: The merged state_dict does not load strictly (`missing_keys`,
-                `unexpected_keys`, `report`).
+                `unexpected_keys`, `report`); or require_complete, require_frozen or the swap check refused it.
             NotFoundError: A reference or the architecture does not exist.
             OverloadedError: The service is busy (`retry_after`).
             IntegrityError: The downloaded result does not hash to its id.
@@ -1116,6 +1134,10 @@ class CheckpointClient:
             fields.append(("require_frozen", "true"))
         if frozen_atol is not None:
             fields.append(("frozen_atol", repr(float(frozen_atol))))
+        if require_complete:
+            fields.append(("require_complete", "true"))
+        if allow_swapped:
+            fields.append(("allow_swapped", "true"))
         uploads: list[FilePart] = []
         for role, source in (("original", original), ("trained", trained)):
             path: Path | None
@@ -1146,13 +1168,21 @@ class CheckpointClient:
 
     # -- architectures --------------------------------------------------------------------------------------
 
-    def list_architectures(self) -> ArchitectureList:
+    def list_architectures(self, *, matches: str | None = None) -> ArchitectureList:
         """List the registered architectures, and the ones that failed to load (`issues`).
+
+        Args:
+            matches: A stored checkpoint (id or name): also rank the architectures by how well it fits them
+                (`matches.ranking`, best first), after the prefix transform that fits each best.
 
         Returns:
             The list.
+
+        Raises:
+            NotFoundError: `matches` does not resolve.
         """
-        return _parse(ArchitectureList, self._send("GET", "/architectures", idempotent=True))
+        params = {"matches": matches} if matches is not None else None
+        return _parse(ArchitectureList, self._send("GET", "/architectures", idempotent=True, params=params))
 
     def get_architecture(self, name: str) -> ArchitectureOut:
         """Read one architecture with its expected keys, shapes and dtypes.

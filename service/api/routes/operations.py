@@ -19,7 +19,7 @@ from service.api.uploads import ParsedForm, is_sharded, parse_multipart, uploade
 from service.api.work import Admission
 from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
-from service.operations import DiffResult, MergeOptions, OperationResult, Source
+from service.operations import DiffResult, MergeOptions, NormalizeMode, OperationResult, Source
 from service.store import NAME_RE
 
 router = APIRouter()
@@ -48,9 +48,17 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
     if body.name is not None:
         store.check_settable_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
+    like = None
+    if body.like is not None or body.like_architecture is not None:
+        if body.prefixes is not None:
+            raise InvalidRequest("give 'prefixes' or one of 'like' and 'like_architecture', not both")
+        like = await anyio.to_thread.run_sync(
+            lambda: services.operations.strip_target(like=body.like, like_architecture=body.like_architecture)
+        )
     result = await services.pool.run(
         lambda: services.operations.strip(
-            artifact_id, prefixes=body.prefixes, output_format=body.output_format, container_key=body.container_key
+            artifact_id, prefixes=body.prefixes, output_format=body.output_format, container_key=body.container_key,
+            like=like,
         )
     )
     if body.name is not None:
@@ -86,6 +94,7 @@ def _diff_out(a: str, b: str, result: DiffResult, params: DiffParams) -> DiffOut
         values=result.values,
         frozen=result.frozen,
         changes=_changes_out(result.changes, key_prefix),
+        alignment=diff.alignment,
     )
 
 
@@ -108,6 +117,9 @@ def _frozen_arg(frozen: str | None) -> list[str] | None:
 
 
 DIFF_QUERY_DOC = (
+    "`normalize_prefixes`: 'true' strips known wrapper prefixes (and a Lightning file's LightningModule attribute) "
+    "from both sides, 'align' renames each side with the transform that gives the most keys in common (the answer's "
+    "`alignment` says which); "
     "`frozen`: 'true' checks the original's (a's) parameters in b, or comma-separated key prefixes; "
     "`category`, `key_prefix` and `limit` keep a large diff small; `a_container_key` / `b_container_key` pick "
     "another state_dict inside a file (dotted, e.g. 'model.ema')."
@@ -119,11 +131,17 @@ CategoryQuery = Annotated[
 ]
 
 
+_NORMALIZE_VALUES: dict[str, NormalizeMode] = {"true": True, "1": True, "yes": True, "on": True,
+                     "false": False, "0": False, "no": False, "off": False, "align": "align"}
+
+
 @dataclass
 class DiffParams:
     """The query options GET /diff and POST /diff share."""
 
-    normalize_prefixes: bool = False
+    normalize_prefixes: Annotated[
+        str, Query(pattern=r"^(?i:true|false|1|0|yes|no|on|off|align)$", description="true, false or align")
+    ] = "false"
     values: bool = False
     frozen: Annotated[str | None, Query(max_length=2048)] = None
     category: CategoryQuery = None
@@ -134,6 +152,10 @@ class DiffParams:
 
 
 DiffParamsDep = Annotated[DiffParams, Depends()]
+
+
+def _normalize_mode(params: DiffParams) -> NormalizeMode:
+    return _NORMALIZE_VALUES[params.normalize_prefixes.lower()]
 
 
 @router.get(
@@ -159,7 +181,7 @@ async def diff_get(
     # Artifacts never change, so a manifest-only diff of two ids is rendered once (dashboards poll the same pair).
     key: tuple[Any, ...] | None = None
     if not params.values and _frozen_arg(params.frozen) is None:
-        key = (ida, idb, params.normalize_prefixes, tuple(params.category or ()), params.key_prefix, params.limit)
+        key = (ida, idb, _normalize_mode(params), tuple(params.category or ()), params.key_prefix, params.limit)
         if params.a_container_key is not None or params.b_container_key is not None:
             key += (params.a_container_key, params.b_container_key)
         body = services.rendered_diffs.get(key)
@@ -170,7 +192,7 @@ async def diff_get(
         result = services.operations.diff(
             Source(artifact_id=ida, container_key=params.a_container_key),
             Source(artifact_id=idb, container_key=params.b_container_key),
-            normalize_prefixes=params.normalize_prefixes,
+            normalize_prefixes=_normalize_mode(params),
             values=params.values,
             frozen=_frozen_arg(params.frozen),
         )
@@ -327,7 +349,7 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
             result = services.operations.diff(
                 sa,
                 sb,
-                normalize_prefixes=params.normalize_prefixes,
+                normalize_prefixes=_normalize_mode(params),
                 values=params.values,
                 frozen=_frozen_arg(params.frozen),
             )
@@ -359,6 +381,8 @@ MERGE_FIELDS = frozenset(
         "trained_sha256",
         "original_container_key",
         "trained_container_key",
+        "require_complete",
+        "allow_swapped",
     }
 )
 
@@ -425,6 +449,19 @@ MERGE_BODY: dict[str, Any] = {
                         "trained_container_key": {
                             "type": "string",
                             "description": "The state_dict to use inside the trained checkpoint.",
+                        },
+                        "require_complete": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "A parameter taken from the original (anything but BatchNorm running "
+                            "stats) is a 422 naming the keys, and nothing is stored (e.g. one shard sent alone).",
+                        },
+                        "allow_swapped": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "Merge even when original and trained look swapped (wrapper prefixes on "
+                            "the original only, and BatchNorm running stats on the trained only), which is a 422 "
+                            "otherwise.",
                         },
                     },
                 }
@@ -529,6 +566,8 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             require_frozen=require_frozen,
             frozen_atol=_atol(form.fields.get("frozen_atol")),
             labels=parse_labels(form.fields.get("labels")),
+            require_complete=_bool(form.fields.get("require_complete"), "require_complete"),
+            allow_swapped=_bool(form.fields.get("allow_swapped"), "allow_swapped"),
         )
         original = await _source(services, slot, form, "original", combined)
         trained = await _source(services, slot, form, "trained", combined)
