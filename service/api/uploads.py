@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.core.sharding import MAX_SHARDS, is_index_filename
+from service.core.sharding import MAX_INDEX_BYTES, MAX_SHARDS, is_index_filename
 from service.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from service.operations import UploadedFile
 from service.store import ArtifactStore, PendingUpload
@@ -345,7 +346,9 @@ async def parse_multipart(
             for kind, payload in state.events:
                 if kind == "begin_file":
                     name, filename = payload
-                    upload = await anyio.to_thread.run_sync(lambda: store.open_upload(max_bytes=max_file_bytes))
+                    # A shard index is JSON, never gigabytes: refused as soon as it grows past its own bound.
+                    part_limit = min(max_file_bytes, MAX_INDEX_BYTES) if is_index_filename(filename) else max_file_bytes
+                    upload = await anyio.to_thread.run_sync(functools.partial(store.open_upload, max_bytes=part_limit))
                     part = FilePart(name, filename, upload)
                     form.parts.append(part)
                     form.files.setdefault(name, part)

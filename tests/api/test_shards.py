@@ -21,6 +21,7 @@ from service.api.problems import PROBLEM_MEDIA_TYPE
 from service.api.uploads import MAX_FILE_PARTS
 from service.config import Settings
 from service.core.manifest import build_manifest
+from service.core.sharding import MAX_INDEX_BYTES
 from service.store import inspect_checkpoint
 from tests.sharded import index_of, save_sharded, shard_files, tiny_bert
 
@@ -330,6 +331,19 @@ def test_a_huge_weight_map_is_refused_before_any_shard_is_parsed(tmp_path: Path,
         assert (r.json()["title"], r.json()["limit"]) == ("Inconsistent shards", 1000)
         assert "1001 keys, more than the limit of 1000" in r.json()["detail"]
         assert stored(client) == 0
+
+
+def test_an_index_larger_than_an_index_can_be_is_413_while_it_arrives(
+    client: TestClient, settings: Settings, shards_dir: Path
+) -> None:
+    first = shard_files(shards_dir)[1]
+    huge = b'{"weight_map": {"' + b"k" * MAX_INDEX_BYTES + b'": "x"}}'
+    r = client.post("/checkpoints", files=[("file", ("model.safetensors.index.json", huge)),
+                                           ("file", (first.name, first.read_bytes()))])
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["limit"] == MAX_INDEX_BYTES
+    assert stored(client) == 0
+    assert not leftover_uploads(settings)
 
 
 @pytest.fixture
