@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
@@ -134,20 +135,35 @@ async def commit_upload(
     name: str | None,
     container_key: str | None = None,
 ) -> IngestResult:
-    store = services.store
-    if name is not None:
-        store.check_settable_name(name)  # refuse a bad name before the heavy work
-    result: IngestResult = await slot.run(
+    return await ingest(
+        services, slot,
         lambda: services.operations.commit_upload(
             upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels,
             container_key=container_key,
-        )
+        ),
+        name=name,
     )
+
+
+async def ingest(
+    services: Any, slot: Admission, commit: Callable[[], IngestResult], *, name: str | None
+) -> IngestResult:
+    """Run `commit` (which publishes an artifact) in the slot, count its bytes, and point `name` at it."""
+    store = services.store
+    if name is not None:
+        store.check_settable_name(name)  # refuse a bad name before the heavy work
+    result: IngestResult = await slot.run(commit)
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
         result = IngestResult(await point_name(store, name, result.artifact.id), result.created)
     return result
+
+
+def _ingested(request: Request, response: Response, result: IngestResult) -> ArtifactOut:
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
+    return artifact_out(request, result.artifact)
 
 
 @router.post(
@@ -230,9 +246,7 @@ async def _upload(
         )
     finally:
         await anyio.to_thread.run_sync(upload.abort)  # a no-op once committed
-    response.status_code = 201 if result.created else 200
-    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
-    return artifact_out(request, result.artifact)
+    return _ingested(request, response, result)
 
 
 async def _upload_shards(
@@ -259,19 +273,11 @@ async def _upload_shards(
         if container_key is not None:
             raise InvalidRequest("container_key picks a state_dict inside one file; shards are state_dicts already")
         parsed_labels = parse_labels(labels)
-        if name is not None:
-            services.store.check_settable_name(name)  # before the heavy work
-        result = await slot.run(combine_and_commit)
+        result = await ingest(services, slot, combine_and_commit, name=name)
     finally:
         for f in files:
             await anyio.to_thread.run_sync(f.upload.abort)
-    if result.created:
-        services.metrics.bytes_ingested.inc(result.artifact.size)
-    if name is not None:
-        result = IngestResult(await point_name(services.store, name, result.artifact.id), result.created)
-    response.status_code = 201 if result.created else 200
-    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
-    return artifact_out(request, result.artifact)
+    return _ingested(request, response, result)
 
 
 @router.head(
