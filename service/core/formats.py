@@ -63,8 +63,10 @@ def detect_format(path: Path) -> CheckpointFormat:
         size = os.fstat(f.fileno()).st_size
         if head.startswith(ZIP_LOCAL_MAGIC):
             return _detect_zip_format(f, size)
-    if is_pickle_start(head):
-        return CheckpointFormat.PTH_LEGACY if _is_legacy_torch(head) else CheckpointFormat.UNKNOWN
+    if is_pickle_start(head) and _is_legacy_torch(head):
+        return CheckpointFormat.PTH_LEGACY
+    # Before the pickle test: a header of 0x280, 0x380, 0x480 or 0x580 bytes makes a safetensors file start with
+    # what looks like a pickle's PROTO opcode (80 02..05).
     if _safetensors_header_length(head, size) is not None:
         return CheckpointFormat.SAFETENSORS
     return CheckpointFormat.UNKNOWN
