@@ -97,6 +97,27 @@ class ManifestOut(BaseModel):
     entries: dict[str, TensorEntryOut]
 
 
+class ShardIndexMetadata(BaseModel):
+    total_size: int = Field(description="The tensor bytes of all shards (transformers' meaning).")
+
+
+class ShardOut(BaseModel):
+    name: str = Field(description="The shard's file name, model-0000x-of-0000y.safetensors.")
+    url: str = Field(description="GET it for the shard's safetensors bytes, computed on the fly.")
+    size: int = Field(description="The shard file's size in bytes.")
+    key_count: int
+
+
+class ShardIndexOut(BaseModel):
+    """transformers' model.safetensors.index.json (`metadata`, `weight_map`), with where to get each shard."""
+
+    metadata: ShardIndexMetadata
+    weight_map: dict[str, str] = Field(description="Key -> the name of the shard that holds it.")
+    id: str = Field(description="The artifact split.")
+    max_shard_size: int = Field(description="The most tensor bytes in a shard (a larger tensor has its own).")
+    shards: list[ShardOut]
+
+
 class NameIn(BaseModel):
     id: str = Field(description="An artifact id (64 hex) or another name.")
 

@@ -25,7 +25,8 @@ references:
   REF is an artifact id (64 hex), a unique prefix of one (8 or more hex digits, as `ckpt ls` prints them),
   or a name. Where a command also takes a FILE (diff, merge), an argument
   that names an existing local file is sent as a file (or as its id when the service already has its
-  bytes); anything else is a REF.
+  bytes), one that names a directory is sent as the shards of one checkpoint (its *.index.json and the
+  shards it names, or its *.safetensors / *.bin weight files); anything else is a REF.
 
 environment:
   CKPT_URL     service URL (default http://127.0.0.1:8000); --url overrides it
@@ -102,13 +103,20 @@ def _progress(desc: str) -> Iterator[Progress | None]:
 
 
 def _source(arg: str) -> Source:
-    return Path(arg) if os.path.isfile(arg) else arg
+    return Path(arg) if os.path.isfile(arg) or os.path.isdir(arg) else arg
 
 
 def _existing_file(arg: str) -> Path:
     path = Path(arg)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {arg!r}")
+    return path
+
+
+def _existing_file_or_dir(arg: str) -> Path:
+    path = Path(arg)
+    if not (path.is_file() or path.is_dir()):
+        raise argparse.ArgumentTypeError(f"no such file or directory: {arg!r}")
     return path
 
 
@@ -145,10 +153,17 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     if art.lineage is not None and art.lineage.operation == "extract":
         extracted = f"  ({art.lineage.params.get('container_key')!r} of {art.lineage.inputs['checkpoint'][:12]})"
     print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}{extracted}")
+    if art.lineage is not None and art.lineage.operation == "combine":
+        shards = art.lineage.params.get("shards") or []
+        index = art.lineage.params.get("index") or {}
+        checked = f", checked against {index.get('filename')}" if index else ""
+        print(f"  combined from {len(shards)} shards{checked}")
     return 0
 
 
 def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
+    if args.shards is not None:
+        return _pull_shards(client, args)
     dest: str | Path = args.output if args.output else Path.cwd()  # a str: a trailing "/" means a directory
     with _progress(f"pull {args.ref}") as progress:
         result = client.pull(args.ref, dest, format=args.format, progress=progress)
@@ -156,6 +171,19 @@ def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
         _emit_json(result.to_dict())
     else:
         print(f"wrote {result.path}  ({result.id}, {_human_bytes(result.size)}, sha256 verified)")
+    return 0
+
+
+def _pull_shards(client: CheckpointClient, args: argparse.Namespace) -> int:
+    if args.output or args.format:
+        raise UsageError("--shards DIR writes safetensors shards into DIR: no -o or --format with it")
+    with _progress(f"pull {args.ref} (shards)") as progress:
+        result = client.pull_shards(args.ref, args.shards, max_shard_size=args.max_shard_size, progress=progress)
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(f"wrote {len(result.files) - 1} shards and {result.files[0].name} to {result.directory}  "
+              f"({result.id}, {_human_bytes(result.size)})")
     return 0
 
 
@@ -533,8 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch checkpoints of frozen-backbone fine-tunes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)")
-    p.add_argument("file", type=_existing_file, metavar="FILE")
+    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)",
+             description="Upload a checkpoint file, or a directory of shards (a transformers checkpoint: its "
+                         "*.index.json and the shards it names, or its *.safetensors / *.bin weight files; "
+                         "config and tokenizer files stay) as one checkpoint.")
+    p.add_argument("file", type=_existing_file_or_dir, metavar="FILE|DIR")
     p.add_argument("--name", help="point this name at the artifact")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
     p.add_argument("--container-key", metavar="KEY",
@@ -545,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", help="file or directory to write (default: the current directory)")
     p.add_argument("--format", choices=OUTPUT_FORMATS, help="convert on the way out")
+    p.add_argument("--shards", metavar="DIR",
+                   help="write transformers' sharded safetensors (the index and model-0000x-of-0000y files) to DIR")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="with --shards: the most tensor bytes in a shard (default 5GB; 500MB, 2GiB, bytes)")
 
     p = _add(sub, "ls", _cmd_ls, common, help="list checkpoints, newest first")
     p.add_argument("--name", help="only the artifact this name points to")

@@ -8,7 +8,8 @@ from typing import Any
 
 from service.core.types import Manifest
 
-LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract")
+# combine: shards of one checkpoint made one file (params: each shard's file name and sha256, and the index's)
+LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract", "combine")
 
 
 @dataclass(frozen=True)
