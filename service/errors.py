@@ -8,7 +8,8 @@
     │   ├── ArchiveLimitExceeded     zip pre-checks: too many entries, too large, compressed, bad names
     │   │   └── ExpansionLimitExceeded  keys expand to far more bytes than the file holds (`expanded_bytes`)
     │   ├── UnconvertibleCheckpoint  the target format cannot hold some keys or dtypes (`keys`, `dtypes`)
-    │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
+    │   ├── ContainerKeyError        the requested container key is absent, or no state_dict found
+    │   └── InconsistentShards       shards that do not make one checkpoint (`missing_keys`, `missing_files`, ...)
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
     │   ├── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
@@ -16,6 +17,7 @@
     │   └── InputsSwapped            original and trained look swapped (`keys`, `report`); allow_swapped overrides
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
+    │   │   └── ShardNotFound        no shard of that number in an artifact's split
     │   ├── ArtifactInUse            names still point to the artifact (`names`)
     │   ├── NameNotFound             no such name (`name`)
     │   ├── InvalidReference         not a 64-hex id nor a valid name
@@ -101,6 +103,10 @@ class ContainerKeyError(InvalidCheckpoint):
     title = "State dict not found in checkpoint"
 
 
+class InconsistentShards(InvalidCheckpoint):
+    title = "Inconsistent shards"
+
+
 class PrefixCollision(CheckpointServiceError):
     title = "Prefix collision"
 
@@ -131,6 +137,10 @@ class StoreError(CheckpointServiceError):
 
 class ArtifactNotFound(StoreError):
     title = "Artifact not found"
+
+
+class ShardNotFound(ArtifactNotFound):
+    title = "Shard not found"
 
 
 class ArtifactInUse(StoreError):

@@ -8,15 +8,21 @@ call it directly on an `ArtifactStore`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal, cast
 
 import torch
 
+from service.core import sharding
 from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.expansion import expansion_budget
+from service.core.formats import writer_for
+from service.core.formats.pth_zip import FORMAT as PTH_ZIP
+from service.core.formats.safetensors import FORMAT as SAFETENSORS
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
@@ -41,18 +47,23 @@ from service.core.prefixes import (
     strip_prefixes,
 )
 from service.core.pthzip import StorageRecords
-from service.core.save import check_safetensors_output
+from service.core.statedict import metadata_of, with_metadata
 from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import (
+    ArchiveLimitExceeded,
     ArtifactNotFound,
     FrozenPartChanged,
     IncompleteTrained,
+    InconsistentShards,
     InputsSwapped,
     InvalidRequest,
+    ShardNotFound,
+    UnconvertibleCheckpoint,
     VerificationFailed,
     quote_keys,
 )
+from service.format_names import OutputFormat
 from service.registry import ArchitectureRegistry
 from service.store import (
     ArtifactMeta,
@@ -64,7 +75,6 @@ from service.store import (
     PendingUpload,
 )
 
-OutputFormat = Literal["pth", "safetensors"]
 # False: keys as stored; True: known wrappers stripped (and a Lightning file's module attribute); "align": the
 # transform of each side that gives the most keys in common.
 NormalizeMode = bool | Literal["align"]
@@ -80,6 +90,17 @@ class Source:
     inspection: Inspection | None = None
     # the state_dict to use inside the file (dotted, e.g. "model.ema"); None: the one chosen at ingest
     container_key: str | None = None
+    # how an upload was made from others (shards combined: `combine_shards`); recorded when it is committed
+    lineage: Lineage | None = None
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """One file part of a request: the client's file name, its bytes, and the sha256 the client declared."""
+
+    filename: str | None
+    upload: PendingUpload
+    expected_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +165,7 @@ def _open(
         meta = store.metadata(source.artifact_id)
         manifest = (store.manifest(source.artifact_id) if source.container_key is None
                     or source.container_key == meta.container_key else build_manifest(sd))
-        return _Opened(_with_metadata(dict(sd), sd), manifest, source.artifact_id, loaded.records,
+        return _Opened(_own(sd), manifest, source.artifact_id, loaded.records,
                        is_lightning(meta.extras), meta.filename)
     assert source.upload is not None
     upload = source.upload
@@ -163,21 +184,13 @@ def _open(
         limits=limits,
     )
     sd = loaded.state_dict
-    return _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256, loaded.records,
+    return _Opened(_own(sd), source.inspection.manifest, upload.sha256, loaded.records,
                    is_lightning(source.inspection.extras), source.filename)
 
 
-def _with_metadata(
-    target: dict[str, torch.Tensor], source: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    meta = getattr(source, "_metadata", None)
-    if meta is not None:
-        from collections import OrderedDict
-
-        out: OrderedDict[str, torch.Tensor] = OrderedDict(target)
-        out._metadata = meta  # type: ignore[attr-defined]
-        return out
-    return target
+def _own(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A dict of the caller's own (the store may cache the one it was given), with the same `_metadata`.
+    return with_metadata(state_dict, metadata_of(state_dict))
 
 
 def _carry_manifest(
@@ -197,7 +210,7 @@ def _strip(
             return sd, {"mode": "none", "applied": {}}
         if mode == "known" or (mode == "auto" and expected is None):
             result = strip_prefixes(sd, lightning=lightning)
-            return _with_metadata(dict(result.state_dict), result.state_dict), {
+            return _own(result.state_dict), {
                 "mode": "known",
                 "applied": dict(result.applied),
             }
@@ -210,13 +223,13 @@ def _strip(
         if match.prefixes == ():
             return sd, {"mode": "auto", "applied": {}, "match": match.to_dict()}
         result = apply_transform(sd, match.transform)
-        return _with_metadata(dict(result.state_dict), result.state_dict), {
+        return _own(result.state_dict), {
             "mode": "auto",
             "applied": dict(result.applied),
             "match": match.to_dict(),
         }
     result = strip_prefixes(sd, list(mode))
-    return _with_metadata(dict(result.state_dict), result.state_dict), {
+    return _own(result.state_dict), {
         "mode": "explicit",
         "applied": dict(result.applied),
     }
@@ -226,7 +239,7 @@ def _commit_inputs(store: ArtifactStore, sources: Iterable[Source]) -> None:
     for source in sources:
         if source.upload is not None and source.artifact_id is None:
             meta = store.commit_upload(
-                source.upload, filename=source.filename, inspection=source.inspection
+                source.upload, filename=source.filename, inspection=source.inspection, lineage=source.lineage
             ).artifact
             source.artifact_id = meta.id
 
@@ -341,10 +354,12 @@ def merge_checkpoints(
             changed_keys=list(frozen.changed) + list(frozen.mismatched),
             report=report,
         )
-    if options.output_format == "safetensors":
-        # Before the inputs are committed: a merge that cannot be written stores nothing.
-        sizes = [_source_size(store, s) for s in (original, trained)]
-        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
+    writer = writer_for(options.output_format)
+    # Before the inputs are committed: a merge that cannot be written stores nothing.
+    budget = None
+    if writer.expands_views:
+        budget = expansion_budget([_source_size(store, s) for s in (original, trained)], store.limits)
+    writer.check_output(merged.state_dict, max_expanded_bytes=budget)
     _commit_inputs(store, (original, trained))
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
@@ -555,7 +570,7 @@ def strip_checkpoint(
         result = apply_transform(sd, alignment.a)
     else:
         result = strip_prefixes(sd, prefixes, lightning=opened.lightning)
-    out = _with_metadata(dict(result.state_dict), result.state_dict)
+    out = _own(result.state_dict)
     report = result.to_dict()
     if alignment is not None or result.transform.lead:
         report["transform"] = result.transform.to_dict()
@@ -781,6 +796,281 @@ def _known_transform(store: ArtifactStore, source: Source, manifest: Manifest) -
     return lightning_transform(manifest.entries) if is_lightning(extras) else KeyTransform(wrappers=True)
 
 
+def combine_shards(
+    store: ArtifactStore,
+    files: Sequence[UploadedFile],
+    *,
+    safe_globals: Sequence[str] = (),
+    limits: ArchiveLimits | None = None,
+    max_bytes: int | None = None,
+) -> Source:
+    """Check the files of a sharded checkpoint and combine them into one upload, not yet committed.
+
+    Each shard is checked against its declared sha256 and parsed like any single upload (the store's inspector:
+    sandboxed, with the limits). A file named ``*.index.json`` is the index; the shards are matched to its
+    ``weight_map`` by file name and must hold every key it names exactly once, in the shard it names. Without an
+    index the shards' keys must be disjoint. Shards are taken in file-name order, whatever order they came in,
+    so the same files always combine to the same bytes.
+
+    The result is safetensors when every shard is (the header, then each tensor's bytes copied from its shard in
+    chunks: memory stays at a chunk), else a torch zip written from the shards' memory-mapped tensors.
+
+    Args:
+        store: The artifact store (its inspector parses each shard).
+        files: The file parts, in the order they came.
+        safe_globals: Extra globals allowed while unpickling.
+        limits: The parse limits; None: the store's.
+        max_bytes: The largest combined file.
+
+    Returns:
+        A source holding the combined upload, its inspection, its file name (the index's without
+        ``.index.json``) and its lineage (``combine``: each shard's file name, sha256, size and key count). The
+        caller aborts the upload unless it commits it.
+
+    Raises:
+        DigestMismatch: A file does not hash to its declared sha256.
+        InconsistentShards: Two indexes, a bad file name, or shards that do not match the index or overlap.
+        InvalidCheckpoint: From a shard's parse.
+        ArchiveLimitExceeded: More keys in all than the key limit.
+    """
+    limits = limits or store.limits
+    for f in files:
+        if f.expected_sha256:
+            store.check_digest(f.upload, f.expected_sha256)
+    indexes = [f for f in files if sharding.is_index_filename(f.filename)]
+    if len(indexes) > 1:
+        names = sorted(str(f.filename) for f in indexes)
+        raise InconsistentShards(f"more than one shard index: {quote_keys(names)}", files=names)
+    parts = [f for f in files if not sharding.is_index_filename(f.filename)]
+    if len(parts) > sharding.MAX_SHARDS:
+        raise InconsistentShards(f"{len(parts)} shards, more than {sharding.MAX_SHARDS}", limit=sharding.MAX_SHARDS)
+    named = sorted(((sharding.check_shard_filename(f.filename) if f.filename is not None else f"part-{i + 1}", f)
+                    for i, f in enumerate(parts)), key=lambda item: item[0])
+    index = _read_index(indexes[0], max_keys=limits.max_keys) if indexes else None
+    inspections = [store.inspect_upload(f.upload) for _, f in named]
+    sharding.check_shards([(name, list(i.manifest.entries)) for (name, _), i in zip(named, inspections, strict=True)],
+                          index)
+    total_keys = sum(len(i.manifest.entries) for i in inspections)
+    if total_keys > limits.max_keys:
+        raise ArchiveLimitExceeded(f"the shards hold {total_keys} keys, more than the limit of {limits.max_keys}",
+                                   limit=limits.max_keys)
+    combined = store.open_upload(max_bytes=max_bytes)
+    try:
+        sources = [Source(upload=f.upload, inspection=i) for (_, f), i in zip(named, inspections, strict=True)]
+        if all(i.format == SAFETENSORS.name for i in inspections):
+            inspection = _combine_safetensors(combined, sources)
+        else:
+            inspection = _combine_pth(store, combined, sources, safe_globals=safe_globals, limits=limits)
+    except BaseException:
+        combined.abort()
+        raise
+    shards = [{"filename": name, "sha256": f.upload.sha256, "size": f.upload.size, "key_count": len(i.manifest.entries),
+               "format": i.format} for (name, f), i in zip(named, inspections, strict=True)]
+    params: dict[str, Any] = {"shards": shards, "index": None}
+    filename = None
+    if indexes:
+        f = indexes[0]
+        params["index"] = {"filename": f.filename, "sha256": f.upload.sha256, "size": f.upload.size}
+        filename = str(f.filename).removesuffix(sharding.INDEX_SUFFIX) or None
+    lineage = Lineage(operation="combine", inputs={}, params=params,
+                      report={"key_count": total_keys, "format": inspection.format})
+    return Source(upload=combined, filename=filename, inspection=inspection, lineage=lineage)
+
+
+def _read_index(file: UploadedFile, *, max_keys: int) -> sharding.ShardIndex:
+    file.upload.finish()
+    if file.upload.size > sharding.MAX_INDEX_BYTES:
+        raise InconsistentShards(
+            f"the shard index {file.filename!r} has {file.upload.size} bytes, more than {sharding.MAX_INDEX_BYTES}",
+            limit=sharding.MAX_INDEX_BYTES,
+        )
+    with open(file.upload.path, "rb") as fh:
+        return sharding.parse_index(fh.read(sharding.MAX_INDEX_BYTES + 1), max_keys=max_keys)
+
+
+def _combine_safetensors(out: PendingUpload, shards: Sequence[Source]) -> Inspection:
+    # The combined header first, then each tensor's bytes copied from its shard in data order, in chunks.
+    fds: list[int] = []
+    try:
+        where: dict[str, tuple[int, int]] = {}
+        table: list[sharding.SafetensorsEntry] = []
+        metadata: list[dict[str, str]] = []
+        for shard in shards:
+            assert shard.upload is not None
+            fd = os.open(shard.upload.path, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(fd)
+            start, entries, meta = sharding.read_safetensors_entries(fd)
+            metadata.append(meta)
+            for key, (entry, begin) in entries.items():
+                table.append(entry)
+                where[key] = (fd, start + begin)
+        # transformers writes {"format": "pt"} into every shard; what all shards agree on is kept.
+        common = metadata[0] if metadata and all(m == metadata[0] for m in metadata) else None
+        header, order = sharding.safetensors_header(table, metadata=common)
+        pieces: list[bytes] = [header]
+        pending = len(header)
+        for entry in order:
+            fd, offset = where[entry.key]
+            for piece in sharding.iter_file_range(fd, offset, entry.nbytes):
+                pieces.append(piece)
+                pending += len(piece)
+                if pending >= 8 << 20:
+                    out.write_chunks(pieces)
+                    pieces, pending = [], 0
+        out.write_chunks(pieces)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    known = {k: e for s in shards if s.inspection is not None for k, e in s.inspection.manifest.entries.items()}
+    return _combined_inspection(SAFETENSORS.name, {e.key: known[e.key] for e in order},
+                                has_metadata=False)
+
+
+class _UploadWriter:
+    # The file object torch.save writes to: every byte goes into the upload (hashed there), in order.
+    def __init__(self, upload: PendingUpload) -> None:
+        self._upload = upload
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._upload.write(view)  # written before returning: torch's buffer is only valid during the call
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def _combine_pth(
+    store: ArtifactStore, out: PendingUpload, shards: Sequence[Source], *, safe_globals: Sequence[str],
+    limits: ArchiveLimits,
+) -> Inspection:
+    # The shards' tensors stay memory-mapped (their pages are the shard files' page cache): torch.save writes each
+    # storage from there, so memory holds no more than the pickled dict and one write at a time.
+    combined: OrderedDict[str, torch.Tensor] = OrderedDict()
+    module_metadata: OrderedDict[str, Any] = OrderedDict()
+    entries: dict[str, TensorEntry] = {}
+    opened = [_open(store, shard, safe_globals=safe_globals, limits=limits) for shard in shards]
+    for o in opened:
+        combined.update(o.state_dict)
+        module_metadata.update(metadata_of(o.state_dict) or {})
+        entries.update(o.manifest.entries)
+    if module_metadata:
+        combined = with_metadata(combined, module_metadata)
+    torch.save(combined, cast(IO[bytes], _UploadWriter(out)))
+    return _combined_inspection(PTH_ZIP.name, {k: entries[k] for k in combined},
+                                has_metadata=bool(module_metadata))
+
+
+def _combined_inspection(fmt: str, entries: dict[str, TensorEntry], *, has_metadata: bool) -> Inspection:
+    # The shards were inspected one by one; a fingerprint depends on a tensor's bytes only, so the combined
+    # manifest is theirs, in the combined file's key order, and the file need not be parsed and hashed again.
+    schema = compute_schema_fingerprint((k, e.shape, e.dtype) for k, e in entries.items())
+    return Inspection(format=fmt, container_key=None, extras={}, has_metadata=has_metadata,
+                      manifest=Manifest(entries, schema), candidates={"": len(entries)})
+
+
+SHARD_METADATA = {"format": "pt"}  # what transformers writes into every safetensors shard
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How a stored checkpoint splits into safetensors shards (`sharding.plan_shards`)."""
+
+    artifact_id: str
+    max_shard_size: int
+    shards: list[list[str]]  # the keys of each shard
+    entries: dict[str, sharding.SafetensorsEntry]
+
+    @property
+    def total_size(self) -> int:
+        """The tensor bytes of all shards (transformers' ``metadata.total_size``)."""
+        return sum(e.nbytes for e in self.entries.values())
+
+    def filename(self, number: int) -> str:
+        """The file name of shard `number` (1-based)."""
+        return sharding.shard_filename(number, len(self.shards))
+
+    def header(self, number: int) -> tuple[bytes, list[sharding.SafetensorsEntry]]:
+        """Shard `number`'s safetensors header and its tensors in data order."""
+        if not 1 <= number <= len(self.shards):
+            raise ShardNotFound(
+                f"artifact {self.artifact_id} has {len(self.shards)} shards of at most {self.max_shard_size} bytes, "
+                f"not a shard {number}", ref=self.artifact_id,
+            )
+        return sharding.safetensors_header((self.entries[k] for k in self.shards[number - 1]),
+                                           metadata=SHARD_METADATA)
+
+    def size(self, number: int) -> int:
+        """The byte size of shard `number`'s file."""
+        header, order = self.header(number)
+        return len(header) + sum(e.nbytes for e in order)
+
+    def weight_map(self) -> dict[str, str]:
+        """Key -> the file name of its shard, in key order of the checkpoint."""
+        return {key: self.filename(n) for n, keys in enumerate(self.shards, start=1) for key in keys}
+
+
+def plan_checkpoint_shards(store: ArtifactStore, artifact_id: str, *, max_shard_size: int) -> ShardPlan:
+    """Split a stored checkpoint into safetensors shards, from its manifest alone (no tensor is read).
+
+    Args:
+        store: The artifact store.
+        artifact_id: The stored checkpoint.
+        max_shard_size: The most tensor bytes in one shard (a larger tensor gets a shard of its own).
+
+    Returns:
+        The split: the same artifact and size always give the same one.
+
+    Raises:
+        UnconvertibleCheckpoint: A dtype safetensors cannot hold, or a key named ``__metadata__``.
+    """
+    manifest = store.manifest(artifact_id)
+    bad = sorted(k for k, e in manifest.entries.items() if sharding.safetensors_code(e.dtype) is None)
+    if bad:
+        dtypes = sorted({manifest.entries[k].dtype for k in bad})
+        raise UnconvertibleCheckpoint(
+            f"safetensors cannot hold the dtypes of {len(bad)} keys ({', '.join(dtypes)}): {quote_keys(bad)}",
+            keys=bad, dtypes=dtypes,
+        )
+    if "__metadata__" in manifest.entries:
+        raise UnconvertibleCheckpoint("safetensors reserves the key '__metadata__'", keys=["__metadata__"])
+    entries = {k: sharding.SafetensorsEntry(k, str(sharding.safetensors_code(e.dtype)), tuple(e.shape), e.nbytes)
+               for k, e in manifest.entries.items()}
+    shards = sharding.plan_shards(((k, e.nbytes) for k, e in entries.items()), max_shard_size=max_shard_size)
+    return ShardPlan(artifact_id, max_shard_size, shards or [[]], entries)
+
+
+def stream_shard(
+    store: ArtifactStore, plan: ShardPlan, number: int, *, safe_globals: Sequence[str] = ()
+) -> tuple[int, Iterator[bytes | memoryview]]:
+    """Shard `number` of a plan as a safetensors file: its size, and its bytes a chunk at a time.
+
+    The tensors are loaded memory-mapped and checked before the first byte is produced; the bytes are the
+    header and then each tensor's bytes (a non-contiguous tensor is copied, one at a time). Nothing is stored.
+
+    Raises:
+        ShardNotFound: No shard `number` in the plan.
+        UnconvertibleCheckpoint: A tensor is sparse or differs from the manifest.
+    """
+    header, order = plan.header(number)
+    state_dict = store.load(plan.artifact_id, safe_globals=safe_globals).state_dict
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in order:
+        tensor = state_dict.get(entry.key)
+        if (tensor is None or tensor.layout != torch.strided or tuple(tensor.shape) != entry.shape
+                or tensor.numel() * tensor.element_size() != entry.nbytes):
+            raise UnconvertibleCheckpoint(f"tensor {entry.key!r} cannot be written as it is described",
+                                          keys=[entry.key])
+        tensors[entry.key] = tensor
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield header
+        for entry in order:
+            yield from sharding.iter_tensor_bytes(tensors[entry.key])
+
+    return len(header) + sum(e.nbytes for e in order), chunks()
+
+
 class Operations:
     """The operations of one service, built once from its settings: the only thing the API's routes call.
 
@@ -796,6 +1086,7 @@ class Operations:
         *,
         safe_globals: Sequence[str] = (),
         max_upload_bytes: int = 32 << 30,
+        max_request_bytes: int | None = None,
     ) -> None:
         """Bind the operations to a store and a registry.
 
@@ -803,12 +1094,15 @@ class Operations:
             store: The artifact store; its `limits` are the archive limits of every load.
             registry: The architectures merges verify against.
             safe_globals: Extra "module.qualname" globals unpickling may accept (already validated).
-            max_upload_bytes: The largest accepted upload.
+            max_upload_bytes: The largest accepted upload (each file of a request).
+            max_request_bytes: The most bytes of files in one request (the shards of a checkpoint together);
+                None: 8 x `max_upload_bytes`.
         """
         self.store = store
         self.registry = registry
         self.safe_globals: tuple[str, ...] = tuple(safe_globals)
         self.max_upload_bytes = max_upload_bytes
+        self.max_request_bytes = max_request_bytes if max_request_bytes is not None else 8 * max_upload_bytes
         self.caches = OperationCaches()
 
     @property
@@ -849,6 +1143,25 @@ class Operations:
             self.store, raw.artifact.id, container_key=container_key, safe_globals=self.safe_globals
         )
         return IngestResult(derived.artifact, derived.created)
+
+    def combine(self, files: Sequence[UploadedFile]) -> Source:
+        """`combine_shards` with the service's allowlist and limits; the caller aborts the source's upload."""
+        return combine_shards(self.store, files, safe_globals=self.safe_globals, limits=self.limits,
+                              max_bytes=self.max_request_bytes)
+
+    def commit_combined(self, source: Source, *, labels: Mapping[str, str] | None = None) -> IngestResult:
+        """Publish a source from `combine` as an artifact, with its lineage (``combine``)."""
+        assert source.upload is not None
+        return self.store.commit_upload(source.upload, filename=source.filename, labels=dict(labels or {}),
+                                        lineage=source.lineage, inspection=source.inspection)
+
+    def plan_shards(self, artifact_id: str, *, max_shard_size: int) -> ShardPlan:
+        """`plan_checkpoint_shards`."""
+        return plan_checkpoint_shards(self.store, artifact_id, max_shard_size=max_shard_size)
+
+    def stream_shard(self, plan: ShardPlan, number: int) -> tuple[int, Iterator[bytes | memoryview]]:
+        """`stream_shard` with the service's allowlist."""
+        return stream_shard(self.store, plan, number, safe_globals=self.safe_globals)
 
     def load(self, artifact_id: str) -> LoadedCheckpoint:
         """Load a stored checkpoint with the service's allowlist and limits."""

@@ -113,7 +113,8 @@ def build_services(settings: Settings) -> Services:
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)
     operations = Operations(
-        store, registry, safe_globals=safe_globals, max_upload_bytes=settings.max_upload_bytes
+        store, registry, safe_globals=safe_globals, max_upload_bytes=settings.max_upload_bytes,
+        max_request_bytes=settings.request_bytes_cap(),
     )
     pool = _work_pool(settings, "write", settings.heavy_concurrency, settings.heavy_queue)
     signer = DownloadSigner(

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.format_names import OutputFormat
+
 Category = Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]
 CATEGORIES: tuple[Category, ...] = (
     "only_in_a",
@@ -70,7 +72,7 @@ class ArtifactOut(BaseModel):
 class DownloadUrlOut(BaseModel):
     url: str = Field(description="GET it without a token until `expires`; it opens this artifact in this format only.")
     id: str
-    format: Literal["pth", "safetensors"]
+    format: OutputFormat
     expires: int = Field(description="Unix seconds.")
 
 
@@ -93,6 +95,27 @@ class ManifestOut(BaseModel):
     key_count: int
     tensor_bytes: int
     entries: dict[str, TensorEntryOut]
+
+
+class ShardIndexMetadata(BaseModel):
+    total_size: int = Field(description="The tensor bytes of all shards (transformers' meaning).")
+
+
+class ShardOut(BaseModel):
+    name: str = Field(description="The shard's file name, model-0000x-of-0000y.safetensors.")
+    url: str = Field(description="GET it for the shard's safetensors bytes, computed on the fly.")
+    size: int = Field(description="The shard file's size in bytes.")
+    key_count: int
+
+
+class ShardIndexOut(BaseModel):
+    """transformers' model.safetensors.index.json (`metadata`, `weight_map`), with where to get each shard."""
+
+    metadata: ShardIndexMetadata
+    weight_map: dict[str, str] = Field(description="Key -> the name of the shard that holds it.")
+    id: str = Field(description="The artifact split.")
+    max_shard_size: int = Field(description="The most tensor bytes in a shard (a larger tensor has its own).")
+    shards: list[ShardOut]
 
 
 class NameIn(BaseModel):
@@ -119,7 +142,7 @@ class StripIn(BaseModel):
         "line up with this stored checkpoint's (an id or name).")
     like_architecture: str | None = Field(
         None, max_length=128, description="Instead of `prefixes`: line the keys up with a registered architecture's.")
-    output_format: Literal["pth", "safetensors"] = "pth"
+    output_format: OutputFormat = "pth"
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     container_key: str | None = Field(
         None, min_length=1, max_length=1024,

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
         PullResult,
         PushResult,
         RetryPolicy,
+        ShardsResult,
         Source,
+        checkpoint_files,
         sha256_file,
     )
     from service.client.errors import (
@@ -54,12 +56,14 @@ __all__ = [
     "PushResult",
     "RetryPolicy",
     "ServiceError",
+    "ShardsResult",
     "Source",
     "StorageFullError",
     "TransportError",
     "UnprocessableError",
     "UnsafeCheckpointError",
     "VerificationError",
+    "checkpoint_files",
     "sha256_file",
 ]
 

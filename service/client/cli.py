@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from service.client.maintenance import add_maintenance_parsers
 from service.client.serve import add_serve_parser
+from service.format_names import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from service.client.client import CheckpointClient, Progress, Source
@@ -25,7 +26,8 @@ references:
   REF is an artifact id (64 hex), a unique prefix of one (8 or more hex digits, as `ckpt ls` prints them),
   or a name. Where a command also takes a FILE (diff, merge), an argument
   that names an existing local file is sent as a file (or as its id when the service already has its
-  bytes); anything else is a REF.
+  bytes), one that names a directory is sent as the shards of one checkpoint (its *.index.json and the
+  shards it names, or its *.safetensors / *.bin weight files); anything else is a REF.
 
 environment:
   CKPT_URL     service URL (default http://127.0.0.1:8000); --url overrides it
@@ -102,13 +104,20 @@ def _progress(desc: str) -> Iterator[Progress | None]:
 
 
 def _source(arg: str) -> Source:
-    return Path(arg) if os.path.isfile(arg) else arg
+    return Path(arg) if os.path.isfile(arg) or os.path.isdir(arg) else arg
 
 
 def _existing_file(arg: str) -> Path:
     path = Path(arg)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {arg!r}")
+    return path
+
+
+def _existing_file_or_dir(arg: str) -> Path:
+    path = Path(arg)
+    if not (path.is_file() or path.is_dir()):
+        raise argparse.ArgumentTypeError(f"no such file or directory: {arg!r}")
     return path
 
 
@@ -131,7 +140,8 @@ def _labels(items: Sequence[str] | None) -> dict[str, str]:
 
 def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     with _progress(f"push {args.file.name}") as progress:
-        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress)
+        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress,
+                             container_key=args.container_key)
     if args.json:
         _emit_json(result.to_dict())
         return 0
@@ -140,11 +150,21 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     if result.uploaded and not result.created:
         verb = "uploaded (existing artifact):"
     names = f"  names: {', '.join(art.names)}" if art.names else ""
-    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}")
+    extracted = ""
+    if art.lineage is not None and art.lineage.operation == "extract":
+        extracted = f"  ({art.lineage.params.get('container_key')!r} of {art.lineage.inputs['checkpoint'][:12]})"
+    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}{extracted}")
+    if art.lineage is not None and art.lineage.operation == "combine":
+        shards = art.lineage.params.get("shards") or []
+        index = art.lineage.params.get("index") or {}
+        checked = f", checked against {index.get('filename')}" if index else ""
+        print(f"  combined from {len(shards)} shards{checked}")
     return 0
 
 
 def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
+    if args.shards is not None:
+        return _pull_shards(client, args)
     dest: str | Path = args.output if args.output else Path.cwd()  # a str: a trailing "/" means a directory
     with _progress(f"pull {args.ref}") as progress:
         result = client.pull(args.ref, dest, format=args.format, progress=progress)
@@ -152,6 +172,19 @@ def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
         _emit_json(result.to_dict())
     else:
         print(f"wrote {result.path}  ({result.id}, {_human_bytes(result.size)}, sha256 verified)")
+    return 0
+
+
+def _pull_shards(client: CheckpointClient, args: argparse.Namespace) -> int:
+    if args.output or args.format:
+        raise UsageError("--shards DIR writes safetensors shards into DIR: no -o or --format with it")
+    with _progress(f"pull {args.ref} (shards)") as progress:
+        result = client.pull_shards(args.ref, args.shards, max_shard_size=args.max_shard_size, progress=progress)
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(f"wrote {len(result.files) - 1} shards and {result.files[0].name} to {result.directory}  "
+              f"({result.id}, {_human_bytes(result.size)})")
     return 0
 
 
@@ -213,7 +246,9 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
     normalize: bool | Literal["align"] = "align" if args.align_prefixes else args.normalize_prefixes
     diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=normalize,
                        values=args.values, frozen=frozen, categories=args.category,
-                       key_prefix=args.key_prefix, limit=args.limit)
+                       key_prefix=args.key_prefix, limit=args.limit,
+                       a_container_key=args.a_container_key or args.container_key,
+                       b_container_key=args.b_container_key or args.container_key)
     if args.json:
         _emit_json(diff.model_dump(mode="json"))
         return 0
@@ -331,7 +366,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
             labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
             frozen_atol=args.frozen_atol, progress=progress, require_complete=args.require_complete,
-            allow_swapped=args.allow_swapped)
+            allow_swapped=args.allow_swapped, original_container_key=args.original_container_key,
+            trained_container_key=args.trained_container_key)
         written = None
         if args.output:
             # By name when it has one, so that `-o out/` writes out/NAME.pth.
@@ -372,7 +408,7 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
     result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name,
-                          like=args.like, like_architecture=args.like_architecture)
+                          like=args.like, like_architecture=args.like_architecture, container_key=args.container_key)
     if args.json:
         _emit_json(result.model_dump(mode="json"))
     else:
@@ -544,15 +580,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch checkpoints of frozen-backbone fine-tunes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)")
-    p.add_argument("file", type=_existing_file, metavar="FILE")
+    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)",
+             description="Upload a checkpoint file, or a directory of shards (a transformers checkpoint: its "
+                         "*.index.json and the shards it names, or its *.safetensors / *.bin weight files; "
+                         "config and tokenizer files stay) as one checkpoint.")
+    p.add_argument("file", type=_existing_file_or_dir, metavar="FILE|DIR")
     p.add_argument("--name", help="point this name at the artifact")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="keep this state_dict of the file (dotted, e.g. state_dict_ema or model.ema): the file is "
+                        "stored as sent and the answer is a derived artifact holding only it")
 
     p = _add(sub, "pull", _cmd_pull, common, help="download a checkpoint, verified against its sha256")
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", help="file or directory to write (default: the current directory)")
-    p.add_argument("--format", choices=["pth", "safetensors"], help="convert on the way out")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, help="convert on the way out")
+    p.add_argument("--shards", metavar="DIR",
+                   help="write transformers' sharded safetensors (the index and model-0000x-of-0000y files) to DIR")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="with --shards: the most tensor bytes in a shard (default 5GB; 500MB, 2GiB, bytes)")
 
     p = _add(sub, "ls", _cmd_ls, common, help="list checkpoints, newest first")
     p.add_argument("--name", help="only the artifact this name points to")
@@ -585,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "unchanged"])
     p.add_argument("--key-prefix", help="only keys under this prefix")
     p.add_argument("--limit", type=int, default=1000, help="keys per category (default 1000)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside both checkpoints (dotted, e.g. state_dict_ema)")
+    p.add_argument("--a-container-key", metavar="KEY",
+                   help="the state_dict to use inside A (wins over --container-key)")
+    p.add_argument("--b-container-key", metavar="KEY",
+                   help="the state_dict to use inside B (wins over --container-key)")
 
     p = _add(sub, "merge", _cmd_merge, common,
              help="merge a trained checkpoint with its original and verify it strictly",
@@ -600,7 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-prefixes", default="auto",
                    help="auto (match the architecture), known, none, or comma-separated prefixes")
     p.add_argument("--drop-unexpected", action="store_true", help="drop keys the architecture does not have")
-    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pth")
+    p.add_argument("--container-key", "--trained-container-key", dest="trained_container_key", metavar="KEY",
+                   help="the state_dict to use inside TRAINED (dotted, e.g. state_dict_ema for the EMA weights)")
+    p.add_argument("--original-container-key", metavar="KEY", help="the state_dict to use inside ORIGINAL")
     p.add_argument("--frozen-prefixes",
                    help="comma-separated key prefixes of the part you froze: check that it did not change "
                         "(without it: no frozen check, only what changed per module)")
@@ -621,7 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     like.add_argument("--like", metavar="REF", help="rename so that the keys line up with this checkpoint's")
     like.add_argument("--like-architecture", metavar="NAME",
                       help="rename so that the keys line up with this architecture's")
-    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pth")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside the checkpoint (dotted); default: the one chosen at upload")
     p.add_argument("--name", help="point this name at the result")
 
     p = _add(sub, "rm", _cmd_rm, common, help="delete a checkpoint")

@@ -8,7 +8,8 @@ OPERATION_IDS = {
     "upload_checkpoint", "checkpoint_exists", "get_checkpoint", "get_manifest", "download_checkpoint",
     "list_checkpoints", "delete_checkpoint", "set_name", "list_names", "delete_name", "strip_checkpoint",
     "diff_checkpoints", "diff_uploaded", "merge_checkpoints", "list_architectures", "get_architecture",
-    "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url", "fsck",
+    "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url",
+    "get_shard_index", "download_shard", "fsck",
 }
 TAGS = ["checkpoints", "names", "operations", "architectures", "health", "admin"]
 

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from service.core.manifest import build_manifest
-from service.core.types import CheckpointFormat
 from service.store.types import ArtifactMeta, Lineage
 
 
@@ -54,7 +53,7 @@ def legacy_artifact(
     manifest = build_manifest(state_dict)
     meta = ArtifactMeta(
         id=hashlib.sha256(data).hexdigest(), size=len(data), created=created, filename=filename,
-        format=CheckpointFormat.PTH_ZIP, container_key=None, key_count=len(manifest.entries),
+        format="pth-zip", container_key=None, key_count=len(manifest.entries),
         tensor_bytes=manifest.tensor_bytes, schema_fingerprint=manifest.schema_fingerprint, has_metadata=False,
         extras={"epoch": "3"}, labels=dict(labels or {}), lineage=lineage, candidates={"": len(state_dict)},
     )

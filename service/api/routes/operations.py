@@ -15,10 +15,11 @@ from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.problems import json_safe, problem_responses
 from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
-from service.api.uploads import ParsedForm, parse_multipart
+from service.api.uploads import ParsedForm, is_sharded, parse_multipart, uploaded_files
 from service.api.work import Admission
 from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
+from service.format_names import OUTPUT_FORMATS, is_output_format
 from service.operations import DiffResult, MergeOptions, NormalizeMode, OperationResult, Source
 from service.store import NAME_RE
 
@@ -230,8 +231,21 @@ DIFF_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["a", "b"],
                     "properties": {
-                        "a": {"type": "string", "format": "binary", "description": "A file, or a ref as a text field."},
-                        "b": {"type": "string", "format": "binary", "description": "A file, or a ref as a text field."},
+                        "a": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "A file, the shards of one checkpoint (repeated, with its '*.index.json' "
+                            "when there is one), or a ref as a text field.",
+                        },
+                        "b": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The same as `a`, for the other side.",
+                        },
+                        "a_sha256": {"type": "array", "items": {"type": "string"},
+                                     "description": "One per file part of `a`, in order."},
+                        "b_sha256": {"type": "array", "items": {"type": "string"},
+                                     "description": "One per file part of `b`, in order."},
                     },
                 }
             }
@@ -240,10 +254,42 @@ DIFF_BODY: dict[str, Any] = {
 }
 
 
-async def _diff_side(services: Any, form: ParsedForm, role: str, container_key: str | None) -> Source:
-    part = form.files.get(role)
-    if part is not None:
-        return Source(upload=part.upload, container_key=container_key)
+async def uploaded_source(
+    services: Any, slot: Admission, form: ParsedForm, field: str, sha_field: str, container_key: str | None,
+    combined: list[Source],
+) -> Source | None:
+    """The source a form's file parts of `field` make: one upload, or the shards of one checkpoint combined.
+
+    A combined source is appended to `combined`, whose uploads the caller aborts when it is done.
+    """
+    files = uploaded_files(form, field, sha_field)
+    if not files:
+        return None
+    if not is_sharded(files):
+        f = files[0]
+        if f.expected_sha256:
+            await anyio.to_thread.run_sync(lambda: services.store.check_digest(f.upload, f.expected_sha256))
+        return Source(upload=f.upload, filename=f.filename, container_key=container_key)
+    if container_key is not None:
+        raise InvalidRequest(f"'{field}' holds shards: a container key picks a state_dict inside one file only")
+    source: Source = await slot.run(lambda: services.operations.combine(files))
+    combined.append(source)
+    return source
+
+
+async def abort_sources(sources: list[Source]) -> None:
+    """Abort the uploads of sources that were not committed (a no-op for committed ones)."""
+    for source in sources:
+        if source.upload is not None:
+            await anyio.to_thread.run_sync(source.upload.abort)
+
+
+async def _diff_side(
+    services: Any, slot: Admission, form: ParsedForm, role: str, container_key: str | None, combined: list[Source]
+) -> Source:
+    uploaded = await uploaded_source(services, slot, form, role, f"{role}_sha256", container_key, combined)
+    if uploaded is not None:
+        return uploaded
     ref = form.fields.get(role)
     if ref is None:
         raise InvalidRequest(f"POST /diff needs '{role}' as a file part or as a ref")
@@ -288,14 +334,17 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
         request,
         services.store,
         file_fields=frozenset({"a", "b"}),
-        text_fields=frozenset({"a", "b", "a_container_key", "b_container_key"}),
+        text_fields=frozenset({"a", "b", "a_container_key", "b_container_key", "a_sha256", "b_sha256"}),
         max_file_bytes=services.operations.max_upload_bytes,
+        repeatable=frozenset({"a", "b", "a_sha256", "b_sha256"}),
+        max_request_bytes=services.operations.max_request_bytes,
     )
+    combined: list[Source] = []
     try:
-        sa = await _diff_side(services, form, "a",
-                              container_key_field(form, "a_container_key") or params.a_container_key)
-        sb = await _diff_side(services, form, "b",
-                              container_key_field(form, "b_container_key") or params.b_container_key)
+        sa = await _diff_side(services, slot, form, "a",
+                              container_key_field(form, "a_container_key") or params.a_container_key, combined)
+        sb = await _diff_side(services, slot, form, "b",
+                              container_key_field(form, "b_container_key") or params.b_container_key, combined)
 
         def run() -> bytes:
             result = services.operations.diff(
@@ -311,6 +360,7 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
 
         body = await slot.run(run)
     finally:
+        await abort_sources(combined)  # a diff stores nothing
         await form.abort()
     return _json(body)
 
@@ -347,9 +397,18 @@ MERGE_BODY: dict[str, Any] = {
                     "required": ["architecture"],
                     "properties": {
                         "original": {"type": "string", "description": "The original's id or name."},
-                        "original_file": {"type": "string", "format": "binary"},
+                        "original_file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The original as a file, or as the shards of one checkpoint (repeated, "
+                            "with its '*.index.json' when there is one).",
+                        },
                         "trained": {"type": "string", "description": "The trained checkpoint's id or name."},
-                        "trained_file": {"type": "string", "format": "binary"},
+                        "trained_file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The trained checkpoint as a file or as shards, like `original_file`.",
+                        },
                         "architecture": {"type": "string", "description": "A registered architecture name."},
                         "strip_prefixes": {
                             "type": "string",
@@ -358,7 +417,7 @@ MERGE_BODY: dict[str, Any] = {
                             "comma-separated list of prefixes.",
                         },
                         "drop_unexpected": {"type": "boolean", "default": False},
-                        "output_format": {"type": "string", "enum": ["pth", "safetensors"], "default": "pth"},
+                        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "pth"},
                         "name": {"type": "string", "pattern": NAME_RE, "description": "Point this name at the result."},
                         "labels": {"type": "string"},
                         "frozen_prefixes": {
@@ -380,8 +439,10 @@ MERGE_BODY: dict[str, Any] = {
                             "description": "Largest absolute difference of a frozen tensor still counted as "
                             "unchanged (e.g. a bfloat16 round trip).",
                         },
-                        "original_sha256": {"type": "string"},
-                        "trained_sha256": {"type": "string"},
+                        "original_sha256": {"type": "array", "items": {"type": "string"},
+                                            "description": "One per `original_file` part, in order."},
+                        "trained_sha256": {"type": "array", "items": {"type": "string"},
+                                           "description": "One per `trained_file` part, in order."},
                         "original_container_key": {
                             "type": "string",
                             "description": "The state_dict to use inside the original (dotted, e.g. 'model.ema').",
@@ -434,20 +495,17 @@ def _atol(value: str | None) -> float:
     return atol
 
 
-async def _source(services: Any, form: ParsedForm, role: str) -> Source:
+async def _source(services: Any, slot: Admission, form: ParsedForm, role: str, combined: list[Source]) -> Source:
     ref = form.fields.get(role)
-    part = form.files.get(f"{role}_file")
-    if (ref is None) == (part is None):
+    if (ref is None) == (form.files.get(f"{role}_file") is None):
         raise InvalidRequest(f"give exactly one of '{role}' (a ref) and '{role}_file' (an upload)")
     container_key = container_key_field(form, f"{role}_container_key")
     if ref is not None:
         return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref),
                       container_key=container_key)
-    assert part is not None
-    expected = form.fields.get(f"{role}_sha256")
-    if expected:
-        await anyio.to_thread.run_sync(lambda: services.store.check_digest(part.upload, expected.lower()))
-    return Source(upload=part.upload, filename=part.filename, container_key=container_key)
+    uploaded = await uploaded_source(services, slot, form, f"{role}_file", f"{role}_sha256", container_key, combined)
+    assert uploaded is not None
+    return uploaded
 
 
 @router.post(
@@ -477,7 +535,10 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         file_fields=frozenset({"original_file", "trained_file"}),
         text_fields=MERGE_FIELDS,
         max_file_bytes=services.operations.max_upload_bytes,
+        repeatable=frozenset({"original_file", "trained_file", "original_sha256", "trained_sha256"}),
+        max_request_bytes=services.operations.max_request_bytes,
     )
+    combined: list[Source] = []
     try:
         architecture = form.fields.get("architecture")
         if not architecture:
@@ -491,8 +552,9 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         if strip_raw not in ("auto", "known", "none"):
             strip_mode = [p.strip() for p in strip_raw.split(",") if p.strip()]
         output_format = form.fields.get("output_format", "pth")
-        if output_format not in ("pth", "safetensors"):
-            raise InvalidRequest(f"output_format must be 'pth' or 'safetensors', not {output_format[:32]!r}")
+        if not is_output_format(output_format):
+            names = " or ".join(repr(n) for n in OUTPUT_FORMATS)
+            raise InvalidRequest(f"output_format must be {names}, not {output_format[:32]!r}")
         frozen_raw = form.fields.get("frozen_prefixes")
         require_frozen = _bool(form.fields.get("require_frozen"), "require_frozen")
         if require_frozen and not frozen_raw:
@@ -501,7 +563,7 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             architecture=architecture,
             strip=strip_mode,
             drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
-            output_format=output_format,  # type: ignore[arg-type]
+            output_format=output_format,
             frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip()) if frozen_raw else None,
             require_frozen=require_frozen,
             frozen_atol=_atol(form.fields.get("frozen_atol")),
@@ -509,8 +571,8 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             require_complete=_bool(form.fields.get("require_complete"), "require_complete"),
             allow_swapped=_bool(form.fields.get("allow_swapped"), "allow_swapped"),
         )
-        original = await _source(services, form, "original")
-        trained = await _source(services, form, "trained")
+        original = await _source(services, slot, form, "original", combined)
+        trained = await _source(services, slot, form, "trained", combined)
         try:
             result = await slot.run(
                 lambda: services.operations.merge(original=original, trained=trained, options=options)
@@ -524,6 +586,7 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             meta = await point_name(services.store, name, result.artifact.id)
             result = OperationResult(meta, result.created, result.report)
     finally:
-        await form.abort()  # committed uploads are unaffected; the rest leaves no temp file
+        await abort_sources(combined)  # committed uploads are unaffected; the rest leaves no temp file
+        await form.abort()
     response.status_code = 201 if result.created else 200
     return _operation_out(request, result)

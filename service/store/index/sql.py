@@ -26,7 +26,6 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from service.core.types import CheckpointFormat
 from service.errors import ArtifactInUse, ArtifactNotFound, InvalidSettings, StorageFull, StoreError, quote_keys
 from service.store._fs import file_lock
 from service.store.index.schema import (
@@ -605,7 +604,7 @@ def _artifact_row(meta: ArtifactMeta) -> dict[str, Any]:
         "id": meta.id,
         "created": meta.created,
         "size": meta.size,
-        "format": meta.format.value,
+        "format": meta.format,
         "operation": meta.lineage.operation if meta.lineage is not None else None,
         "filename": meta.filename,
         "container_key": meta.container_key,
@@ -626,7 +625,7 @@ def _meta_of(row: sa.RowMapping, labels_: dict[str, str], names_: tuple[str, ...
         size=int(row["size"]),
         created=str(row["created"]),
         filename=row["filename"],
-        format=CheckpointFormat(row["format"]),
+        format=str(row["format"]),
         container_key=row["container_key"],
         key_count=int(row["key_count"]),
         tensor_bytes=int(row["tensor_bytes"]),
