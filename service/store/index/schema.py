@@ -39,13 +39,17 @@ artifacts = sa.Table(
     sa.Index("ix_artifacts_operation_created", "operation", "created", "id"),
 )
 
+# A label filter pages through (key, value, created, artifact_id) in order and counts over it, so it costs the
+# same whatever share of the artifacts match: `created` is the artifact's (immutable), copied here for that.
 labels = sa.Table(
     "labels",
     metadata,
     sa.Column("artifact_id", sa.String(64), sa.ForeignKey("artifacts.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(256), nullable=False),
-    sa.Index("ix_labels_key_value", "key", "value", "artifact_id"),
+    sa.Column("created", sa.String(32), nullable=False),
+    sa.Index("ix_labels_key_value_created", "key", "value", "created", "artifact_id"),
+    sa.Index("ix_labels_key_created", "key", "created", "artifact_id"),
 )
 
 # Names point at artifacts; the foreign key refuses a name for a missing artifact, and the deletion of a named one.

@@ -288,7 +288,7 @@ class MetadataIndex:
         if inserted.first() is None:
             return False
         if meta.labels:
-            conn.execute(labels.insert(), [{"artifact_id": meta.id, "key": k, "value": v}
+            conn.execute(labels.insert(), [{"artifact_id": meta.id, "key": k, "value": v, "created": meta.created}
                                            for k, v in meta.labels.items()])
         if meta.lineage is not None and meta.lineage.inputs:
             conn.execute(lineage_inputs.insert(), [{"artifact_id": meta.id, "role": r, "input_id": i}
@@ -400,26 +400,31 @@ class MetadataIndex:
         conditions: list[Any] = []
         if filters.artifact_id is not None:
             conditions.append(artifacts.c.id == filters.artifact_id)
-        if filters.label_key is not None:
-            wanted = sa.select(labels.c.artifact_id).where(labels.c.key == filters.label_key)
-            if filters.label_value is not None:
-                wanted = wanted.where(labels.c.value == filters.label_value)
-            conditions.append(artifacts.c.id.in_(wanted))
         if filters.operation is not None:
             conditions.append(artifacts.c.operation == filters.operation)
         if filters.format is not None:
             conditions.append(artifacts.c.format == filters.format)
+        source: Any = artifacts
+        order = (artifacts.c.created, artifacts.c.id)
+        counted: Any = artifacts
+        if filters.label_key is not None:
+            # Walk the label's index in (created, id) order instead of the artifacts' (see schema.labels).
+            label = [labels.c.key == filters.label_key]
+            if filters.label_value is not None:
+                label.append(labels.c.value == filters.label_value)
+            counted = labels.join(artifacts, artifacts.c.id == labels.c.artifact_id) if conditions else labels
+            source = labels.join(artifacts, artifacts.c.id == labels.c.artifact_id)
+            order = (labels.c.created, labels.c.artifact_id)
+            conditions = label + conditions
         page_conditions = list(conditions)
         if after is not None:
-            created, artifact_id = after
-            page_conditions.append(sa.or_(artifacts.c.created < created,
-                                          sa.and_(artifacts.c.created == created, artifacts.c.id < artifact_id)))
+            page_conditions.append(sa.tuple_(*order) < sa.tuple_(*after))  # keyset: strictly after the cursor
         with self._read() as conn:
             rows = conn.execute(
-                sa.select(artifacts).where(*page_conditions)
-                .order_by(artifacts.c.created.desc(), artifacts.c.id.desc()).limit(limit + 1)
+                sa.select(artifacts).select_from(source).where(*page_conditions)
+                .order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
             ).mappings().all()
-            total = int(conn.execute(sa.select(sa.func.count()).select_from(artifacts).where(*conditions)).scalar()
+            total = int(conn.execute(sa.select(sa.func.count()).select_from(counted).where(*conditions)).scalar()
                         or 0)
             more = len(rows) > limit
             return self._hydrate(conn, rows[:limit]), total, more
