@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,11 +236,16 @@ async def parse_multipart(
     text_fields: frozenset[str],
     max_file_bytes: int,
 ) -> ParsedForm:
-    """Parse a multipart body, streaming each file part into a store upload. Aborts every upload on failure."""
+    """Parse a multipart body, streaming each file part into a store upload. Aborts every upload on failure.
+
+    A body without file parts may also be `application/x-www-form-urlencoded` or a JSON object of the text fields.
+    """
     content_type = request.headers.get("content-type", "")
     ctype, params = parse_options_header(content_type)
     if ctype == b"application/x-www-form-urlencoded":
         return await _parse_urlencoded(request, file_fields | text_fields)
+    if ctype == b"application/json":
+        return await _parse_json_fields(request, text_fields)
     if ctype != b"multipart/form-data":
         raise InvalidRequest(f"expected multipart/form-data, got {content_type[:64]!r}")
     boundary = params.get(b"boundary")
@@ -322,6 +328,43 @@ async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> Parsed
         if name in form.fields:
             raise InvalidRequest(f"form field {name!r} is given twice")
         form.fields[name] = value
+    return form
+
+
+async def _parse_json_fields(request: Request, allowed: frozenset[str]) -> ParsedForm:
+    # Ref-only requests may also come as a JSON object of the same fields (a merge by reference from a script):
+    # booleans and numbers become their form spelling, a list a comma-separated one, an object (labels) JSON text.
+    limit: int = request.app.state.services.settings.max_json_bytes
+    check_content_length(request, limit)
+    body = bytearray()
+    async for chunk in body_chunks(request):
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"JSON body exceeds the limit of {limit} bytes", limit=limit)
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidRequest("the JSON body is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("the JSON body must be an object of fields")
+    unknown = sorted(k for k in data if k not in allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown JSON fields {unknown[:8]}; expected some of {sorted(allowed)}")
+    form = ParsedForm()
+    for name, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            form.fields[name] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            form.fields[name] = str(value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            form.fields[name] = ",".join(value)
+        elif isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            form.fields[name] = json.dumps(value)
+        else:
+            raise InvalidRequest(f"JSON field {name!r} must be a string, number, boolean, list of strings or "
+                                 "object of strings")
     return form
 
 

@@ -7,7 +7,8 @@ renamed into place.
 Retries. Connection errors and 502/503/504 answers are retried with exponential backoff, honouring
 Retry-After, for idempotent calls only: GET, HEAD, PUT and DELETE, `POST /diff` (it stores nothing), and
 `push`, because the client always sends the sha256 of the bytes: the service stores content by digest, so
-repeating a push can only store the same artifact again (an existing one is returned unchanged). `merge`,
+repeating a push can only store the same artifact again (an existing one is returned unchanged); `import_url`
+for the same reason. `merge`,
 `strip` and `register_architecture` are never retried: a 503 there (`OverloadedError`) is the caller's
 decision, since the work is heavy and the service asked to back off.
 """
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_URL",
     "CheckpointClient",
     "DeleteResult",
+    "ImportResult",
     "Progress",
     "PullResult",
     "PushResult",
@@ -156,6 +158,17 @@ class PushResult:
     def to_dict(self) -> dict[str, Any]:
         return {"artifact": self.artifact.model_dump(mode="json"), "uploaded": self.uploaded,
                 "created": self.created}
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What `import_url` did: the stored artifact, and whether this import stored it (False: it was there)."""
+
+    artifact: ArtifactOut
+    created: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact.model_dump(mode="json"), "created": self.created}
 
 
 @dataclass(frozen=True)
@@ -510,6 +523,49 @@ class CheckpointClient:
         response = self._send("POST", "/checkpoints", idempotent=True, params=params, body=body)
         return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
 
+    def import_url(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        container_key: str | None = None,
+    ) -> ImportResult:
+        """Have the service read a checkpoint from its object store (`POST /checkpoints/import`): no bytes pass here.
+
+        The service reads `s3://bucket/key` itself, with its own credentials, if the object lies under a prefix it
+        allows (`CKPT_IMPORT_ALLOWED`), and stores it as an upload would be (the same checks), with lineage
+        `import` recording the URL. Retried like `push`: the bytes are stored by digest, so a repeat can only
+        return the same artifact.
+
+        Args:
+            url: `s3://bucket/key`.
+            name: Point this name at the artifact.
+            labels: Key/value labels for a new artifact.
+            container_key: The state_dict to use inside the file (dotted); a non-default one answers with a
+                derived artifact holding that state_dict alone.
+
+        Returns:
+            The artifact, and whether this import stored it.
+
+        Raises:
+            BadRequestError: Not an s3:// object URL.
+            AuthError: 403 when the object is outside the service's allowed prefixes, or import is off.
+            NotFoundError: No such object.
+            PayloadTooLargeError: The object is over the service's upload limit.
+            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
+            ServiceError: 502 when the object store failed.
+        """
+        payload: dict[str, Any] = {"url": url}
+        if name is not None:
+            payload["name"] = name
+        if labels:
+            payload["labels"] = dict(labels)
+        if container_key is not None:
+            payload["container_key"] = container_key
+        response = self._send("POST", "/checkpoints/import", idempotent=True, json_body=payload)
+        return ImportResult(_parse(ArtifactOut, response), created=response.status_code == 201)
+
     def pull(
         self,
         ref: str,
@@ -862,7 +918,9 @@ class CheckpointClient:
         sent (hashed while sending); a trained file is always uploaded, without hashing it first. Not retried.
 
         Args:
-            original: The pretrained checkpoint: an id or name (`str`) or a local file (`Path`).
+            original: The pretrained checkpoint: an id or name (`str`), a local file (`Path`), or an
+                `s3://bucket/key` (`str`) that the service reads itself and stores as an imported artifact
+                (under its `CKPT_IMPORT_ALLOWED` prefixes).
             trained: The fine-tuned checkpoint, the same way; its values win.
             architecture: A registered architecture name.
             strip_prefixes: `"auto"` (match the architecture), `"known"`, `"none"`, or explicit prefixes.

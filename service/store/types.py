@@ -8,7 +8,7 @@ from typing import Any
 
 from service.core.types import CheckpointFormat, Manifest
 
-LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract")
+LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract", "import")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from service.api.schemas import (
     ArtifactPage,
     DeletedOut,
     DownloadUrlOut,
+    ImportIn,
     ManifestOut,
     NameIn,
     NameOut,
@@ -216,6 +217,40 @@ async def _upload(
     return artifact_out(request, result.artifact)
 
 
+@router.post(
+    "/checkpoints/import",
+    status_code=201,
+    response_model=ArtifactOut,
+    operation_id="import_checkpoint",
+    summary="Import a checkpoint from the object store by reference",
+    tags=["checkpoints"],
+    dependencies=[WriteAuth],
+    responses={
+        200: {"model": ArtifactOut, "description": "Already stored: the existing artifact."},
+        **problem_responses(400, 401, 403, 404, 413, 422, 502, 503, 507),
+    },
+)
+async def import_checkpoint(
+    request: Request, response: Response, body: ImportIn, services: ServicesDep
+) -> ArtifactOut:
+    """Read an allowed s3:// object into the store as an upload would be (no bytes through HTTP)."""
+    operations = services.operations
+    operations.check_import(body.url)  # 400/403 before a slot is taken
+    if body.name is not None:
+        services.store.check_settable_name(body.name)
+    async with services.pool.admit() as slot:
+        result: IngestResult = await slot.run(
+            lambda: operations.import_object(body.url, labels=body.labels, container_key=body.container_key)
+        )
+    if result.created:
+        services.metrics.bytes_ingested.inc(result.artifact.size)
+    if body.name is not None:
+        result = IngestResult(await point_name(services.store, body.name, result.artifact.id), result.created)
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
+    return artifact_out(request, result.artifact)
+
+
 @router.head(
     "/checkpoints/{ref}",
     operation_id="checkpoint_exists",
@@ -372,7 +407,7 @@ def list_checkpoints(
     store: StoreDep,
     name: Annotated[str | None, Query(max_length=128)] = None,
     label: Annotated[str | None, Query(max_length=512, description='"key" or "key=value"')] = None,
-    operation: Literal["strip", "merge", "convert", "upload"] | None = None,
+    operation: Literal["strip", "merge", "convert", "import", "upload"] | None = None,
     format: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=256)] = None,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-__all__ = ["S3BlobStore", "parse_s3_url"]
+__all__ = ["S3BlobStore", "make_s3_client", "parse_s3_url"]
 
 MIB = 1 << 20
 # S3's limits: parts of at least 5 MiB (but the last), at most 10,000 of them.
@@ -61,6 +61,50 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"not an s3://bucket/prefix URL: {url[:200]!r}")
     return parts.netloc, parts.path.strip("/")
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+    region_name: str | None = None,
+    max_pool_connections: int = 10,
+) -> S3Client:
+    """A boto3 S3 client for AWS S3, Ceph RGW or MinIO; None arguments come from boto3's usual chain.
+
+    Args:
+        endpoint_url: The endpoint; None: `AWS_ENDPOINT_URL`, else AWS itself.
+        aws_access_key_id: With `aws_secret_access_key`; None: `AWS_ACCESS_KEY_ID`, profiles, instance roles.
+        aws_secret_access_key: See `aws_access_key_id`.
+        region_name: None: `AWS_REGION` or `AWS_DEFAULT_REGION`, then us-east-1.
+        max_pool_connections: Connections kept per client (one per thread that uses it at once).
+
+    Returns:
+        A thread-safe client (not fork-safe: make one per process). Endpoints other than AWS's are addressed by
+        path (`host/bucket/key`).
+    """
+    args: dict[str, Any] = {
+        "endpoint_url": endpoint_url,
+        "aws_access_key_id": aws_access_key_id,
+        "aws_secret_access_key": aws_secret_access_key,
+        "region_name": region_name,
+    }
+    options: dict[str, Any] = {
+        "signature_version": "s3v4",
+        # Several S3-compatible stores (Ceph RGW before Squid, older MinIO) refuse the CRC trailers that botocore
+        # adds by default since 1.36; the sha256 of the content is checked by us anyway.
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+        "max_pool_connections": max_pool_connections,
+        "retries": {"mode": "standard", "max_attempts": 5},
+    }
+    client: S3Client = boto3.session.Session().client("s3", config=botocore.config.Config(**options), **args)
+    if not (urlsplit(client.meta.endpoint_url).hostname or "").endswith(".amazonaws.com"):
+        # Own endpoints (Ceph, MinIO, "localhost") rarely resolve bucket.host names: address by path.
+        options["s3"] = {"addressing_style": "path"}
+        client = boto3.session.Session().client("s3", config=botocore.config.Config(**options), **args)
+    return client
 
 
 def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
@@ -328,21 +372,7 @@ class S3BlobStore:
         args = dict(self._client_args)
         if public:
             args["endpoint_url"] = self.public_endpoint
-        options: dict[str, Any] = {
-            "signature_version": "s3v4",
-            # Several S3-compatible stores (Ceph RGW before Squid, older MinIO) refuse the CRC trailers that
-            # botocore adds by default since 1.36; the sha256 of the content is checked by us anyway.
-            "request_checksum_calculation": "when_required",
-            "response_checksum_validation": "when_required",
-            "max_pool_connections": max(10, 4 * self.concurrency),
-            "retries": {"mode": "standard", "max_attempts": 5},
-        }
-        client: S3Client = boto3.session.Session().client("s3", config=botocore.config.Config(**options), **args)
-        if not (urlsplit(client.meta.endpoint_url).hostname or "").endswith(".amazonaws.com"):
-            # Own endpoints (Ceph, MinIO, "localhost") rarely resolve bucket.host names: address by path.
-            options["s3"] = {"addressing_style": "path"}
-            client = boto3.session.Session().client("s3", config=botocore.config.Config(**options), **args)
-        return client
+        return make_s3_client(**args, max_pool_connections=max(10, 4 * self.concurrency))
 
     def _fetch(self, digest: str) -> tuple[int, BinaryIO]:
         return self._get(digest, 0, None)
