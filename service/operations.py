@@ -820,12 +820,21 @@ class Operations:
             return
         job = current_job()
 
-        def read(role: str, url: str) -> Source:
+        def read(role: str, source: Source) -> Source:
+            assert source.url is not None
             with job_scope(job.kind, job.remaining()):
-                return self.read_import(url, field=role)
+                read_source = self.read_import(source.url, field=role)
+                if read_source.upload is not None:
+                    try:  # parsed here as well, so that the inputs' sandboxed parses run at once too
+                        read_source.inspection = self.store.inspect_upload(
+                            read_source.upload, container_key=source.container_key)
+                    except BaseException:
+                        read_source.upload.abort()
+                        raise
+                return read_source
 
         with ThreadPoolExecutor(len(wanted), thread_name_prefix="import") as pool:
-            futures = {role: pool.submit(read, role, s.url) for role, s in wanted.items() if s.url is not None}
+            futures = {role: pool.submit(read, role, s) for role, s in wanted.items()}
         read_sources: dict[str, Source] = {}
         errors: list[BaseException] = []
         for role, future in futures.items():
@@ -842,6 +851,7 @@ class Operations:
             source = wanted[role]
             source.artifact_id, source.upload = read_source.artifact_id, read_source.upload
             source.filename, source.origin = read_source.filename, read_source.origin
+            source.inspection = read_source.inspection
 
     def _remember_imports(self, sources: Iterable[Source]) -> None:
         for source in sources:

@@ -309,14 +309,20 @@ async def parse_multipart(
     return form
 
 
-async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> ParsedForm:
-    # Ref-only requests (no file parts) may come as a plain form, as `curl -d` and httpx send them.
-    check_content_length(request, MULTIPART_OVERHEAD)
+async def _read_small_body(request: Request, limit: int, what: str) -> bytearray:
+    # A body of fields only, held in memory: 413 past `limit` (before reading when Content-Length says so).
+    check_content_length(request, limit)
     body = bytearray()
     async for chunk in body_chunks(request):
         body += chunk
-        if len(body) > MULTIPART_OVERHEAD:
-            raise PayloadTooLarge(f"form body exceeds {MULTIPART_OVERHEAD} bytes", limit=MULTIPART_OVERHEAD)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"{what} exceeds the limit of {limit} bytes", limit=limit)
+    return body
+
+
+async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> ParsedForm:
+    # Ref-only requests (no file parts) may come as a plain form, as `curl -d` and httpx send them.
+    body = await _read_small_body(request, MULTIPART_OVERHEAD, "form body")
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARTS)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -334,13 +340,7 @@ async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> Parsed
 async def _parse_json_fields(request: Request, allowed: frozenset[str]) -> ParsedForm:
     # Ref-only requests may also come as a JSON object of the same fields (a merge by reference from a script):
     # booleans and numbers become their form spelling, a list a comma-separated one, an object (labels) JSON text.
-    limit: int = request.app.state.services.settings.max_json_bytes
-    check_content_length(request, limit)
-    body = bytearray()
-    async for chunk in body_chunks(request):
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"JSON body exceeds the limit of {limit} bytes", limit=limit)
+    body = await _read_small_body(request, request.app.state.services.settings.max_json_bytes, "JSON body")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

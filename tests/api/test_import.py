@@ -325,6 +325,13 @@ def test_a_merge_by_reference_that_fails_stores_nothing(
                                  "trained": f"s3://{s3_bucket}/allowed/missing.pth"})
     assert_refused(r, status=404)
     assert_nothing_left(app, data_dir)
+    # A hostile object: refused by the sandboxed parse, the other side's download dropped too.
+    marker = tmp_path / "pwned"
+    evil = put("allowed/evil.pth", make_rce_zip(tmp_path / "evil.pth", marker))
+    r = app.post("/merge", data={"architecture": "tiny-convnet", "original": original, "trained": evil})
+    assert_refused(r, status=422)
+    assert not marker.exists()
+    assert_nothing_left(app, data_dir)
     # One side outside the allowlist: refused before anything is read, naming the field.
     r = app.post("/merge", data={"architecture": "tiny-convnet", "original": original,
                                  "trained": f"s3://{s3_bucket}/elsewhere/trained.pth"})
