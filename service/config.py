@@ -76,7 +76,11 @@ class Settings(BaseSettings):
     )
     port: int = 8000
 
-    max_upload_bytes: int = Field(32 << 30, description="Largest accepted upload; 413 above it.")
+    max_upload_bytes: int = Field(32 << 30, description="Largest accepted upload (each file of a request); 413.")
+    max_request_bytes: int | None = Field(
+        None, ge=1, description="Most bytes of files in one request, e.g. the shards of a checkpoint together "
+        "(default: 8 x max_upload_bytes); 413 above it, while streaming.",
+    )
     heavy_concurrency: int = Field(2, ge=1, description="Parses, merges and value diffs run at once.")
     heavy_queue: int = Field(8, ge=0, description="Heavy jobs that may wait for a slot before 503.")
     read_concurrency: int = Field(
@@ -207,6 +211,10 @@ class Settings(BaseSettings):
     def import_prefixes(self) -> tuple[S3Location, ...]:
         """The `import_allowed` prefixes (empty: import by reference is off)."""
         return parse_import_allowlist(self.import_allowed)
+
+    def request_bytes_cap(self) -> int:
+        """`max_request_bytes`, or 8 x `max_upload_bytes` when unset."""
+        return self.max_request_bytes if self.max_request_bytes is not None else 8 * self.max_upload_bytes
 
     def tokens(self) -> dict[str, str]:
         """Map each configured token to its scope ("read", "write" or "admin")."""

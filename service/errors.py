@@ -8,12 +8,16 @@
     │   ├── ArchiveLimitExceeded     zip pre-checks: too many entries, too large, compressed, bad names
     │   │   └── ExpansionLimitExceeded  keys expand to far more bytes than the file holds (`expanded_bytes`)
     │   ├── UnconvertibleCheckpoint  the target format cannot hold some keys or dtypes (`keys`, `dtypes`)
-    │   └── ContainerKeyError        the requested container key is absent, or no state_dict found
+    │   ├── ContainerKeyError        the requested container key is absent, or no state_dict found
+    │   └── InconsistentShards       shards that do not make one checkpoint (`missing_keys`, `missing_files`, ...)
     ├── PrefixCollision              two keys would map to one name (`keys`)
     ├── VerificationFailed           strict verification failed (`report`)
-    │   └── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
+    │   ├── FrozenPartChanged        require_frozen: frozen tensors moved (`changed_keys`, `report`)
+    │   ├── IncompleteTrained        require_complete: parameters came from the original (`filled_keys`, `report`)
+    │   └── InputsSwapped            original and trained look swapped (`keys`, `report`); allow_swapped overrides
     ├── StoreError
     │   ├── ArtifactNotFound         no artifact for an id or name (`ref`)
+    │   │   └── ShardNotFound        no shard of that number in an artifact's split
     │   ├── ArtifactInUse            names still point to the artifact (`names`)
     │   ├── NameNotFound             no such name (`name`)
     │   ├── InvalidReference         not a 64-hex id nor a valid name
@@ -103,6 +107,10 @@ class ContainerKeyError(InvalidCheckpoint):
     title = "State dict not found in checkpoint"
 
 
+class InconsistentShards(InvalidCheckpoint):
+    title = "Inconsistent shards"
+
+
 class PrefixCollision(CheckpointServiceError):
     title = "Prefix collision"
 
@@ -119,12 +127,24 @@ class FrozenPartChanged(VerificationFailed):
     title = "Frozen part changed"
 
 
+class IncompleteTrained(VerificationFailed):
+    title = "Trained checkpoint incomplete"
+
+
+class InputsSwapped(VerificationFailed):
+    title = "Original and trained look swapped"
+
+
 class StoreError(CheckpointServiceError):
     title = "Artifact store error"
 
 
 class ArtifactNotFound(StoreError):
     title = "Artifact not found"
+
+
+class ShardNotFound(ArtifactNotFound):
+    title = "Shard not found"
 
 
 class ArtifactInUse(StoreError):

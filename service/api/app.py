@@ -112,6 +112,7 @@ def build_services(settings: Settings) -> Services:
     operations = Operations(
         store, registry, safe_globals=safe_globals, max_upload_bytes=settings.max_upload_bytes,
         importer=ObjectImporter(settings.import_prefixes()),
+        max_request_bytes=settings.request_bytes_cap(),
     )
     pool = _work_pool(settings, "write", settings.heavy_concurrency, settings.heavy_queue)
     signer = DownloadSigner(

@@ -39,6 +39,8 @@ ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
     (e.PayloadTooLarge, 413),
     (e.InvalidCheckpoint, 422),  # unsafe, corrupt, unsupported, limits, container key
     (e.PrefixCollision, 422),
+    (e.IncompleteTrained, 422),  # require_complete: the merge would fill parameters from the original
+    (e.InputsSwapped, 422),  # both swap signs, without allow_swapped
     (e.VerificationFailed, 422),
     (e.InvalidArchitecture, 422),
     (e.SourceUnavailable, 502),  # the object store, the service's upstream, failed

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.format_names import OutputFormat
+
 Category = Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]
 CATEGORIES: tuple[Category, ...] = (
     "only_in_a",
@@ -72,7 +74,7 @@ class ArtifactOut(BaseModel):
 class DownloadUrlOut(BaseModel):
     url: str = Field(description="GET it without a token until `expires`; it opens this artifact in this format only.")
     id: str
-    format: Literal["pth", "safetensors"]
+    format: OutputFormat
     expires: int = Field(description="Unix seconds.")
 
 
@@ -97,6 +99,27 @@ class ManifestOut(BaseModel):
     entries: dict[str, TensorEntryOut]
 
 
+class ShardIndexMetadata(BaseModel):
+    total_size: int = Field(description="The tensor bytes of all shards (transformers' meaning).")
+
+
+class ShardOut(BaseModel):
+    name: str = Field(description="The shard's file name, model-0000x-of-0000y.safetensors.")
+    url: str = Field(description="GET it for the shard's safetensors bytes, computed on the fly.")
+    size: int = Field(description="The shard file's size in bytes.")
+    key_count: int
+
+
+class ShardIndexOut(BaseModel):
+    """transformers' model.safetensors.index.json (`metadata`, `weight_map`), with where to get each shard."""
+
+    metadata: ShardIndexMetadata
+    weight_map: dict[str, str] = Field(description="Key -> the name of the shard that holds it.")
+    id: str = Field(description="The artifact split.")
+    max_shard_size: int = Field(description="The most tensor bytes in a shard (a larger tensor has its own).")
+    shards: list[ShardOut]
+
+
 class NameIn(BaseModel):
     id: str = Field(description="An artifact id (64 hex) or another name.")
 
@@ -113,8 +136,15 @@ class DeletedOut(BaseModel):
 
 class StripIn(BaseModel):
     checkpoint: str = Field(description="An artifact id or name.")
-    prefixes: list[str] | None = Field(None, description="Prefixes to remove; omitted: detect known wrappers.")
-    output_format: Literal["pth", "safetensors"] = "pth"
+    prefixes: list[str] | None = Field(
+        None, description="Prefixes to remove; omitted: detect known wrappers (and, in a Lightning checkpoint, the "
+        "LightningModule attribute every key starts with).")
+    like: str | None = Field(
+        None, max_length=200, description="Instead of `prefixes`: rename (strip or add prefixes) so that the keys "
+        "line up with this stored checkpoint's (an id or name).")
+    like_architecture: str | None = Field(
+        None, max_length=128, description="Instead of `prefixes`: line the keys up with a registered architecture's.")
+    output_format: OutputFormat = "pth"
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     container_key: str | None = Field(
         None, min_length=1, max_length=1024,
@@ -168,6 +198,10 @@ class DiffOut(BaseModel):
     # values=true: per-module change figures (service.core.changes): {"rel_change", "modules": {module: {keys,
     # changed_keys, numel, changed, rel_change, max_abs}}}, over the keys in both with equal shape and dtype.
     changes: dict[str, Any] | None = None
+    alignment: dict[str, Any] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="normalize_prefixes=align: each side's transform ({strip_wrappers, strip_lead, strip, add}) and "
+        "how many keys the two sides have in common after it.")
 
 
 class TensorSpecIO(BaseModel):
@@ -184,9 +218,31 @@ class ArchitectureOut(BaseModel):
     keys: dict[str, TensorSpecIO] | None = None
 
 
+class ArchitectureMatchOut(BaseModel):
+    """How well a checkpoint fits one architecture, after the prefix transform that fits it best."""
+
+    name: str
+    score: float = Field(description="Keys that match with the right shape / keys in either (0..1).")
+    matched: int = Field(description="Checkpoint keys the architecture expects (after the transform).")
+    missing: int = Field(description="Expected keys the checkpoint lacks.")
+    unexpected: int = Field(description="Checkpoint keys the architecture does not have.")
+    shape_mismatches: int = Field(description="Matched keys of another shape.")
+    dtype_mismatches: int = Field(description="Matched keys of the right shape and another dtype.")
+    transform: dict[str, Any] = Field(description="The rename applied first: {strip_wrappers, strip_lead, strip, add}.")
+
+
+class ArchitectureMatches(BaseModel):
+    checkpoint: str = Field(description="The id of the checkpoint ranked against.")
+    key_count: int
+    ranking: list[ArchitectureMatchOut] = Field(description="Best fit first.")
+
+
 class ArchitectureList(BaseModel):
     items: list[ArchitectureOut]
     issues: list[dict[str, str]]
+    matches: ArchitectureMatches | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="With `?matches=REF`: the architectures ranked by how well that checkpoint fits them.")
 
 
 class ArchitectureIn(BaseModel):

@@ -3,12 +3,17 @@
 python-multipart does the parsing (push parser, fed chunk by chunk); file parts go into `PendingUpload`s of the
 store, whose write (sha256 + file write) runs in a worker thread, one block in flight, so receiving the next block
 overlaps hashing and writing the previous one.
+
+A file field may repeat where a route allows it (the shards of one checkpoint): each part is held to the per-file
+limit, and all file bytes of the request together to the request limit (`CKPT_MAX_REQUEST_BYTES`), both while
+the bytes arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,11 +26,15 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from service.core.sharding import MAX_INDEX_BYTES, MAX_SHARDS, is_index_filename
 from service.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from service.operations import UploadedFile
 from service.store import ArtifactStore, PendingUpload
 
 BLOCK_BYTES = 8 << 20
 MAX_PARTS = 16
+# With repeatable file fields: the shards and the index of two checkpoints (a merge's original and trained).
+MAX_FILE_PARTS = 2 * (MAX_SHARDS + 1)
 MAX_FIELD_BYTES = 64 << 10
 MAX_HEADER_BYTES = 16 << 10
 MULTIPART_OVERHEAD = 1 << 20  # boundaries, headers and text fields on top of the file parts
@@ -82,12 +91,40 @@ class FilePart:
 
 @dataclass
 class ParsedForm:
-    fields: dict[str, str] = field(default_factory=dict)
-    files: dict[str, FilePart] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)  # the first value of each text field
+    files: dict[str, FilePart] = field(default_factory=dict)  # the first file part of each field
+    parts: list[FilePart] = field(default_factory=list)  # every file part, in order
+    lists: dict[str, list[str]] = field(default_factory=dict)  # every value of each repeatable text field
+
+    def files_of(self, name: str) -> list[FilePart]:
+        """The file parts of a field, in the order they came."""
+        return [p for p in self.parts if p.field == name]
 
     async def abort(self) -> None:
-        for part in self.files.values():
+        for part in self.parts:
             await anyio.to_thread.run_sync(part.upload.abort)
+
+
+def uploaded_files(form: ParsedForm, field_name: str, sha_field: str) -> list[UploadedFile]:
+    """The file parts of a field with the sha256 declared for each: `sha_field` repeats once per part, in order.
+
+    Raises:
+        InvalidRequest: Some parts have a declared sha256 and others not.
+    """
+    parts = form.files_of(field_name)
+    digests = form.lists.get(sha_field, [])
+    if digests and len(digests) != len(parts):
+        raise InvalidRequest(
+            f"{len(digests)} {sha_field!r} values for {len(parts)} {field_name!r} file parts: give one per file "
+            "part, in the order of the parts"
+        )
+    expected = [d.strip().lower() or None for d in digests] or [None] * len(parts)
+    return [UploadedFile(p.filename, p.upload, e) for p, e in zip(parts, expected, strict=True)]
+
+
+def is_sharded(files: list[UploadedFile]) -> bool:
+    """Whether file parts are the shards of one checkpoint: several files, or an index."""
+    return len(files) > 1 or any(is_index_filename(f.filename) for f in files)
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:
@@ -129,10 +166,14 @@ def check_declared_length(raw: str | None, limit: int, *, what: str = "request b
 class _FormState:
     """The parser's synchronous callbacks record events here; the async loop acts on them after each chunk."""
 
-    def __init__(self, file_fields: frozenset[str], text_fields: frozenset[str]) -> None:
+    def __init__(self, file_fields: frozenset[str], text_fields: frozenset[str],
+                 repeatable: frozenset[str] = frozenset()) -> None:
         self.file_fields = file_fields
         self.text_fields = text_fields
+        self.repeatable = repeatable
+        self.max_parts = MAX_PARTS + (2 * MAX_FILE_PARTS if repeatable else 0)  # a sha256 field after each file
         self.parts = 0
+        self.file_parts = 0
         self.header_bytes = 0
         self.header_name = b""
         self.header_value = b""
@@ -142,13 +183,14 @@ class _FormState:
         self.current_is_file = False
         self.text = bytearray()
         self.fields: dict[str, str] = {}
+        self.lists: dict[str, list[str]] = {}
         self.seen: set[str] = set()
         self.events: list[tuple[str, Any]] = []  # ("begin_file", (name, filename)), ("data", bytes), ("end_file", None)
 
     def on_part_begin(self) -> None:
         self.parts += 1
-        if self.parts > MAX_PARTS:
-            raise InvalidRequest(f"too many multipart parts (more than {MAX_PARTS})")
+        if self.parts > self.max_parts:
+            raise InvalidRequest(f"too many multipart parts (more than {self.max_parts})")
         self.header_bytes = 0
         self.disposition = None
         self.text = bytearray()
@@ -180,7 +222,7 @@ class _FormState:
         if raw_name is None:
             raise InvalidRequest("a multipart part has no name")
         name = raw_name.decode("utf-8", "replace")
-        if name in self.seen:
+        if name in self.seen and name not in self.repeatable:
             raise InvalidRequest(f"multipart field {name!r} is given twice")
         self.seen.add(name)
         self.current_name = name
@@ -194,6 +236,9 @@ class _FormState:
             raise InvalidRequest(self._file_in_text_field(name))
         self.current_is_file = is_file
         if is_file:
+            self.file_parts += 1
+            if self.file_parts > MAX_FILE_PARTS:
+                raise InvalidRequest(f"too many file parts (more than {MAX_FILE_PARTS})")
             filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
             self.events.append(("begin_file", (name, filename)))
 
@@ -213,7 +258,10 @@ class _FormState:
             self.events.append(("end_file", None))
         else:
             try:
-                self.fields[self.current_name] = self.text.decode("utf-8")
+                value = self.text.decode("utf-8")
+                self.fields.setdefault(self.current_name, value)
+                if self.current_name in self.repeatable:
+                    self.lists.setdefault(self.current_name, []).append(value)
             except UnicodeDecodeError as exc:
                 name = self.current_name
                 if f"{name}_file" in self.file_fields:
@@ -235,10 +283,29 @@ async def parse_multipart(
     file_fields: frozenset[str],
     text_fields: frozenset[str],
     max_file_bytes: int,
+    repeatable: frozenset[str] = frozenset(),
+    max_request_bytes: int | None = None,
 ) -> ParsedForm:
     """Parse a multipart body, streaming each file part into a store upload. Aborts every upload on failure.
 
     A body without file parts may also be `application/x-www-form-urlencoded` or a JSON object of the text fields.
+
+    Args:
+        request: The request.
+        store: Where file parts are staged.
+        file_fields: Fields that take files.
+        text_fields: Fields that take text (a name may be in both: a file part when it has a filename).
+        max_file_bytes: The most bytes of one file part (413).
+        repeatable: Fields that may come more than once (the shards of a checkpoint, a sha256 for each).
+        max_request_bytes: The most bytes of all file parts together (413); None: `max_file_bytes` per file field.
+
+    Returns:
+        The text fields and the staged file parts; the caller aborts the uploads it does not commit.
+
+    Raises:
+        InvalidRequest: A malformed body, an unknown or repeated field, too many parts.
+        PayloadTooLarge: A file part, the file parts together, or the body over its limit.
+        RequestTimeout: The client stopped sending.
     """
     content_type = request.headers.get("content-type", "")
     ctype, params = parse_options_header(content_type)
@@ -254,10 +321,11 @@ async def parse_multipart(
     if len(boundary) > MAX_BOUNDARY_BYTES:
         # RFC 2046 allows 70 characters; python-multipart refuses more than 256 with an exception of its own.
         raise InvalidRequest(f"the multipart boundary has {len(boundary)} characters, more than {MAX_BOUNDARY_BYTES}")
-    body_limit = max_file_bytes * max(1, len(file_fields)) + MULTIPART_OVERHEAD
+    files_limit = max_request_bytes if max_request_bytes is not None else max_file_bytes * max(1, len(file_fields))
+    body_limit = files_limit + MULTIPART_OVERHEAD
     check_content_length(request, body_limit)
 
-    state = _FormState(file_fields, text_fields)
+    state = _FormState(file_fields, text_fields, repeatable)
     parser = MultipartParser(
         boundary,
         {
@@ -273,6 +341,7 @@ async def parse_multipart(
     form = ParsedForm()
     sink: _AsyncSink | None = None
     received = 0
+    file_bytes = 0
     try:
         async for chunk in body_chunks(request):
             received += len(chunk)
@@ -282,11 +351,21 @@ async def parse_multipart(
             for kind, payload in state.events:
                 if kind == "begin_file":
                     name, filename = payload
-                    upload = await anyio.to_thread.run_sync(lambda: store.open_upload(max_bytes=max_file_bytes))
-                    form.files[name] = FilePart(name, filename, upload)
+                    # A shard index is JSON, never gigabytes: refused as soon as it grows past its own bound.
+                    part_limit = min(max_file_bytes, MAX_INDEX_BYTES) if is_index_filename(filename) else max_file_bytes
+                    upload = await anyio.to_thread.run_sync(functools.partial(store.open_upload, max_bytes=part_limit))
+                    part = FilePart(name, filename, upload)
+                    form.parts.append(part)
+                    form.files.setdefault(name, part)
                     sink = _AsyncSink(upload)
                 elif kind == "data":
                     assert sink is not None
+                    file_bytes += len(payload)
+                    if file_bytes > files_limit:
+                        raise PayloadTooLarge(
+                            f"the files of this request exceed the limit of {files_limit} bytes in all",
+                            limit=files_limit,
+                        )
                     await sink.write(payload)
                 else:
                     assert sink is not None
@@ -306,6 +385,7 @@ async def parse_multipart(
         await _abort(sink, form)
         raise
     form.fields.update(state.fields)
+    form.lists.update(state.lists)
     return form
 
 

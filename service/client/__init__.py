@@ -18,7 +18,9 @@ if TYPE_CHECKING:
         PullResult,
         PushResult,
         RetryPolicy,
+        ShardsResult,
         Source,
+        checkpoint_files,
         sha256_file,
     )
     from service.client.errors import (
@@ -56,12 +58,14 @@ __all__ = [
     "PushResult",
     "RetryPolicy",
     "ServiceError",
+    "ShardsResult",
     "Source",
     "StorageFullError",
     "TransportError",
     "UnprocessableError",
     "UnsafeCheckpointError",
     "VerificationError",
+    "checkpoint_files",
     "sha256_file",
 ]
 

@@ -10,9 +10,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from service.client.serve import add_serve_parser
+from service.format_names import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from service.client.client import CheckpointClient, Progress, Source
@@ -24,8 +25,9 @@ references:
   REF is an artifact id (64 hex), a unique prefix of one (8 or more hex digits, as `ckpt ls` prints them),
   or a name. Where a command also takes a FILE (diff, merge), an argument
   that names an existing local file is sent as a file (or as its id when the service already has its
-  bytes); anything else is a REF. merge also takes s3://bucket/key, which the service reads itself
-  (see `ckpt import`).
+  bytes), one that names a directory is sent as the shards of one checkpoint (its *.index.json and the
+  shards it names, or its *.safetensors / *.bin weight files); anything else is a REF.
+  merge also takes s3://bucket/key, which the service reads itself (see `ckpt import`).
 
 environment:
   CKPT_URL     service URL (default http://127.0.0.1:8000); --url overrides it
@@ -102,13 +104,20 @@ def _progress(desc: str) -> Iterator[Progress | None]:
 
 
 def _source(arg: str) -> Source:
-    return Path(arg) if os.path.isfile(arg) else arg
+    return Path(arg) if os.path.isfile(arg) or os.path.isdir(arg) else arg
 
 
 def _existing_file(arg: str) -> Path:
     path = Path(arg)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {arg!r}")
+    return path
+
+
+def _existing_file_or_dir(arg: str) -> Path:
+    path = Path(arg)
+    if not (path.is_file() or path.is_dir()):
+        raise argparse.ArgumentTypeError(f"no such file or directory: {arg!r}")
     return path
 
 
@@ -131,7 +140,8 @@ def _labels(items: Sequence[str] | None) -> dict[str, str]:
 
 def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     with _progress(f"push {args.file.name}") as progress:
-        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress)
+        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress,
+                             container_key=args.container_key)
     if args.json:
         _emit_json(result.to_dict())
         return 0
@@ -140,7 +150,15 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     if result.uploaded and not result.created:
         verb = "uploaded (existing artifact):"
     names = f"  names: {', '.join(art.names)}" if art.names else ""
-    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}")
+    extracted = ""
+    if art.lineage is not None and art.lineage.operation == "extract":
+        extracted = f"  ({art.lineage.params.get('container_key')!r} of {art.lineage.inputs['checkpoint'][:12]})"
+    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}{extracted}")
+    if art.lineage is not None and art.lineage.operation == "combine":
+        shards = art.lineage.params.get("shards") or []
+        index = art.lineage.params.get("index") or {}
+        checked = f", checked against {index.get('filename')}" if index else ""
+        print(f"  combined from {len(shards)} shards{checked}")
     return 0
 
 
@@ -158,6 +176,8 @@ def _cmd_import(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
+    if args.shards is not None:
+        return _pull_shards(client, args)
     dest: str | Path = args.output if args.output else Path.cwd()  # a str: a trailing "/" means a directory
     with _progress(f"pull {args.ref}") as progress:
         result = client.pull(args.ref, dest, format=args.format, progress=progress)
@@ -165,6 +185,19 @@ def _cmd_pull(client: CheckpointClient, args: argparse.Namespace) -> int:
         _emit_json(result.to_dict())
     else:
         print(f"wrote {result.path}  ({result.id}, {_human_bytes(result.size)}, sha256 verified)")
+    return 0
+
+
+def _pull_shards(client: CheckpointClient, args: argparse.Namespace) -> int:
+    if args.output or args.format:
+        raise UsageError("--shards DIR writes safetensors shards into DIR: no -o or --format with it")
+    with _progress(f"pull {args.ref} (shards)") as progress:
+        result = client.pull_shards(args.ref, args.shards, max_shard_size=args.max_shard_size, progress=progress)
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(f"wrote {len(result.files) - 1} shards and {result.files[0].name} to {result.directory}  "
+              f"({result.id}, {_human_bytes(result.size)})")
     return 0
 
 
@@ -223,13 +256,19 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
     frozen: bool | list[str] = False
     if args.frozen is not None:
         frozen = True if args.frozen == "true" else _split(args.frozen)
-    diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=args.normalize_prefixes,
+    normalize: bool | Literal["align"] = "align" if args.align_prefixes else args.normalize_prefixes
+    diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=normalize,
                        values=args.values, frozen=frozen, categories=args.category,
-                       key_prefix=args.key_prefix, limit=args.limit)
+                       key_prefix=args.key_prefix, limit=args.limit,
+                       a_container_key=args.a_container_key or args.container_key,
+                       b_container_key=args.b_container_key or args.container_key)
     if args.json:
         _emit_json(diff.model_dump(mode="json"))
         return 0
     print(f"a: {diff.a}\nb: {diff.b}" + ("  (prefixes normalized)" if diff.normalized else ""))
+    if diff.alignment is not None:
+        print(f"aligned: a {_transform_text(diff.alignment.get('a'))}, b {_transform_text(diff.alignment.get('b'))}"
+              f" ({diff.alignment.get('matched', 0)} keys in common)")
     print(_table(["CATEGORY", "KEYS"], [[cat, n] for cat, n in diff.summary.items()]))
     for cat, listed in diff.keys.items():
         if cat != "unchanged" and listed.total:
@@ -252,6 +291,15 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
         if changed:
             _print_keys("changed frozen tensors", changed)
     return 0
+
+
+def _transform_text(transform: Any) -> str:
+    # A KeyTransform.to_dict() in words: "strip wrappers, strip 'net.', add 'model.'", or "unchanged".
+    t: dict[str, Any] = transform or {}
+    steps = (["strip wrappers"] if t.get("strip_wrappers") else []) + (
+        [f"strip {t['strip_lead']!r}"] if t.get("strip_lead") else []) + [
+        f"strip {p!r}" for p in t.get("strip") or []] + ([f"add {t['add']!r}"] if t.get("add") else [])
+    return ", ".join(steps) or "unchanged"
 
 
 def _fmt_float(value: Any) -> str:
@@ -294,7 +342,9 @@ def _print_verification_failure(exc: Any) -> None:
         if len(mismatched) > 50:
             print(f"  ... {len(mismatched) - 50} more (use --json for all)", file=sys.stderr)
     for label, keys in (("missing keys", exc.missing_keys), ("unexpected keys", exc.unexpected_keys),
-                        ("changed frozen keys", list(exc.problem.get("changed_keys") or []))):
+                        ("changed frozen keys", list(exc.problem.get("changed_keys") or [])),
+                        ("keys the trained checkpoint lacks", list(exc.problem.get("filled_keys") or [])),
+                        ("BatchNorm stats only the trained has", list(exc.problem.get("keys") or []))):
         if keys:  # an empty section says nothing
             _print_keys(label, keys, limit=50, file=sys.stderr)
 
@@ -330,7 +380,9 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             strip_prefixes=strip,
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
             labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
-            frozen_atol=args.frozen_atol, progress=progress)
+            frozen_atol=args.frozen_atol, progress=progress, require_complete=args.require_complete,
+            allow_swapped=args.allow_swapped, original_container_key=args.original_container_key,
+            trained_container_key=args.trained_container_key)
         written = None
         if args.output:
             # By name when it has one, so that `-o out/` writes out/NAME.pth.
@@ -352,6 +404,10 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
     filled = list(report.get("filled") or [])
     print(f"  filled from the original: {len(filled)} keys"
           + (f" in {len(report.get('filled_modules') or [])} modules" if filled else ""))
+    parameters = report.get("filled_parameters") or {}
+    if parameters.get("count"):
+        modules = ", ".join(m or "(root)" for m in parameters.get("modules") or {})
+        print(f"  of which parameters: {parameters['count']} of {parameters.get('total', '?')} (in {modules})")
     _print_change_rollup(report.get("changes") or {})
     frozen_report = report.get("frozen")
     if frozen_report:
@@ -366,7 +422,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
-    result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name)
+    result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name,
+                          like=args.like, like_architecture=args.like_architecture, container_key=args.container_key)
     if args.json:
         _emit_json(result.model_dump(mode="json"))
     else:
@@ -374,6 +431,9 @@ def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
         applied = result.report.get("applied") or {}
         removed = ", ".join(f"{p!r} x{n}" for p, n in sorted(applied.items())) or "none"
         print(f"stripped: {state} {result.id}  (removed: {removed})")
+        if "matched" in result.report:
+            print(f"  renamed: {_transform_text(result.report.get('transform'))}; "
+                  f"{result.report['matched']} of {result.report.get('target_keys', '?')} target keys line up")
     return 0
 
 
@@ -388,13 +448,19 @@ def _cmd_rm(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_arch_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
-    archs = client.list_architectures()
+    archs = client.list_architectures(matches=args.matches)
     if args.json:
         _emit_json(archs.model_dump(mode="json"))
         return 0
-    print(_table(["NAME", "SOURCE", "KEYS", "SCHEMA", "DESCRIPTION"],
-                 [[a.name, a.source, a.key_count, a.schema_fingerprint[:12], a.description or "-"]
-                  for a in archs.items]))
+    if archs.matches is not None:
+        print(f"architectures ranked by fit to {archs.matches.checkpoint[:12]} ({archs.matches.key_count} keys):")
+        print(_table(["NAME", "SCORE", "MATCHED", "MISSING", "UNEXPECTED", "SHAPE MISMATCH", "TRANSFORM"],
+                     [[m.name, f"{m.score:.3f}", m.matched, m.missing, m.unexpected, m.shape_mismatches,
+                       _transform_text(m.transform)] for m in archs.matches.ranking]))
+    else:
+        print(_table(["NAME", "SOURCE", "KEYS", "SCHEMA", "DESCRIPTION"],
+                     [[a.name, a.source, a.key_count, a.schema_fingerprint[:12], a.description or "-"]
+                      for a in archs.items]))
     for issue in archs.issues:
         print(f"unavailable: {issue.get('name', '?')} ({issue.get('source', '?')}): {issue.get('error', '')}",
               file=sys.stderr)
@@ -511,10 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch checkpoints of frozen-backbone fine-tunes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)")
-    p.add_argument("file", type=_existing_file, metavar="FILE")
+    p = _add(sub, "push", _cmd_push, common, help="upload a checkpoint (skipped when the service has it)",
+             description="Upload a checkpoint file, or a directory of shards (a transformers checkpoint: its "
+                         "*.index.json and the shards it names, or its *.safetensors / *.bin weight files; "
+                         "config and tokenizer files stay) as one checkpoint.")
+    p.add_argument("file", type=_existing_file_or_dir, metavar="FILE|DIR")
     p.add_argument("--name", help="point this name at the artifact")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="keep this state_dict of the file (dotted, e.g. state_dict_ema or model.ema): the file is "
+                        "stored as sent and the answer is a derived artifact holding only it")
 
     p = _add(sub, "import", _cmd_import, common,
              help="have the service read a checkpoint from its object store (s3://bucket/key), no upload",
@@ -529,7 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "pull", _cmd_pull, common, help="download a checkpoint, verified against its sha256")
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", help="file or directory to write (default: the current directory)")
-    p.add_argument("--format", choices=["pth", "safetensors"], help="convert on the way out")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, help="convert on the way out")
+    p.add_argument("--shards", metavar="DIR",
+                   help="write transformers' sharded safetensors (the index and model-0000x-of-0000y files) to DIR")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="with --shards: the most tensor bytes in a shard (default 5GB; 500MB, 2GiB, bytes)")
 
     p = _add(sub, "ls", _cmd_ls, common, help="list checkpoints, newest first")
     p.add_argument("--name", help="only the artifact this name points to")
@@ -547,7 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "diff", _cmd_diff, common, help="diff two checkpoints (stored or local files)")
     p.add_argument("a", metavar="A", help="REF or FILE (the original, for --frozen)")
     p.add_argument("b", metavar="B", help="REF or FILE")
-    p.add_argument("-n", "--normalize-prefixes", action="store_true", help="strip wrapper prefixes first")
+    p.add_argument("-n", "--normalize-prefixes", action="store_true",
+                   help="strip wrapper prefixes first (and a Lightning file's LightningModule attribute)")
+    p.add_argument("--align-prefixes", action="store_true",
+                   help="rename each side (strip or add prefixes) so that the most keys line up")
     p.add_argument("--values", action="store_true",
                    help="value statistics of changed tensors, and per module: relative change, max abs change")
     p.add_argument("--depth", type=int, default=1,
@@ -559,6 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "unchanged"])
     p.add_argument("--key-prefix", help="only keys under this prefix")
     p.add_argument("--limit", type=int, default=1000, help="keys per category (default 1000)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside both checkpoints (dotted, e.g. state_dict_ema)")
+    p.add_argument("--a-container-key", metavar="KEY",
+                   help="the state_dict to use inside A (wins over --container-key)")
+    p.add_argument("--b-container-key", metavar="KEY",
+                   help="the state_dict to use inside B (wins over --container-key)")
 
     p = _add(sub, "merge", _cmd_merge, common,
              help="merge a trained checkpoint with its original and verify it strictly",
@@ -575,7 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-prefixes", default="auto",
                    help="auto (match the architecture), known, none, or comma-separated prefixes")
     p.add_argument("--drop-unexpected", action="store_true", help="drop keys the architecture does not have")
-    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pth")
+    p.add_argument("--container-key", "--trained-container-key", dest="trained_container_key", metavar="KEY",
+                   help="the state_dict to use inside TRAINED (dotted, e.g. state_dict_ema for the EMA weights)")
+    p.add_argument("--original-container-key", metavar="KEY", help="the state_dict to use inside ORIGINAL")
     p.add_argument("--frozen-prefixes",
                    help="comma-separated key prefixes of the part you froze: check that it did not change "
                         "(without it: no frozen check, only what changed per module)")
@@ -583,12 +671,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --frozen-prefixes: fail (and store nothing) when a frozen tensor changed")
     p.add_argument("--frozen-atol", type=float, metavar="ATOL",
                    help="largest difference of a frozen tensor still counted as unchanged (bf16 round trips)")
+    p.add_argument("--require-complete", action="store_true",
+                   help="fail (and store nothing) when a parameter would come from the original, e.g. one shard")
+    p.add_argument("--allow-swapped", action="store_true",
+                   help="merge even when ORIGINAL and TRAINED look swapped (refused otherwise)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
 
     p = _add(sub, "strip", _cmd_strip, common, help="remove wrapper prefixes (module., _orig_mod., ...)")
     p.add_argument("ref", metavar="REF")
-    p.add_argument("--prefix", action="append", help="a prefix to remove (repeatable; default: detect)")
-    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    like = p.add_mutually_exclusive_group()
+    like.add_argument("--prefix", action="append", help="a prefix to remove (repeatable; default: detect)")
+    like.add_argument("--like", metavar="REF", help="rename so that the keys line up with this checkpoint's")
+    like.add_argument("--like-architecture", metavar="NAME",
+                      help="rename so that the keys line up with this architecture's")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pth")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside the checkpoint (dotted); default: the one chosen at upload")
     p.add_argument("--name", help="point this name at the result")
 
     p = _add(sub, "rm", _cmd_rm, common, help="delete a checkpoint")
@@ -597,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     arch = sub.add_parser("arch", help="architectures: ls, show, register, rm")
     arch_sub = arch.add_subparsers(dest="arch_command", required=True, metavar="ACTION")
-    _add(arch_sub, "ls", _cmd_arch_ls, common, help="list architectures")
+    p = _add(arch_sub, "ls", _cmd_arch_ls, common, help="list architectures")
+    p.add_argument("--matches", metavar="REF",
+                   help="rank the architectures by how well this stored checkpoint fits them")
     p = _add(arch_sub, "show", _cmd_arch_show, common, help="expected keys, shapes and dtypes")
     p.add_argument("name", metavar="NAME")
     p = _add(arch_sub, "register", _cmd_arch_register, common, help="register a code-free spec")

@@ -48,6 +48,7 @@ from service.api.schemas import (
     NameOut,
     OperationOut,
     Readiness,
+    ShardIndexOut,
 )
 from service.client.errors import (
     ClientError,
@@ -56,6 +57,7 @@ from service.client.errors import (
     TransportError,
     error_from_problem,
 )
+from service.format_names import OutputFormat
 
 __all__ = [
     "DEFAULT_URL",
@@ -66,7 +68,9 @@ __all__ = [
     "PullResult",
     "PushResult",
     "RetryPolicy",
+    "ShardsResult",
     "Source",
+    "checkpoint_files",
     "sha256_file",
 ]
 
@@ -79,9 +83,8 @@ Progress = Callable[[int, int | None], None]
 """`progress(done_bytes, total_bytes)`; total is None when the service does not announce a length."""
 
 Source = str | os.PathLike[str]
-"""A stored artifact (an id or a name, given as `str`) or a local file (given as a `Path`)."""
+"""A stored artifact (an id or a name, given as `str`), a local file, or a local directory of shards (a `Path`)."""
 
-OutputFormat = Literal["pth", "safetensors"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # What a service name may be ([A-Za-z0-9][A-Za-z0-9._-]*): safe as a file name as it is.
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -184,6 +187,20 @@ class PullResult:
 
 
 @dataclass(frozen=True)
+class ShardsResult:
+    """A sharded download: the directory, the files written there (the index first), the artifact and its size."""
+
+    directory: Path
+    id: str
+    files: tuple[Path, ...]
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directory": str(self.directory), "id": self.id, "files": [str(f) for f in self.files],
+                "size": self.size}
+
+
+@dataclass(frozen=True)
 class DeleteResult:
     """What `delete` removed: the artifact id and the names that pointed to it (with `force`)."""
 
@@ -212,27 +229,38 @@ def _iter_file(fh: IO[bytes], counter: _Counter) -> Iterator[bytes]:
         yield chunk
 
 
+# A file part of a `_StreamedForm`: (file field, the field its sha256 goes in, the file).
+FilePart = tuple[str, str, Path]
+
+
+def _role_parts(role: str, paths: Sequence[Path]) -> list[FilePart]:
+    # POST /merge's and POST /diff's naming: `original_file` + `original_sha256`, `a` + `a_sha256`.
+    field = f"{role}_file" if role in ("original", "trained") else role
+    return [(field, f"{role}_sha256", p) for p in paths]
+
+
 class _StreamedForm:
     """A multipart/form-data body that sends files as it reads them and each file's sha256 after it.
 
     The digest of a file is computed from the very chunks sent (in a helper thread, overlapping the send), and
-    goes as the text part ``<role>_sha256`` right after the file part ``<role>_file``; the service compares it
+    goes as a text part (``<role>_sha256``) right after the file part (``<role>_file``); the service compares it
     with what it received before storing anything. So the file is read once, not once to hash and once to send.
+    The shards of one checkpoint are several parts of the same field, each followed by its digest.
     """
 
-    def __init__(self, fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, Path]], counter: _Counter,
+    def __init__(self, fields: Sequence[tuple[str, str]], files: Sequence[FilePart], counter: _Counter,
                  stack: contextlib.ExitStack) -> None:
         self.boundary = os.urandom(16).hex()
         self._fields = list(fields)
         self._files = []
-        for role, path in files:
+        for field_name, sha_field, path in files:
             fh = stack.enter_context(path.open("rb", buffering=0))
-            self._files.append((role, path, fh, os.fstat(fh.fileno()).st_size))
+            self._files.append((field_name, sha_field, path, fh, os.fstat(fh.fileno()).st_size))
         self._counter = counter
         self._pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload-sha256"))
         self.length = sum(len(self._text(k, v)) for k, v in self._fields) + len(self._end())
-        for role, path, _, size in self._files:
-            self.length += len(self._file_head(role, path)) + size + 2 + len(self._text(f"{role}_sha256", "0" * 64))
+        for field_name, sha_field, path, _, size in self._files:
+            self.length += len(self._file_head(field_name, path)) + size + 2 + len(self._text(sha_field, "0" * 64))
 
     def headers(self) -> dict[str, str]:
         return {"Content-Type": f"multipart/form-data; boundary={self.boundary}", "Content-Length": str(self.length)}
@@ -240,8 +268,8 @@ class _StreamedForm:
     def __iter__(self) -> Iterator[bytes]:
         for key, value in self._fields:
             yield self._text(key, value)
-        for role, path, fh, size in self._files:
-            yield self._file_head(role, path)
+        for field_name, sha_field, path, fh, size in self._files:
+            yield self._file_head(field_name, path)
             digest = hashlib.sha256()
             left = size  # the length was announced: exactly these bytes, even if the file grows meanwhile
             while left:
@@ -253,20 +281,65 @@ class _StreamedForm:
                 left -= len(chunk)
                 self._counter.add(len(chunk))
                 hashing.result()
-            yield b"\r\n" + self._text(f"{role}_sha256", digest.hexdigest())
+            yield b"\r\n" + self._text(sha_field, digest.hexdigest())
         yield self._end()
 
     def _text(self, name: str, value: str) -> bytes:
         return (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n".encode()
                 + value.encode() + b"\r\n")
 
-    def _file_head(self, role: str, path: Path) -> bytes:
+    def _file_head(self, field_name: str, path: Path) -> bytes:
         filename = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in path.name)
-        return (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{role}_file\"; "
+        return (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{field_name}\"; "
                 f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
 
     def _end(self) -> bytes:
         return f"--{self.boundary}--\r\n".encode()
+
+
+INDEX_SUFFIX = ".index.json"
+
+
+def checkpoint_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The files of a checkpoint directory to send as one checkpoint: its index and shards, or its weight files.
+
+    A transformers directory (`save_pretrained`, a Trainer's `checkpoint-500/`) holds config, tokenizer and
+    trainer state next to the weights; only the weights go. With an index (`*.index.json`; the safetensors one
+    when there are two), the index and the shard files its `weight_map` names; without one, every `*.safetensors`
+    file, or when there is none every `*.bin` file but `training_args.bin`.
+
+    Args:
+        directory: The directory.
+
+    Returns:
+        The files, the index first, then by name.
+
+    Raises:
+        ClientError: No weight files, an unreadable index, or shards it names that are not in the directory.
+    """
+    directory = Path(directory)
+    indexes = sorted(directory.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
+        indexes = [p for p in indexes if p.name.endswith(f".safetensors{INDEX_SUFFIX}")] or indexes
+    if len(indexes) > 1:
+        raise ClientError(f"{directory} holds several shard indexes ({', '.join(p.name for p in indexes)}); "
+                          "send the files of one")
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            names = sorted({str(n) for n in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ClientError(f"cannot read the shard index {indexes[0]}: {exc}") from exc
+        missing = [n for n in names if Path(n).name != n or not (directory / n).is_file()]
+        if missing:
+            raise ClientError(f"{indexes[0].name} names shards that are not in {directory}: {', '.join(missing[:8])}")
+        return [indexes[0], *(directory / n for n in names)]
+    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    if not files:
+        files = sorted(p for p in directory.glob("*.bin") if p.is_file() and p.name != "training_args.bin")
+    if not files:
+        raise ClientError(f"no checkpoint in {directory}: no *.index.json, *.safetensors or *.bin files")
+    return files
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -306,6 +379,18 @@ def _parse(model: type[_M], response: httpx.Response) -> _M:
     except (ValueError, ValidationError) as exc:
         raise ClientError(f"unexpected {model.__name__} response from {response.request.url.path}: "
                           f"{str(exc)[:200]}") from exc
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def _bool_field(value: bool) -> str:
@@ -481,6 +566,7 @@ class CheckpointClient:
         labels: Mapping[str, str] | None = None,
         filename: str | None = None,
         progress: Progress | None = None,
+        container_key: str | None = None,
     ) -> PushResult:
         """Upload a checkpoint file, streamed from disk, unless the service already has its bytes.
 
@@ -489,12 +575,24 @@ class CheckpointClient:
         artifact that exists, `name` is still pointed at it, while `labels` and `filename` are kept as they
         were (the service does the same for a repeated upload).
 
+        A directory is a sharded checkpoint (`checkpoint_files` says which of its files are sent): its files go
+        in one request, each followed by its sha256, and the service stores them as one artifact. There is no
+        HEAD check first for a directory (the service's artifact is the combined file, whose digest only the
+        service knows).
+
+        A `container_key` other than the one the service's default rule picks stores the file as sent and
+        answers with a derived artifact holding only that state_dict (lineage `extract`). The service derives
+        it from the bytes of an upload, so with `container_key` the file is always sent (nothing is stored
+        twice: the upload and the derived artifact are found by their ids). Shards take none.
+
         Args:
-            path: The local file.
-            name: Point this name at the artifact.
+            path: The local file, or a directory of shards.
+            name: Point this name at the artifact (the derived one, with `container_key`).
             labels: Key/value labels for a new artifact.
             filename: The filename to record; default the file's name.
-            progress: Called with (bytes sent, file size) while uploading.
+            progress: Called with (bytes sent, total size of the files) while uploading.
+            container_key: The state_dict to keep inside the file, a dotted path (`"state_dict_ema"`,
+                `"model.ema"`); default: the service's rule (docs/files.md).
 
         Returns:
             The artifact, and whether bytes were sent and a new artifact stored.
@@ -502,13 +600,21 @@ class CheckpointClient:
         Raises:
             OSError: The file cannot be read.
             BadRequestError: The bytes changed while uploading (digest mismatch) or the name is invalid.
-            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
+            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported), or `container_key`
+                holds no state_dict (the problem names the keys that are there).
             PayloadTooLargeError: The file is over the service's limit.
         """
         path = Path(path)
+        if path.is_dir():
+            files = checkpoint_files(path)
+            if len(files) > 1 or files[0].name.endswith(INDEX_SUFFIX):
+                return self._push_files(files, name=name, labels=labels, progress=progress,
+                                        container_key=container_key)
+            path = files[0]
         size = path.stat().st_size
         digest = sha256_file(path)
-        if self.exists(digest):
+        # With a container_key the service derives the artifact from the upload's bytes, so they are always sent.
+        if container_key is None and self.exists(digest):
             if name is not None:
                 self.set_name(name, digest)
             return PushResult(self.get(digest), uploaded=False, created=False)
@@ -519,8 +625,23 @@ class CheckpointClient:
                     "headers": {"Content-Type": "application/octet-stream", "Content-Length": str(size)}}
 
         params = {"sha256": digest, "filename": filename or path.name, "name": name,
-                  "labels": _labels_field(labels)}
+                  "labels": _labels_field(labels), "container_key": container_key}
         response = self._send("POST", "/checkpoints", idempotent=True, params=params, body=body)
+        return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
+
+    def _push_files(self, files: Sequence[Path], *, name: str | None, labels: Mapping[str, str] | None,
+                    progress: Progress | None, container_key: str | None) -> PushResult:
+        # A container_key goes along so that the service says why shards take none, rather than dropping it.
+        fields = [(k, v) for k, v in (("name", name), ("labels", _labels_field(labels)),
+                                      ("container_key", container_key)) if v is not None]
+        counter = _Counter(sum(p.stat().st_size for p in files), progress)
+
+        def body(stack: contextlib.ExitStack) -> dict[str, Any]:
+            counter.done = 0  # a retry sends everything again
+            form = _StreamedForm(fields, [("file", "sha256", p) for p in files], counter, stack)
+            return {"content": iter(form), "headers": form.headers()}
+
+        response = self._send("POST", "/checkpoints", idempotent=True, body=body)
         return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
 
     def import_url(
@@ -670,6 +791,88 @@ class CheckpointClient:
             name = ref + (Path(name).suffix or ".pth")
         return name
 
+    def pull_shards(
+        self,
+        ref: str,
+        directory: str | os.PathLike[str],
+        *,
+        max_shard_size: str | int = "5GB",
+        progress: Progress | None = None,
+    ) -> ShardsResult:
+        """Download an artifact as transformers' sharded safetensors: the index and every shard, into a directory.
+
+        The service splits the checkpoint on the fly (`GET /checkpoints/{ref}/shards`); the directory then holds
+        ``model.safetensors.index.json`` and ``model-0000x-of-0000y.safetensors``, which, next to the model's
+        config.json, `from_pretrained` loads. Each shard goes to a temp file first and is renamed into place
+        when its size is the one the index announced.
+
+        Args:
+            ref: An artifact id, an id prefix or a name.
+            directory: Where to write (created if missing).
+            max_shard_size: The most tensor bytes in a shard: bytes, or "500MB", "5GB", "2GiB".
+            progress: Called with (bytes received, total of all shards).
+
+        Returns:
+            The directory, the files written and the artifact id.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+            UnprocessableError: A dtype safetensors cannot hold.
+            IntegrityError: A shard's size is not the announced one.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        params = {"max_shard_size": str(max_shard_size)}
+        index = _parse(ShardIndexOut, self._send("GET", f"/checkpoints/{_quote(ref)}/shards", idempotent=True,
+                                                 params=params))
+        counter = _Counter(sum(s.size for s in index.shards), progress)
+        written = [directory / "model.safetensors.index.json"]
+        for number, shard in enumerate(index.shards, start=1):
+            name = Path(shard.name).name  # a base name only, whatever the service says
+            attempts = max(1, self.retry.attempts)
+            for attempt in range(attempts):
+                done = counter.done
+                try:
+                    self._download_shard(index.id, number, params, directory / name, shard.size, counter)
+                    break
+                except (httpx.TransportError, httpx.StreamError) as exc:
+                    counter.done = done
+                    if attempt == attempts - 1:
+                        raise TransportError(f"download of shard {number} of {ref!r} failed: {exc}") from exc
+                    self._sleep(self.retry.delay(attempt, None))
+            written.append(directory / name)
+        # transformers' own layout, without the service's extra fields
+        text = json.dumps({"metadata": index.metadata.model_dump(), "weight_map": index.weight_map}, indent=2)
+        _write_atomically(written[0], text.encode())
+        return ShardsResult(directory, index.id, tuple(written), sum(s.size for s in index.shards))
+
+    def _download_shard(self, artifact_id: str, number: int, params: Mapping[str, str], target: Path, size: int,
+                        counter: _Counter) -> None:
+        response = self._send("GET", f"/checkpoints/{artifact_id}/shards/{number}", idempotent=True,
+                              params=params, stream=True)
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            tmp = Path(tmp_name)
+            received = 0
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in response.iter_bytes(CHUNK_BYTES):
+                        out.write(chunk)
+                        received += len(chunk)
+                        counter.add(len(chunk))
+                    os.fchmod(out.fileno(), 0o666 & ~_umask())
+                    out.flush()
+                    os.fsync(out.fileno())
+                if received != size:
+                    raise IntegrityError(f"shard {number} has {received} bytes, not the announced {size}",
+                                         expected=str(size), actual=str(received))
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            response.close()
+
     def list_checkpoints(
         self,
         *,
@@ -800,25 +1003,39 @@ class CheckpointClient:
         prefixes: Sequence[str] | None = None,
         output_format: OutputFormat = "pth",
         name: str | None = None,
+        like: str | None = None,
+        like_architecture: str | None = None,
+        container_key: str | None = None,
     ) -> OperationOut:
         """Remove wrapper prefixes (`module.` and friends) and store the result. Not retried.
 
         Args:
             ref: An artifact id or a name.
-            prefixes: The prefixes to remove; default: detect the known wrappers.
+            prefixes: The prefixes to remove; default: detect the known wrappers (and a Lightning checkpoint's
+                LightningModule attribute).
             output_format: `"pth"` or `"safetensors"`.
             name: Point this name at the result.
+            like: Instead of `prefixes`: rename (strip or add prefixes) so that the keys line up with this stored
+                checkpoint's (an id or name).
+            like_architecture: Instead of `prefixes`: line the keys up with a registered architecture's.
+            container_key: The state_dict to use inside the file (dotted, e.g. `"state_dict_ema"`); default: the
+                one chosen at upload.
 
         Returns:
-            The stored result and the strip report.
+            The stored result and the strip report (`report["transform"]`, `report["matched"]` with `like*`).
 
         Raises:
-            NotFoundError: No such artifact or name.
-            UnprocessableError: Two keys would collide after stripping.
+            NotFoundError: No such artifact, name or architecture.
+            BadRequestError: `prefixes` together with `like` or `like_architecture`.
+            UnprocessableError: Two keys would collide after stripping, or `container_key` holds no state_dict.
             OverloadedError: The service is busy (`retry_after`).
         """
-        payload = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
-                   "output_format": output_format, "name": name}
+        payload: dict[str, Any] = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
+                                   "output_format": output_format, "name": name, "container_key": container_key}
+        if like is not None:
+            payload["like"] = like
+        if like_architecture is not None:
+            payload["like_architecture"] = like_architecture
         return _parse(OperationOut, self._send("POST", "/strip", idempotent=False, json_body=payload))
 
     def _local_or_ref(self, source: Source) -> tuple[str | None, Path | None, str | None]:
@@ -836,30 +1053,37 @@ class CheckpointClient:
         a: Source,
         b: Source,
         *,
-        normalize_prefixes: bool = False,
+        normalize_prefixes: bool | Literal["align"] = False,
         values: bool = False,
         frozen: bool | Sequence[str] = False,
         categories: Sequence[str] | None = None,
         key_prefix: str | None = None,
         limit: int = 1000,
+        a_container_key: str | None = None,
+        b_container_key: str | None = None,
     ) -> DiffOut:
         """Diff two checkpoints by key, shape, dtype and content fingerprint.
 
         Stored artifacts (ids or names, as `str`) are diffed with `GET /diff`. Local files (`Path`s) are
         hashed first: when the service has them, they are diffed by id; otherwise both sides go to
         `POST /diff` as files, which stores nothing. `POST /diff` takes two files, so a stored artifact
-        diffed against a new local file is downloaded (verified) to a temp directory first.
+        diffed against a new local file is downloaded (verified) to a temp directory first. A directory of
+        shards (`checkpoint_files`) goes to `POST /diff` as it is, with the other side as a file or a ref.
 
         Args:
             a: The first checkpoint (the original, for the frozen check).
             b: The second checkpoint.
-            normalize_prefixes: Strip wrapper prefixes on both sides before comparing.
+            normalize_prefixes: Strip wrapper prefixes on both sides before comparing; `"align"` renames each
+                side with the transform that gives the most keys in common (`DiffOut.alignment` says which).
             values: Also compute value statistics of changed tensors (heavier: opens the files).
             frozen: True checks that a's parameters are unchanged in b; a list of key prefixes checks those.
             categories: Only these key categories (`only_in_a`, `only_in_b`, `shape_mismatch`,
                 `dtype_mismatch`, `changed`, `unchanged`).
             key_prefix: Only keys under this prefix.
             limit: At most this many keys per category.
+            a_container_key: The state_dict to use inside `a` (dotted, e.g. `"state_dict_ema"`); default: the one
+                chosen at upload, or the service's rule for a file.
+            b_container_key: The same for `b`.
 
         Returns:
             The diff.
@@ -874,7 +1098,10 @@ class CheckpointClient:
             frozen_param = ",".join(frozen) if frozen else None
         params: dict[str, Any] = {"normalize_prefixes": normalize_prefixes, "values": values,
                                   "frozen": frozen_param, "key_prefix": key_prefix, "limit": limit,
-                                  "category": list(categories) if categories else None}
+                                  "category": list(categories) if categories else None,
+                                  "a_container_key": a_container_key, "b_container_key": b_container_key}
+        if any(isinstance(s, os.PathLike) and Path(s).is_dir() for s in (a, b)):
+            return self._diff_posted(a, b, params)
         ref_a, path_a, _ = self._local_or_ref(a)
         ref_b, path_b, _ = self._local_or_ref(b)
         if ref_a is not None and ref_b is not None:
@@ -892,6 +1119,22 @@ class CheckpointClient:
 
             return _parse(DiffOut, self._send("POST", "/diff", idempotent=True, params=params, body=body))
 
+    def _diff_posted(self, a: Source, b: Source, params: Mapping[str, Any]) -> DiffOut:
+        # A directory of shards goes as repeated parts; a file as one part; a stored side as its ref.
+        fields: list[tuple[str, str]] = []
+        uploads: list[FilePart] = []
+        for role, source in (("a", a), ("b", b)):
+            if not isinstance(source, os.PathLike):
+                fields.append((role, str(source)))
+            else:
+                uploads += _role_parts(role, checkpoint_files(source) if Path(source).is_dir() else [Path(source)])
+
+        def body(stack: contextlib.ExitStack) -> dict[str, Any]:
+            form = _StreamedForm(fields, uploads, _Counter(None, None), stack)
+            return {"content": iter(form), "headers": form.headers()}
+
+        return _parse(DiffOut, self._send("POST", "/diff", idempotent=True, params=params, body=body))
+
     def merge(
         self,
         original: Source,
@@ -908,6 +1151,10 @@ class CheckpointClient:
         frozen_atol: float | None = None,
         output: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
+        require_complete: bool = False,
+        allow_swapped: bool = False,
+        original_container_key: str | None = None,
+        trained_container_key: str | None = None,
     ) -> OperationOut:
         """Merge a trained checkpoint with its original and verify it strictly against an architecture.
 
@@ -918,9 +1165,9 @@ class CheckpointClient:
         sent (hashed while sending); a trained file is always uploaded, without hashing it first. Not retried.
 
         Args:
-            original: The pretrained checkpoint: an id or name (`str`), a local file (`Path`), or an
-                `s3://bucket/key` (`str`) that the service reads itself and stores as an imported artifact
-                (under its `CKPT_IMPORT_ALLOWED` prefixes).
+            original: The pretrained checkpoint: an id or name (`str`), a local file or a directory of shards
+                (`Path`, see `checkpoint_files`), or an `s3://bucket/key` (`str`) that the service reads itself and
+                stores as an imported artifact (under its `CKPT_IMPORT_ALLOWED` prefixes).
             trained: The fine-tuned checkpoint, the same way; its values win.
             architecture: A registered architecture name.
             strip_prefixes: `"auto"` (match the architecture), `"known"`, `"none"`, or explicit prefixes.
@@ -936,13 +1183,21 @@ class CheckpointClient:
             frozen_atol: Largest absolute difference of a frozen tensor still counted as unchanged.
             output: Also download the verified result to this file (or directory).
             progress: Called with (bytes done, total) during the uploads and the download.
+            require_complete: A parameter taken from the original (anything but BatchNorm running stats) fails
+                the merge (`VerificationError`, title "Trained checkpoint incomplete", `problem["filled_keys"]`).
+            allow_swapped: Merge even when original and trained look swapped (refused otherwise).
+            original_container_key: The state_dict to use inside the original (dotted); default: the one chosen
+                at upload, or the service's rule for a file.
+            trained_container_key: The same for the trained checkpoint, e.g. `"state_dict_ema"` to merge the EMA
+                weights a training framework saved next to the others.
 
         Returns:
-            The stored result and the merge report (`report["verification"]`, `report["filled"]`, ...).
+            The stored result and the merge report (`report["verification"]`, `report["filled"]`,
+            `report["filled_parameters"]`, `report["warnings"]`, ...).
 
         Raises:
             VerificationError: The merged state_dict does not load strictly (`missing_keys`,
-                `unexpected_keys`, `report`).
+                `unexpected_keys`, `report`); or require_complete, require_frozen or the swap check refused it.
             NotFoundError: A reference or the architecture does not exist.
             OverloadedError: The service is busy (`retry_after`).
             IntegrityError: The downloaded result does not hash to its id.
@@ -964,9 +1219,20 @@ class CheckpointClient:
             fields.append(("require_frozen", "true"))
         if frozen_atol is not None:
             fields.append(("frozen_atol", repr(float(frozen_atol))))
-        uploads: list[tuple[str, Path]] = []
+        if require_complete:
+            fields.append(("require_complete", "true"))
+        if allow_swapped:
+            fields.append(("allow_swapped", "true"))
+        for field_name, key in (("original_container_key", original_container_key),
+                                ("trained_container_key", trained_container_key)):
+            if key is not None:
+                fields.append((field_name, key))
+        uploads: list[FilePart] = []
         for role, source in (("original", original), ("trained", trained)):
             path: Path | None
+            if isinstance(source, os.PathLike) and Path(source).is_dir():
+                uploads += _role_parts(role, checkpoint_files(source))  # shards: always sent, no HEAD first
+                continue
             if role == "trained" and isinstance(source, os.PathLike):
                 # A freshly trained file is new to the service: asking first would cost a full read to hash it.
                 ref, path = None, Path(source)
@@ -976,8 +1242,8 @@ class CheckpointClient:
                 fields.append((role, ref))
             else:
                 assert path is not None
-                uploads.append((role, path))
-        counter = _Counter(sum(p.stat().st_size for _, p in uploads), progress)
+                uploads += _role_parts(role, [path])
+        counter = _Counter(sum(p.stat().st_size for _, _, p in uploads), progress)
 
         def body(stack: contextlib.ExitStack) -> dict[str, Any]:
             # Always multipart, files or not (the service reads only multipart); each file's sha256 follows it.
@@ -991,13 +1257,21 @@ class CheckpointClient:
 
     # -- architectures --------------------------------------------------------------------------------------
 
-    def list_architectures(self) -> ArchitectureList:
+    def list_architectures(self, *, matches: str | None = None) -> ArchitectureList:
         """List the registered architectures, and the ones that failed to load (`issues`).
+
+        Args:
+            matches: A stored checkpoint (id or name): also rank the architectures by how well it fits them
+                (`matches.ranking`, best first), after the prefix transform that fits each best.
 
         Returns:
             The list.
+
+        Raises:
+            NotFoundError: `matches` does not resolve.
         """
-        return _parse(ArchitectureList, self._send("GET", "/architectures", idempotent=True))
+        params = {"matches": matches} if matches is not None else None
+        return _parse(ArchitectureList, self._send("GET", "/architectures", idempotent=True, params=params))
 
     def get_architecture(self, name: str) -> ArchitectureOut:
         """Read one architecture with its expected keys, shapes and dtypes.

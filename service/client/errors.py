@@ -15,7 +15,7 @@ catches a failure whether it happened in-process or behind HTTP.
             ├── PayloadTooLargeError   413 (`limit`)
             ├── UnprocessableError     422: a checkpoint or request the service cannot use
             │   ├── VerificationError      strict verification failed (`missing_keys`, `unexpected_keys`,
-            │   │                          `report`)
+            │   │                          `report`), or a merge check refused the inputs (`filled_keys`, `keys`)
             │   └── UnsafeCheckpointError  the pickle references globals outside the allowlist
             │                              (`unsafe_globals`)
             ├── OverloadedError        503 (`retry_after`, seconds)
@@ -148,6 +148,8 @@ _BY_STATUS: dict[int, type[ServiceError]] = {
 _BY_TYPE: dict[str, type[ServiceError]] = {
     "urn:ckpt:problem:verification-failed": VerificationError,
     "urn:ckpt:problem:frozen-part-changed": VerificationError,
+    "urn:ckpt:problem:incomplete-trained": VerificationError,
+    "urn:ckpt:problem:inputs-swapped": VerificationError,
     "urn:ckpt:problem:unsafe-checkpoint": UnsafeCheckpointError,
 }
 
@@ -175,7 +177,7 @@ def error_from_problem(
     cls = _BY_TYPE.get(str(problem.get("type", "")))
     if cls is None and status == 422:
         # Older or proxied services may not send our type URNs; the typed fields still say what happened.
-        if "missing_keys" in problem or "unexpected_keys" in problem or "changed_keys" in problem:
+        if any(k in problem for k in ("missing_keys", "unexpected_keys", "changed_keys", "filled_keys")):
             cls = VerificationError
         elif "unsafe_globals" in problem:
             cls = UnsafeCheckpointError

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from service.core.budget import check_budget
-from service.core.prefixes import strip_key
+from service.core.prefixes import KeyTransform, strip_key
 from service.core.types import Manifest, TensorEntry
 
 __all__ = [
@@ -77,6 +77,8 @@ class ManifestDiff:
     normalized: bool
     # side ("a"/"b") -> normalized key -> the source keys that collided on it; the first one was kept.
     collisions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # normalize_prefixes=align: the transform of each side and the keys they have in common (`Alignment.to_dict`)
+    alignment: dict[str, Any] | None = None
 
     @property
     def summary(self) -> dict[str, int]:
@@ -95,22 +97,27 @@ class ManifestDiff:
             "modules": {m: dict(c) for m, c in self.modules.items()},
             "normalized": self.normalized,
             "collisions": {side: {k: list(v) for k, v in c.items()} for side, c in self.collisions.items()},
+            "alignment": self.alignment,
         }
 
 
-def normalize_entries(entries: Mapping[str, TensorEntry]) -> tuple[dict[str, TensorEntry], dict[str, list[str]]]:
+def normalize_entries(
+    entries: Mapping[str, TensorEntry], transform: KeyTransform | None = None
+) -> tuple[dict[str, TensorEntry], dict[str, list[str]]]:
     """Strip known wrapper prefixes from manifest keys; the first key that maps to a name keeps it.
 
     Args:
         entries: Manifest entries by key.
+        transform: Another rename than the known wrappers' (e.g. `lightning_transform` of the keys).
 
     Returns:
         The renamed entries, and the collisions (target name -> the source keys that map to it).
     """
     out: dict[str, TensorEntry] = {}
     sources: dict[str, list[str]] = {}
+    rename = transform.apply if transform is not None else strip_key
     for key, entry in entries.items():
-        target = strip_key(key)
+        target = rename(key)
         sources.setdefault(target, []).append(key)
         if target not in out:
             out[target] = entry
@@ -161,7 +168,7 @@ def diff_manifests(a: Manifest, b: Manifest, *, normalize_prefixes: bool = False
         for key in keys:
             counts = modules.setdefault(module_of(key), dict.fromkeys(CATEGORIES, 0))
             counts[name] += 1
-    sorted_buckets = {name: tuple(sorted(keys)) for name, keys in buckets.items()}
+    sorted_buckets: dict[str, Any] = {name: tuple(sorted(keys)) for name, keys in buckets.items()}
     return ManifestDiff(
         **sorted_buckets,
         shape_details={k: shape_details[k] for k in sorted(shape_details)},

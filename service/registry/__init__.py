@@ -1,5 +1,6 @@
 """Model architectures: built-ins, TOML-configured factories, entry points and code-free specs."""
 
+from service.registry.matching import ArchitectureMatch, rank_architectures
 from service.registry.registry import (
     DEFAULT_ENTRY_POINT_GROUP,
     Architecture,
@@ -12,8 +13,10 @@ from service.registry.registry import (
 __all__ = [
     "DEFAULT_ENTRY_POINT_GROUP",
     "Architecture",
+    "ArchitectureMatch",
     "ArchitectureRegistry",
     "ArchitectureSource",
     "RegistryIssue",
     "import_factory",
+    "rank_architectures",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import torch
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.config import Settings
+from tests.factories import TinyConvNet
 
 
 def test_builtins_listed_with_fingerprints(client: TestClient) -> None:
@@ -78,3 +81,43 @@ def test_config_file_factories_and_broken_ones(tmp_path: Path) -> None:
         assert c.get("/architectures/wide-mlp").json()["keys"]["blocks.0.0.weight"]["shape"] == [64, 64]
         assert "broken" not in names
         assert any(i["name"] == "broken" for i in body["issues"])
+
+
+def test_matches_ranks_the_architectures_by_fit_after_prefix_alignment(
+    client: TestClient, recipe_files: dict[str, Path]
+) -> None:
+    plain = client.get("/architectures").json()
+    assert set(plain) == {"items", "issues"}  # unchanged without ?matches
+
+    narrow = {k: {"shape": list(v.shape), "dtype": "float32" if v.is_floating_point() else "int64"}
+              for k, v in TinyConvNet(num_classes=5).state_dict().items()}
+    assert client.post("/architectures", json={"name": "tiny-5-classes", "keys": narrow}).status_code == 201
+    with recipe_files["trained"].open("rb") as fh:  # DataParallel "module.*", no BatchNorm running stats
+        trained = client.post("/checkpoints", files={"file": ("t.pth", fh)}).json()["id"]
+
+    body = client.get("/architectures", params={"matches": trained[:12]}).json()
+    assert [a["name"] for a in body["items"]] == sorted([a["name"] for a in plain["items"]] + ["tiny-5-classes"])
+    matches = body["matches"]
+    assert matches["checkpoint"] == trained and matches["key_count"] == 8
+    ranking = {m["name"]: m for m in matches["ranking"]}
+    assert [m["name"] for m in matches["ranking"]][:2] == ["tiny-convnet", "tiny-5-classes"]
+    assert [m["name"] for m in matches["ranking"]][-1] == "mlp-bn"
+    best = ranking["tiny-convnet"]
+    assert (best["matched"], best["missing"], best["unexpected"], best["shape_mismatches"]) == (8, 6, 0, 0)
+    assert best["transform"]["strip_wrappers"] is True and best["score"] == 8 / 14
+    narrow_fit = ranking["tiny-5-classes"]
+    assert narrow_fit["matched"] == 8 and narrow_fit["shape_mismatches"] == 2  # head.weight, head.bias
+    assert narrow_fit["score"] == 6 / 14
+    assert ranking["mlp-bn"]["score"] < narrow_fit["score"]
+
+    # a Lightning-style container attribute is aligned the same way
+    held = torch.nn.Module()
+    held.net = TinyConvNet()
+    buf = io.BytesIO()
+    torch.save(held.state_dict(), buf)
+    net = client.post("/checkpoints", files={"file": ("net.pth", buf.getvalue())}).json()["id"]
+    top = client.get("/architectures", params={"matches": net}).json()["matches"]["ranking"][0]
+    assert top["name"] == "tiny-convnet" and top["score"] == 1.0 and top["transform"]["strip_lead"] == "net."
+
+    assert client.get("/architectures", params={"matches": "f" * 64}).status_code == 404
+    assert client.get("/architectures", params={"matches": "not a ref!"}).status_code == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -131,6 +132,38 @@ def test_strip_names_and_rm(cli: Cli, recipe_files: dict[str, Path]) -> None:
     assert removed == {"id": stripped["id"], "names_removed": ["strip-out"]}
 
 
+def test_container_key_options(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    # A training file: the pretrained weights under "state_dict", the fine-tune under "ema.model" (one level down,
+    # where the default rule does not look), an argparse.Namespace next to them.
+    live = torch.load(recipe_files["original"], weights_only=True)
+    tuned = torch.load(recipe_files["trained"], weights_only=True)
+    path = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": live, "ema": {"model": tuned}, "args": argparse.Namespace(lr=0.1)}, path)
+
+    raw = cli.json("push", str(path))["artifact"]  # stored with the default key: the container keys must win
+    pushed = cli.json("push", str(path), "--container-key", "ema.model", "--name", "ck-ema")
+    code, out, _ = cli("push", str(path), "--container-key", "ema.model")
+    stripped = cli.json("strip", sha256_file(path), "--container-key", "ema.model")
+    diffed = cli.json("diff", sha256_file(path), "ck-ema", "--a-container-key", "ema.model")
+    both = cli.json("diff", sha256_file(path), sha256_file(path), "--container-key", "ema.model")
+    merged = cli.json("merge", str(recipe_files["original"]), str(path), "-a", "tiny-convnet",
+                      "--container-key", "ema.model")
+
+    art = pushed["artifact"]
+    assert raw["container_key"] == "state_dict" and raw["id"] == sha256_file(path)
+    assert art["lineage"]["operation"] == "extract" and art["key_count"] == len(tuned)
+    assert code == 0 and f"('ema.model' of {sha256_file(path)[:12]})" in out
+    assert stripped["report"]["applied"] == {"module.": len(tuned)}
+    assert diffed["summary"]["unchanged"] == len(tuned) and diffed["summary"]["changed"] == 0
+    assert both["summary"]["unchanged"] == len(tuned)
+    assert merged["report"]["verification"]["ok"] is True
+    # The same result as merging the extracted fine-tune, not the pretrained weights the default rule finds.
+    assert cli.json("merge", str(recipe_files["original"]), "ck-ema", "-a", "tiny-convnet")["id"] == merged["id"]
+    assert cli.json("merge", str(recipe_files["original"]), str(path), "-a", "tiny-convnet")["id"] != merged["id"]
+    code, _, err = cli("strip", sha256_file(path), "--container-key", "ema.nope")
+    assert code == 1 and "ema.nope" in err
+
+
 def test_arch_commands(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
     listed = cli.json("arch", "ls")
     assert {"tiny-convnet", "mlp-bn"} <= {a["name"] for a in listed["items"]}
@@ -145,6 +178,56 @@ def test_arch_commands(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) 
     assert code == 0
     code, _, err = cli("arch", "show", "cli-spec")
     assert code == 1 and "404" in err
+
+
+def test_merge_protections(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    original, trained = str(recipe_files["original"]), str(recipe_files["trained"])
+    code, _, err = cli("merge", trained, original, "-a", "tiny-convnet")  # the wrong way round
+    assert code == 1
+    assert "look swapped" in err and "BatchNorm stats only the trained has (6):" in err
+    assert "  features.1.running_mean" in err
+    code, out, err = cli("merge", trained, original, "-a", "tiny-convnet", "--allow-swapped")
+    assert code == 0, err
+    assert "warning: original and trained look swapped (allowed by allow_swapped)" in out
+
+    sd = torch.load(recipe_files["trained"], weights_only=True)
+    head = tmp_path / "model-00002-of-00002.pth"
+    torch.save({k: v for k, v in sd.items() if "head." in k}, head)
+    code, out, err = cli("merge", original, str(head), "-a", "tiny-convnet")
+    assert code == 0, err
+    assert "of which parameters: 6 of 8 (in features)" in out and "looks like shard 2 of 2" in out
+    code, _, err = cli("merge", original, str(head), "-a", "tiny-convnet", "--require-complete")
+    assert code == 1 and "keys the trained checkpoint lacks (6):" in err and "  features.0.weight" in err
+
+
+def test_prefix_alignment_commands(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    model = TinyConvNet()
+    holder = torch.nn.Module()
+    holder.net = model
+    held = tmp_path / "held.pth"
+    torch.save(holder.state_dict(), held)
+    cli.json("push", str(held), "--name", "align-held")
+    cli.json("push", str(recipe_files["trained"]), "--name", "align-trained")
+
+    code, out, err = cli("arch", "ls", "--matches", "align-held")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1].split()[:2] == ["NAME", "SCORE"] and lines[2].split()[:2] == ["tiny-convnet", "1.000"]
+    assert "strip 'net.'" in lines[2]
+    ranked = cli.json("arch", "ls", "--matches", "align-trained")["matches"]["ranking"]
+    assert ranked[0]["name"] == "tiny-convnet" and ranked[0]["transform"]["strip_wrappers"] is True
+
+    code, out, err = cli("diff", "align-trained", "align-held", "--align-prefixes")
+    assert code == 0, err
+    assert "aligned: a strip wrappers, b strip 'net.' (8 keys in common)" in out
+    code, out, err = cli("strip", "align-trained", "--like", "align-held", "--name", "align-out")
+    assert code == 0, err
+    assert "renamed: strip wrappers, add 'net.'; 8 of 14 target keys line up" in out
+    entries = cli.json("show", "align-out", "--manifest")["manifest"]["entries"]
+    assert all(k.startswith("net.") for k in entries)
+    stripped = cli.json("strip", "align-held", "--like-architecture", "tiny-convnet")
+    assert stripped["report"]["matched"] == 14
+    assert cli("strip", "align-held", "--like", "x", "--prefix", "net.")[0] == 2  # one or the other
 
 
 def test_usage_errors_exit_2(cli: Cli, tmp_path: Path) -> None:

@@ -6,7 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from service.core.prefixes import KNOWN_WRAPPERS, match_prefixes, strip_key, strip_prefixes
+from service.core.prefixes import (
+    KNOWN_WRAPPERS,
+    KeyTransform,
+    align_keys,
+    align_prefixes,
+    apply_transform,
+    common_leading_component,
+    is_lightning,
+    match_prefixes,
+    strip_key,
+    strip_prefixes,
+)
 from service.errors import PrefixCollision
 from tests.factories import CompiledLike, LightningLike, TinyConvNet, make_original, make_trained
 
@@ -181,3 +192,113 @@ def test_match_prefixes_other_transforms() -> None:
     assert list(strip_prefixes(wrapped, found.prefixes).state_dict) == expected
     container = ["net." + k for k in expected]
     assert match_prefixes(container, expected).prefixes == ("net.",)
+
+
+# -- transforms, Lightning's module attribute, alignment ------------------------------------------------------
+
+
+def test_key_transform_steps_run_in_order_and_the_lead_goes_once() -> None:
+    t = KeyTransform(wrappers=True, lead="model.", strip=("x.",), add="net.")
+    assert t.apply("module.model.x.x.a.weight") == "net.a.weight"
+    assert KeyTransform(lead="model.").apply("model.model.layers.0.weight") == "model.layers.0.weight"
+    assert KeyTransform(lead="model.").apply("model") == "model"  # never stripped down to nothing
+    assert KeyTransform().identity and not KeyTransform(add="a.").identity
+    assert KeyTransform(add="a.").cost > KeyTransform(wrappers=True).cost  # removing beats adding on a tie
+    assert t.to_dict() == {"strip_wrappers": True, "strip_lead": "model.", "strip": ["x."], "add": "net."}
+
+
+def test_a_lightning_module_over_a_model_with_its_own_model_attribute() -> None:
+    # LightningModule.model = a transformers-style *ForCausalLM whose body is `.model`: keys "model.model.*" and
+    # "model.lm_head.*". Removing "model." repeatedly would eat the inner "model." too.
+    inner = nn.Module()
+    inner.model = TinyConvNet()
+    inner.lm_head = nn.Linear(2, 2)
+    expected = list(inner.state_dict())
+    lightning = LightningLike(inner).state_dict()
+    match = match_prefixes(lightning.keys(), expected)
+    assert match.transform == KeyTransform(lead="model.") and match.score == 1.0
+    assert list(apply_transform(lightning, match.transform).state_dict) == expected
+    assert list(strip_prefixes(lightning, lightning=True).state_dict) == expected
+
+
+def test_common_leading_component() -> None:
+    assert common_leading_component(["net.a", "net.b.c"]) == "net."
+    assert common_leading_component(["net.a", "head.b"]) is None
+    assert common_leading_component(["net.a", "net"]) is None
+    assert common_leading_component([]) is None
+
+
+def test_lightning_strip_removes_the_module_attribute_and_renames_metadata() -> None:
+    model = TinyConvNet()
+    plain = model.state_dict()
+    held = LightningLike(model).state_dict()  # "model.*", as a LightningModule's state_dict() has it
+    assert list(strip_prefixes(held).state_dict) == list(held)  # not a Lightning file: "model." is a real name
+    result = strip_prefixes(held, lightning=True)
+    assert list(result.state_dict) == list(plain)
+    assert result.applied == {"model.": len(plain)}
+    assert result.transform == KeyTransform(wrappers=True, lead="model.")
+    assert dict(result.state_dict._metadata) == dict(plain._metadata)  # type: ignore[attr-defined]
+    TinyConvNet().load_state_dict(result.state_dict, strict=True)
+    # any attribute name, under Lightning's strategy wrapper too
+    strategy = nn.Module()
+    strategy._forward_module = nn.Module()
+    strategy._forward_module.backbone = model
+    assert list(strip_prefixes(strategy.state_dict(), lightning=True).state_dict) == list(plain)
+
+
+def test_lightning_module_with_two_attributes_keeps_them() -> None:
+    module = nn.Module()
+    module.net = TinyConvNet()
+    module.ema = TinyConvNet()
+    sd = module.state_dict()
+    assert list(strip_prefixes(sd, lightning=True).state_dict) == list(sd)
+    assert is_lightning({"pytorch-lightning_version": "str", "epoch": "int"})
+    assert not is_lightning({"epoch": "int"})
+
+
+def test_align_prefixes_strips_the_side_that_has_the_wrapper_in_either_order() -> None:
+    original = make_original().state_dict()
+    trained = make_trained(make_original(), steps=1).state_dict()  # "module.*", no BN stats
+    forward = align_prefixes(original, trained)
+    assert (forward.a, forward.b) == (KeyTransform(), KeyTransform(wrappers=True))
+    assert forward.matched == len(trained)
+    backward = align_prefixes(trained, original)
+    assert (backward.a, backward.b) == (KeyTransform(wrappers=True), KeyTransform())
+    assert align_prefixes(original, original).a.identity  # already aligned: nothing is changed
+
+
+def test_align_prefixes_with_a_container_attribute_and_when_stripping_would_collide() -> None:
+    plain = TinyConvNet().state_dict()
+    net = _prefixed(plain, "net.")
+    found = align_prefixes(plain, net)
+    assert found.matched == len(plain) and found.b == KeyTransform(lead="net.") and found.a.identity
+    # "model.x" and "x" on one side: stripping "model." collides, so the other side gets "model." added
+    t = torch.zeros(1)
+    crowded = {"model.head.weight": t, "model.head.bias": t, "model.features.0.weight": t, "head.weight": t}
+    bare = {"head.weight": t, "head.bias": t, "features.0.weight": t}
+    aligned = align_prefixes(bare, crowded)
+    assert (aligned.a, aligned.b, aligned.matched) == (KeyTransform(add="model."), KeyTransform(), 3)
+
+
+def test_align_keys_adds_the_targets_prefix_and_renames_the_metadata_root() -> None:
+    model = TinyConvNet()
+    plain = model.state_dict()
+    target = list(LightningLike(model).state_dict())
+    found = align_keys(plain.keys(), target)
+    assert found.a == KeyTransform(add="model.") and found.b.identity and found.matched == len(target)
+    renamed = apply_transform(plain, found.a).state_dict
+    assert list(renamed) == target
+    assert dict(renamed._metadata)["model"] == plain._metadata[""]  # type: ignore[attr-defined]
+    assert dict(renamed._metadata)["model.features"] == plain._metadata["features"]  # type: ignore[attr-defined]
+    LightningLike(TinyConvNet()).load_state_dict(renamed, strict=True)
+    wrapped = nn.DataParallel(model).state_dict()
+    found = align_keys(wrapped.keys(), target)  # "module.*" -> "model.*"
+    assert found.a == KeyTransform(wrappers=True, add="model.") and found.matched == len(target)
+
+
+def test_a_prefix_doubled_by_two_wrapping_containers_is_removed_twice_when_that_fits() -> None:
+    expected = list(TinyConvNet().state_dict())
+    doubled = ["model.model." + k for k in expected]
+    match = match_prefixes(doubled, expected)
+    assert match.transform == KeyTransform(strip=("model.",)) and match.score == 1.0
+    assert match.to_dict()["transform"]["strip"] == ["model."]

@@ -169,7 +169,9 @@ def write_lightning(out: Path) -> list[CorpusFile]:
                         enable_model_summary=False, default_root_dir=str(folder),
                         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(folder), save_last=True)])
     trainer.fit(model, DataLoader(data, batch_size=4))
-    reference = _reference(model, out / "lightning-reference.pth")
+    # The network itself (`self.net`), as a plain script would save it: the service treats the LightningModule's
+    # one attribute as a wrapper in a Lightning file, as it does DataParallel's `module.`.
+    reference = _reference(model.net, out / "lightning-reference.pth")
     saved = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
     return [
         CorpusFile("lightning-epoch", saved[0], reference),

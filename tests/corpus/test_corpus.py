@@ -125,3 +125,35 @@ def test_files_without_model_weights_say_what_they_are(
 
     assert r.status_code == 422, r.text
     assert f.looks_like in r.json()["detail"]  # type: ignore[attr-defined]
+
+
+def test_lightning_module_attribute_is_stripped_like_a_wrapper(
+    corpus: dict[str, object], corpus_client: TestClient
+) -> None:
+    # The Trainer's file keeps the LightningModule's `self.net` as "net.*" next to `pytorch-lightning_version`.
+    f = corpus["lightning-last"]
+    client = corpus_client
+    art = _upload(client, f.path)  # type: ignore[attr-defined]
+    assert "pytorch-lightning_version" in art["extras"]  # type: ignore[operator]
+    raw = client.get(f"/checkpoints/{art['id']}/manifest").json()["entries"]
+    assert all(k.startswith("net.") for k in raw)
+    bare = torch.load(f.reference, weights_only=True)  # type: ignore[attr-defined]  # the network's own state_dict
+    assert list(raw) == ["net." + k for k in bare]
+    clean = _upload(client, f.reference)  # type: ignore[attr-defined]
+
+    stripped = client.post("/strip", json={"checkpoint": art["id"]})
+    assert stripped.status_code in (200, 201), stripped.text
+    assert stripped.json()["report"]["applied"] == {"net.": len(bare)}
+    entries = client.get(f"/checkpoints/{stripped.json()['id']}/manifest").json()["entries"]
+    assert list(entries) == list(bare)
+
+    diff = client.get("/diff", params={"a": clean["id"], "b": art["id"], "normalize_prefixes": True}).json()
+    assert diff["summary"]["unchanged"] == len(bare) and diff["summary"]["only_in_b"] == 0
+
+    arch = "corpus-lightning-net"
+    registered = client.post("/architectures", json={"name": arch, "from_checkpoint": clean["id"]})
+    assert registered.status_code in (201, 409), registered.text
+    merged = client.post("/merge", data={"architecture": arch, "original": clean["id"], "trained": art["id"],
+                                         "strip_prefixes": "known", "require_complete": "true"})
+    assert merged.status_code in (200, 201), merged.text
+    assert merged.json()["report"]["prefixes"]["trained"]["applied"] == {"net.": len(bare)}

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import anyio.to_thread
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from service.api.deps import ReadAuth, RegistryDep, StoreDep, WriteAuth
 from service.api.problems import problem_responses
-from service.api.schemas import ArchitectureIn, ArchitectureList, ArchitectureOut
+from service.api.schemas import (
+    ArchitectureIn,
+    ArchitectureList,
+    ArchitectureMatches,
+    ArchitectureMatchOut,
+    ArchitectureOut,
+)
 from service.core.verify import ArchitectureSpec, TensorSpec, spec_from_manifest
 from service.errors import InvalidArchitecture
-from service.registry import Architecture
+from service.registry import Architecture, rank_architectures
+from service.store import ArtifactStore
 
 router = APIRouter()
 
@@ -28,13 +37,34 @@ def _out(arch: Architecture, *, with_keys: bool) -> ArchitectureOut:
     summary="List architectures",
     tags=["architectures"],
     dependencies=[ReadAuth],
-    responses=problem_responses(401),
+    responses=problem_responses(400, 401, 404),
 )
-def list_architectures(registry: RegistryDep) -> ArchitectureList:
+def list_architectures(
+    registry: RegistryDep,
+    store: StoreDep,
+    matches: Annotated[
+        str | None,
+        Query(max_length=200, description="A checkpoint (id or name): also rank the architectures by how well it "
+              "fits them, after the prefix transform that fits each best."),
+    ] = None,
+) -> ArchitectureList:
     """Name, source, key count and schema fingerprint of every registered architecture."""
+    archs = registry.list()
     return ArchitectureList(
-        items=[_out(a, with_keys=False) for a in registry.list()],
+        items=[_out(a, with_keys=False) for a in archs],
         issues=[{k: str(v) for k, v in i.to_dict().items()} for i in registry.issues],
+        matches=_matches(store, matches, archs) if matches is not None else None,
+    )
+
+
+def _matches(store: ArtifactStore, ref: str, archs: list[Architecture]) -> ArchitectureMatches:
+    artifact_id = store.resolve(ref)
+    entries = {k: (e.shape, e.dtype) for k, e in store.manifest(artifact_id).entries.items()}
+    ranking = rank_architectures(entries, ((a.name, a.spec) for a in archs))
+    return ArchitectureMatches(
+        checkpoint=artifact_id,
+        key_count=len(entries),
+        ranking=[ArchitectureMatchOut.model_validate(m.to_dict()) for m in ranking],
     )
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
 
 from service.api.deps import ArtifactDep, ReadAuth, ReadOrSignedAuth, RefPath, ServicesDep, StoreDep, WriteAuth
 from service.api.problems import problem_responses
@@ -20,11 +21,19 @@ from service.api.schemas import (
     ManifestOut,
     NameIn,
     NameOut,
+    ShardIndexMetadata,
+    ShardIndexOut,
+    ShardOut,
     TensorEntryOut,
 )
-from service.api.uploads import parse_multipart, read_raw_body
+from service.api.uploads import is_sharded, parse_multipart, read_raw_body, uploaded_files
 from service.api.work import Admission
+from service.core.formats import Format, find_format, writer_for
+from service.core.formats.pth_zip import FORMAT as PTH_ZIP
+from service.core.sharding import parse_size
 from service.errors import InvalidRequest
+from service.format_names import OutputFormat
+from service.operations import UploadedFile
 from service.store import (
     NAME_RE,
     ArtifactMeta,
@@ -48,7 +57,13 @@ UPLOAD_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary"},
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The checkpoint file; or the shards of one checkpoint (repeat the "
+                            "part), with their index (a file named '*.index.json') when there is one: they are "
+                            "checked against it and stored as one artifact.",
+                        },
                         "name": {
                             "type": "string",
                             "pattern": NAME_PATTERN,
@@ -56,9 +71,10 @@ UPLOAD_BODY: dict[str, Any] = {
                         },
                         "labels": {"type": "string", "description": 'JSON object or "k=v,k2=v2".'},
                         "sha256": {
-                            "type": "string",
-                            "pattern": SHA256_PATTERN,
-                            "description": "The digest the client expects; a mismatch stores nothing.",
+                            "type": "array",
+                            "items": {"type": "string", "pattern": SHA256_PATTERN},
+                            "description": "The digest the client expects, one per file part in the order of the "
+                            "parts; a mismatch stores nothing.",
                         },
                         "container_key": {
                             "type": "string",
@@ -123,20 +139,35 @@ async def commit_upload(
     name: str | None,
     container_key: str | None = None,
 ) -> IngestResult:
-    store = services.store
-    if name is not None:
-        store.check_settable_name(name)  # refuse a bad name before the heavy work
-    result: IngestResult = await slot.run(
+    return await ingest(
+        services, slot,
         lambda: services.operations.commit_upload(
             upload, expected_sha256=expected.lower() if expected else None, filename=filename, labels=labels,
             container_key=container_key,
-        )
+        ),
+        name=name,
     )
+
+
+async def ingest(
+    services: Any, slot: Admission, commit: Callable[[], IngestResult], *, name: str | None
+) -> IngestResult:
+    """Run `commit` (which publishes an artifact) in the slot, count its bytes, and point `name` at it."""
+    store = services.store
+    if name is not None:
+        store.check_settable_name(name)  # refuse a bad name before the heavy work
+    result: IngestResult = await slot.run(commit)
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
         result = IngestResult(await point_name(store, name, result.artifact.id), result.created)
     return result
+
+
+def _ingested(request: Request, response: Response, result: IngestResult) -> ArtifactOut:
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
+    return artifact_out(request, result.artifact)
 
 
 @router.post(
@@ -163,7 +194,7 @@ async def upload_checkpoint(
     filename: Annotated[str | None, Query(max_length=1024)] = None,
     container_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
 ) -> ArtifactOut:
-    """Upload one checkpoint (multipart `file`, or a raw application/octet-stream body)."""
+    """Upload one checkpoint (multipart `file`, repeated for shards; or a raw application/octet-stream body)."""
     # Admitted before a byte of the body is read: a full pool answers 503 at once.
     async with services.pool.admit() as slot:
         return await _upload(request, response, services, slot, name, labels, sha256, filename, container_key)
@@ -189,16 +220,23 @@ async def _upload(
             file_fields=frozenset({"file"}),
             text_fields=frozenset({"name", "labels", "sha256", "container_key"}),
             max_file_bytes=limit,
+            repeatable=frozenset({"file", "sha256"}),
+            max_request_bytes=services.operations.max_request_bytes,
         )
-        part = form.files.get("file")
-        if part is None:
+        try:
+            files = uploaded_files(form, "file", "sha256")
+            if not files:
+                raise InvalidRequest("the multipart form has no file part 'file'")
+        except BaseException:
             await form.abort()
-            raise InvalidRequest("the multipart form has no file part 'file'")
-        upload, filename = part.upload, part.filename
+            raise
         name = form.fields.get("name", name)
         labels = form.fields.get("labels", labels)
-        sha256 = form.fields.get("sha256", sha256)
         container_key = form.fields.get("container_key", container_key) or None
+        if is_sharded(files):
+            return await _upload_shards(request, response, services, slot, files, name, labels, container_key)
+        upload, filename = files[0].upload, files[0].filename
+        sha256 = files[0].expected_sha256 or sha256
     elif content_type.startswith("application/octet-stream") or not content_type:
         upload = await read_raw_body(request, services.store, max_bytes=limit)
     else:
@@ -212,9 +250,38 @@ async def _upload(
         )
     finally:
         await anyio.to_thread.run_sync(upload.abort)  # a no-op once committed
-    response.status_code = 201 if result.created else 200
-    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
-    return artifact_out(request, result.artifact)
+    return _ingested(request, response, result)
+
+
+async def _upload_shards(
+    request: Request,
+    response: Response,
+    services: Any,
+    slot: Admission,
+    files: list[UploadedFile],
+    name: str | None,
+    labels: str | None,
+    container_key: str | None,
+) -> ArtifactOut:
+    operations = services.operations
+
+    def combine_and_commit() -> IngestResult:
+        source = operations.combine(files)
+        try:
+            result: IngestResult = operations.commit_combined(source, labels=parsed_labels)
+            return result
+        finally:
+            source.upload.abort()  # a no-op once committed
+
+    try:
+        if container_key is not None:
+            raise InvalidRequest("container_key picks a state_dict inside one file; shards are state_dicts already")
+        parsed_labels = parse_labels(labels)
+        result = await ingest(services, slot, combine_and_commit, name=name)
+    finally:
+        for f in files:
+            await anyio.to_thread.run_sync(f.upload.abort)
+    return _ingested(request, response, result)
 
 
 @router.post(
@@ -236,19 +303,13 @@ async def import_checkpoint(
     """Read an allowed s3:// object into the store as an upload would be (no bytes through HTTP)."""
     operations = services.operations
     operations.check_import(body.url)  # 400/403 before a slot is taken
-    if body.name is not None:
-        services.store.check_settable_name(body.name)
     async with services.pool.admit() as slot:
-        result: IngestResult = await slot.run(
-            lambda: operations.import_object(body.url, labels=body.labels, container_key=body.container_key)
+        result = await ingest(
+            services, slot,
+            lambda: operations.import_object(body.url, labels=body.labels, container_key=body.container_key),
+            name=body.name,
         )
-    if result.created:
-        services.metrics.bytes_ingested.inc(result.artifact.size)
-    if body.name is not None:
-        result = IngestResult(await point_name(services.store, body.name, result.artifact.id), result.created)
-    response.status_code = 201 if result.created else 200
-    response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
-    return artifact_out(request, result.artifact)
+    return _ingested(request, response, result)
 
 
 @router.head(
@@ -308,8 +369,9 @@ def get_manifest(artifact: ArtifactDep, store: StoreDep) -> ManifestOut:
     )
 
 
-def _stored_kind(fmt: str) -> str:
-    return "safetensors" if fmt == "safetensors" else "pth"
+def _stored_format(artifact: ArtifactMeta) -> Format:
+    # Every stored artifact was read by a format of the table; the zip .pth stands in for one from elsewhere.
+    return find_format(artifact.format) or PTH_ZIP
 
 
 @router.get(
@@ -337,20 +399,22 @@ async def download_checkpoint(
     ref: RefPath,
     artifact: ArtifactDep,
     services: ServicesDep,
-    format: Literal["pth", "safetensors"] | None = None,
+    format: OutputFormat | None = None,
 ) -> Response:
     """Download the blob (Range, ETag; `format=safetensors` converts); a Bearer token or `expires`+`sig`."""
     store = services.store
     path, digest = None, artifact.id
-    suffix = ".safetensors" if artifact.format == "safetensors" else ".pth"
-    if format is not None and format != _stored_kind(artifact.format):
+    stored = _stored_format(artifact)
+    suffix, media_type = stored.suffix, stored.media_type
+    if format is not None and format != stored.output:
         # A read stores nothing: the converted bytes come from the conversion cache, converted once.
         converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
         if converted is None:
             converted = await services.read_pool.run(
                 lambda: services.operations.convert(artifact.id, output_format=format)
             )
-        path, digest, suffix = converted.path, converted.sha256, f".{format}"
+        written = writer_for(format)
+        path, digest, suffix, media_type = converted.path, converted.sha256, written.suffix, written.media_type
     etag = f'"{digest}"'
     # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).
     cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
@@ -358,7 +422,7 @@ async def download_checkpoint(
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     return FileResponse(
         path if path is not None else store.blob_path(artifact.id),
-        media_type="application/octet-stream",
+        media_type=media_type,
         filename=f"{digest[:16]}{suffix}",
         headers={
             "ETag": etag,
@@ -366,6 +430,81 @@ async def download_checkpoint(
             "X-Checkpoint-Id": digest,
             "Cache-Control": cache_control,
         },
+    )
+
+
+MaxShardSize = Annotated[
+    str,
+    Query(max_length=32, description="The most tensor bytes in one shard: bytes, or with a unit (500MB, 5GB, 2GiB); "
+          "KB/MB/GB are powers of 1000, as in transformers."),
+]
+ShardNumber = Annotated[int, Path(ge=1, le=1_000_000, description="The shard's number, from 1.")]
+
+
+@router.get(
+    "/checkpoints/{ref}/shards",
+    response_model=ShardIndexOut,
+    operation_id="get_shard_index",
+    summary="Split a checkpoint into safetensors shards: the index",
+    tags=["checkpoints"],
+    dependencies=[ReadAuth],
+    responses=problem_responses(400, 401, 404, 422),
+)
+async def get_shard_index(
+    request: Request, artifact: ArtifactDep, services: ServicesDep, max_shard_size: MaxShardSize = "5GB"
+) -> ShardIndexOut:
+    """transformers' shard index of the checkpoint (the same split every time), with each shard's URL."""
+    limit = parse_size(max_shard_size)
+
+    def index() -> ShardIndexOut:
+        plan = services.operations.plan_shards(artifact.id, max_shard_size=limit)
+        shards = [
+            ShardOut(
+                name=plan.filename(n),
+                url=str(request.url_for("download_shard", ref=artifact.id, number=n).include_query_params(
+                    max_shard_size=max_shard_size)),
+                size=plan.size(n),
+                key_count=len(keys),
+            )
+            for n, keys in enumerate(plan.shards, start=1)
+        ]
+        return ShardIndexOut(metadata=ShardIndexMetadata(total_size=plan.total_size), weight_map=plan.weight_map(),
+                             id=artifact.id, max_shard_size=limit, shards=shards)
+
+    return await anyio.to_thread.run_sync(index)
+
+
+@router.get(
+    "/checkpoints/{ref}/shards/{number}",
+    operation_id="download_shard",
+    summary="Download one safetensors shard of a checkpoint",
+    tags=["checkpoints"],
+    dependencies=[ReadAuth],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The shard's safetensors bytes, streamed (Content-Length known); nothing is stored.",
+        },
+        **problem_responses(400, 401, 404, 422, 503),
+    },
+)
+async def download_shard(
+    artifact: ArtifactDep, services: ServicesDep, number: ShardNumber, max_shard_size: MaxShardSize = "5GB"
+) -> Response:
+    """Shard `number` of the split `GET /checkpoints/{ref}/shards` describes, computed on the fly."""
+    limit = parse_size(max_shard_size)
+
+    def prepare() -> tuple[str, int, Any]:
+        plan = services.operations.plan_shards(artifact.id, max_shard_size=limit)
+        length, chunks = services.operations.stream_shard(plan, number)
+        return plan.filename(number), length, chunks
+
+    filename, length, chunks = await services.read_pool.run(prepare)
+    return StreamingResponse(
+        chunks,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 
@@ -382,10 +521,10 @@ def sign_download_url(
     request: Request,
     artifact: ArtifactDep,
     services: ServicesDep,
-    format: Literal["pth", "safetensors"] | None = None,
+    format: OutputFormat | None = None,
 ) -> DownloadUrlOut:
     """A download URL that needs no token, for this artifact and format, valid for a few minutes."""
-    fmt = format or _stored_kind(artifact.format)
+    fmt = format or _stored_format(artifact).output or "pth"
     expires, sig = services.signer.sign(artifact.id, fmt)
     url = request.url_for("download_checkpoint", ref=artifact.id).include_query_params(
         format=fmt, expires=expires, sig=sig
@@ -407,7 +546,7 @@ def list_checkpoints(
     store: StoreDep,
     name: Annotated[str | None, Query(max_length=128)] = None,
     label: Annotated[str | None, Query(max_length=512, description='"key" or "key=value"')] = None,
-    operation: Literal["strip", "merge", "convert", "import", "upload"] | None = None,
+    operation: Literal["strip", "merge", "convert", "upload", "extract", "combine", "import"] | None = None,
     format: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=256)] = None,

@@ -15,12 +15,13 @@ from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.problems import json_safe, problem_responses
 from service.api.routes.checkpoints import artifact_out, parse_labels, point_name
 from service.api.schemas import CATEGORIES, DiffCategoryKeys, DiffOut, OperationOut, StripIn
-from service.api.uploads import ParsedForm, parse_multipart
+from service.api.uploads import ParsedForm, is_sharded, parse_multipart, uploaded_files
 from service.api.work import Admission
 from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
+from service.format_names import OUTPUT_FORMATS, is_output_format
 from service.importer import is_import_url
-from service.operations import DiffResult, MergeOptions, OperationResult, Source
+from service.operations import DiffResult, MergeOptions, NormalizeMode, OperationResult, Source
 from service.store import NAME_RE
 
 router = APIRouter()
@@ -49,9 +50,17 @@ async def strip(request: Request, body: StripIn, services: ServicesDep) -> Opera
     if body.name is not None:
         store.check_settable_name(body.name)
     artifact_id = await anyio.to_thread.run_sync(store.resolve, body.checkpoint)
+    like = None
+    if body.like is not None or body.like_architecture is not None:
+        if body.prefixes is not None:
+            raise InvalidRequest("give 'prefixes' or one of 'like' and 'like_architecture', not both")
+        like = await anyio.to_thread.run_sync(
+            lambda: services.operations.strip_target(like=body.like, like_architecture=body.like_architecture)
+        )
     result = await services.pool.run(
         lambda: services.operations.strip(
-            artifact_id, prefixes=body.prefixes, output_format=body.output_format, container_key=body.container_key
+            artifact_id, prefixes=body.prefixes, output_format=body.output_format, container_key=body.container_key,
+            like=like,
         )
     )
     if body.name is not None:
@@ -87,6 +96,7 @@ def _diff_out(a: str, b: str, result: DiffResult, params: DiffParams) -> DiffOut
         values=result.values,
         frozen=result.frozen,
         changes=_changes_out(result.changes, key_prefix),
+        alignment=diff.alignment,
     )
 
 
@@ -109,6 +119,9 @@ def _frozen_arg(frozen: str | None) -> list[str] | None:
 
 
 DIFF_QUERY_DOC = (
+    "`normalize_prefixes`: 'true' strips known wrapper prefixes (and a Lightning file's LightningModule attribute) "
+    "from both sides, 'align' renames each side with the transform that gives the most keys in common (the answer's "
+    "`alignment` says which); "
     "`frozen`: 'true' checks the original's (a's) parameters in b, or comma-separated key prefixes; "
     "`category`, `key_prefix` and `limit` keep a large diff small; `a_container_key` / `b_container_key` pick "
     "another state_dict inside a file (dotted, e.g. 'model.ema')."
@@ -120,11 +133,17 @@ CategoryQuery = Annotated[
 ]
 
 
+_NORMALIZE_VALUES: dict[str, NormalizeMode] = {"true": True, "1": True, "yes": True, "on": True,
+                     "false": False, "0": False, "no": False, "off": False, "align": "align"}
+
+
 @dataclass
 class DiffParams:
     """The query options GET /diff and POST /diff share."""
 
-    normalize_prefixes: bool = False
+    normalize_prefixes: Annotated[
+        str, Query(pattern=r"^(?i:true|false|1|0|yes|no|on|off|align)$", description="true, false or align")
+    ] = "false"
     values: bool = False
     frozen: Annotated[str | None, Query(max_length=2048)] = None
     category: CategoryQuery = None
@@ -135,6 +154,10 @@ class DiffParams:
 
 
 DiffParamsDep = Annotated[DiffParams, Depends()]
+
+
+def _normalize_mode(params: DiffParams) -> NormalizeMode:
+    return _NORMALIZE_VALUES[params.normalize_prefixes.lower()]
 
 
 @router.get(
@@ -160,7 +183,7 @@ async def diff_get(
     # Artifacts never change, so a manifest-only diff of two ids is rendered once (dashboards poll the same pair).
     key: tuple[Any, ...] | None = None
     if not params.values and _frozen_arg(params.frozen) is None:
-        key = (ida, idb, params.normalize_prefixes, tuple(params.category or ()), params.key_prefix, params.limit)
+        key = (ida, idb, _normalize_mode(params), tuple(params.category or ()), params.key_prefix, params.limit)
         if params.a_container_key is not None or params.b_container_key is not None:
             key += (params.a_container_key, params.b_container_key)
         body = services.rendered_diffs.get(key)
@@ -171,7 +194,7 @@ async def diff_get(
         result = services.operations.diff(
             Source(artifact_id=ida, container_key=params.a_container_key),
             Source(artifact_id=idb, container_key=params.b_container_key),
-            normalize_prefixes=params.normalize_prefixes,
+            normalize_prefixes=_normalize_mode(params),
             values=params.values,
             frozen=_frozen_arg(params.frozen),
         )
@@ -209,8 +232,21 @@ DIFF_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["a", "b"],
                     "properties": {
-                        "a": {"type": "string", "format": "binary", "description": "A file, or a ref as a text field."},
-                        "b": {"type": "string", "format": "binary", "description": "A file, or a ref as a text field."},
+                        "a": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "A file, the shards of one checkpoint (repeated, with its '*.index.json' "
+                            "when there is one), or a ref as a text field.",
+                        },
+                        "b": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The same as `a`, for the other side.",
+                        },
+                        "a_sha256": {"type": "array", "items": {"type": "string"},
+                                     "description": "One per file part of `a`, in order."},
+                        "b_sha256": {"type": "array", "items": {"type": "string"},
+                                     "description": "One per file part of `b`, in order."},
                     },
                 }
             }
@@ -219,10 +255,42 @@ DIFF_BODY: dict[str, Any] = {
 }
 
 
-async def _diff_side(services: Any, form: ParsedForm, role: str, container_key: str | None) -> Source:
-    part = form.files.get(role)
-    if part is not None:
-        return Source(upload=part.upload, container_key=container_key)
+async def uploaded_source(
+    services: Any, slot: Admission, form: ParsedForm, field: str, sha_field: str, container_key: str | None,
+    combined: list[Source],
+) -> Source | None:
+    """The source a form's file parts of `field` make: one upload, or the shards of one checkpoint combined.
+
+    A combined source is appended to `combined`, whose uploads the caller aborts when it is done.
+    """
+    files = uploaded_files(form, field, sha_field)
+    if not files:
+        return None
+    if not is_sharded(files):
+        f = files[0]
+        if f.expected_sha256:
+            await anyio.to_thread.run_sync(lambda: services.store.check_digest(f.upload, f.expected_sha256))
+        return Source(upload=f.upload, filename=f.filename, container_key=container_key)
+    if container_key is not None:
+        raise InvalidRequest(f"'{field}' holds shards: a container key picks a state_dict inside one file only")
+    source: Source = await slot.run(lambda: services.operations.combine(files))
+    combined.append(source)
+    return source
+
+
+async def abort_sources(sources: list[Source]) -> None:
+    """Abort the uploads of sources that were not committed (a no-op for committed ones)."""
+    for source in sources:
+        if source.upload is not None:
+            await anyio.to_thread.run_sync(source.upload.abort)
+
+
+async def _diff_side(
+    services: Any, slot: Admission, form: ParsedForm, role: str, container_key: str | None, combined: list[Source]
+) -> Source:
+    uploaded = await uploaded_source(services, slot, form, role, f"{role}_sha256", container_key, combined)
+    if uploaded is not None:
+        return uploaded
     ref = form.fields.get(role)
     if ref is None:
         raise InvalidRequest(f"POST /diff needs '{role}' as a file part or as a ref")
@@ -267,20 +335,23 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
         request,
         services.store,
         file_fields=frozenset({"a", "b"}),
-        text_fields=frozenset({"a", "b", "a_container_key", "b_container_key"}),
+        text_fields=frozenset({"a", "b", "a_container_key", "b_container_key", "a_sha256", "b_sha256"}),
         max_file_bytes=services.operations.max_upload_bytes,
+        repeatable=frozenset({"a", "b", "a_sha256", "b_sha256"}),
+        max_request_bytes=services.operations.max_request_bytes,
     )
+    combined: list[Source] = []
     try:
-        sa = await _diff_side(services, form, "a",
-                              container_key_field(form, "a_container_key") or params.a_container_key)
-        sb = await _diff_side(services, form, "b",
-                              container_key_field(form, "b_container_key") or params.b_container_key)
+        sa = await _diff_side(services, slot, form, "a",
+                              container_key_field(form, "a_container_key") or params.a_container_key, combined)
+        sb = await _diff_side(services, slot, form, "b",
+                              container_key_field(form, "b_container_key") or params.b_container_key, combined)
 
         def run() -> bytes:
             result = services.operations.diff(
                 sa,
                 sb,
-                normalize_prefixes=params.normalize_prefixes,
+                normalize_prefixes=_normalize_mode(params),
                 values=params.values,
                 frozen=_frozen_arg(params.frozen),
             )
@@ -290,6 +361,7 @@ async def _diff_uploaded(request: Request, services: Any, params: DiffParams, sl
 
         body = await slot.run(run)
     finally:
+        await abort_sources(combined)  # a diff stores nothing
         await form.abort()
     return _json(body)
 
@@ -311,6 +383,8 @@ MERGE_FIELDS = frozenset(
         "trained_sha256",
         "original_container_key",
         "trained_container_key",
+        "require_complete",
+        "allow_swapped",
     }
 )
 
@@ -328,12 +402,21 @@ MERGE_BODY: dict[str, Any] = {
                             "description": "The original's id or name, or an s3://bucket/key object under "
                             "CKPT_IMPORT_ALLOWED that the service reads itself (stored as an imported artifact).",
                         },
-                        "original_file": {"type": "string", "format": "binary"},
+                        "original_file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The original as a file, or as the shards of one checkpoint (repeated, "
+                            "with its '*.index.json' when there is one).",
+                        },
                         "trained": {
                             "type": "string",
                             "description": "The trained checkpoint's id or name, or an s3://bucket/key object.",
                         },
-                        "trained_file": {"type": "string", "format": "binary"},
+                        "trained_file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The trained checkpoint as a file or as shards, like `original_file`.",
+                        },
                         "architecture": {"type": "string", "description": "A registered architecture name."},
                         "strip_prefixes": {
                             "type": "string",
@@ -342,7 +425,7 @@ MERGE_BODY: dict[str, Any] = {
                             "comma-separated list of prefixes.",
                         },
                         "drop_unexpected": {"type": "boolean", "default": False},
-                        "output_format": {"type": "string", "enum": ["pth", "safetensors"], "default": "pth"},
+                        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "pth"},
                         "name": {"type": "string", "pattern": NAME_RE, "description": "Point this name at the result."},
                         "labels": {"type": "string"},
                         "frozen_prefixes": {
@@ -364,8 +447,10 @@ MERGE_BODY: dict[str, Any] = {
                             "description": "Largest absolute difference of a frozen tensor still counted as "
                             "unchanged (e.g. a bfloat16 round trip).",
                         },
-                        "original_sha256": {"type": "string"},
-                        "trained_sha256": {"type": "string"},
+                        "original_sha256": {"type": "array", "items": {"type": "string"},
+                                            "description": "One per `original_file` part, in order."},
+                        "trained_sha256": {"type": "array", "items": {"type": "string"},
+                                           "description": "One per `trained_file` part, in order."},
                         "original_container_key": {
                             "type": "string",
                             "description": "The state_dict to use inside the original (dotted, e.g. 'model.ema').",
@@ -373,6 +458,19 @@ MERGE_BODY: dict[str, Any] = {
                         "trained_container_key": {
                             "type": "string",
                             "description": "The state_dict to use inside the trained checkpoint.",
+                        },
+                        "require_complete": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "A parameter taken from the original (anything but BatchNorm running "
+                            "stats) is a 422 naming the keys, and nothing is stored (e.g. one shard sent alone).",
+                        },
+                        "allow_swapped": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "Merge even when original and trained look swapped (wrapper prefixes on "
+                            "the original only, and BatchNorm running stats on the trained only), which is a 422 "
+                            "otherwise.",
                         },
                     },
                 }
@@ -387,7 +485,7 @@ MERGE_BODY["requestBody"]["content"]["application/json"] = {
     "schema": {
         **_FORM_SCHEMA,
         "properties": {
-            **{k: v for k, v in _FORM_SCHEMA["properties"].items() if v.get("format") != "binary"},
+            **{k: v for k, v in _FORM_SCHEMA["properties"].items() if not k.endswith("_file")},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     }
@@ -417,10 +515,9 @@ def _atol(value: str | None) -> float:
     return atol
 
 
-async def _source(services: Any, form: ParsedForm, role: str) -> Source:
+async def _source(services: Any, slot: Admission, form: ParsedForm, role: str, combined: list[Source]) -> Source:
     ref = form.fields.get(role)
-    part = form.files.get(f"{role}_file")
-    if (ref is None) == (part is None):
+    if (ref is None) == (form.files.get(f"{role}_file") is None):
         raise InvalidRequest(f"give exactly one of '{role}' (a ref) and '{role}_file' (an upload)")
     container_key = container_key_field(form, f"{role}_container_key")
     if ref is not None and is_import_url(ref):
@@ -430,11 +527,9 @@ async def _source(services: Any, form: ParsedForm, role: str) -> Source:
     if ref is not None:
         return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref),
                       container_key=container_key)
-    assert part is not None
-    expected = form.fields.get(f"{role}_sha256")
-    if expected:
-        await anyio.to_thread.run_sync(lambda: services.store.check_digest(part.upload, expected.lower()))
-    return Source(upload=part.upload, filename=part.filename, container_key=container_key)
+    uploaded = await uploaded_source(services, slot, form, f"{role}_file", f"{role}_sha256", container_key, combined)
+    assert uploaded is not None
+    return uploaded
 
 
 @router.post(
@@ -464,7 +559,10 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         file_fields=frozenset({"original_file", "trained_file"}),
         text_fields=MERGE_FIELDS,
         max_file_bytes=services.operations.max_upload_bytes,
+        repeatable=frozenset({"original_file", "trained_file", "original_sha256", "trained_sha256"}),
+        max_request_bytes=services.operations.max_request_bytes,
     )
+    combined: list[Source] = []
     try:
         architecture = form.fields.get("architecture")
         if not architecture:
@@ -478,8 +576,9 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         if strip_raw not in ("auto", "known", "none"):
             strip_mode = [p.strip() for p in strip_raw.split(",") if p.strip()]
         output_format = form.fields.get("output_format", "pth")
-        if output_format not in ("pth", "safetensors"):
-            raise InvalidRequest(f"output_format must be 'pth' or 'safetensors', not {output_format[:32]!r}")
+        if not is_output_format(output_format):
+            names = " or ".join(repr(n) for n in OUTPUT_FORMATS)
+            raise InvalidRequest(f"output_format must be {names}, not {output_format[:32]!r}")
         frozen_raw = form.fields.get("frozen_prefixes")
         require_frozen = _bool(form.fields.get("require_frozen"), "require_frozen")
         if require_frozen and not frozen_raw:
@@ -488,14 +587,16 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             architecture=architecture,
             strip=strip_mode,
             drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
-            output_format=output_format,  # type: ignore[arg-type]
+            output_format=output_format,
             frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip()) if frozen_raw else None,
             require_frozen=require_frozen,
             frozen_atol=_atol(form.fields.get("frozen_atol")),
             labels=parse_labels(form.fields.get("labels")),
+            require_complete=_bool(form.fields.get("require_complete"), "require_complete"),
+            allow_swapped=_bool(form.fields.get("allow_swapped"), "allow_swapped"),
         )
-        original = await _source(services, form, "original")
-        trained = await _source(services, form, "trained")
+        original = await _source(services, slot, form, "original", combined)
+        trained = await _source(services, slot, form, "trained", combined)
         try:
             result = await slot.run(
                 lambda: services.operations.merge(original=original, trained=trained, options=options)
@@ -509,6 +610,7 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             meta = await point_name(services.store, name, result.artifact.id)
             result = OperationResult(meta, result.created, result.report)
     finally:
-        await form.abort()  # committed uploads are unaffected; the rest leaves no temp file
+        await abort_sources(combined)  # committed uploads are unaffected; the rest leaves no temp file
+        await form.abort()
     response.status_code = 201 if result.created else 200
     return _operation_out(request, result)
