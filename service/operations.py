@@ -60,6 +60,7 @@ from service.errors import (
     InconsistentShards,
     InputsSwapped,
     InvalidRequest,
+    PayloadTooLarge,
     ShardNotFound,
     UnconvertibleCheckpoint,
     VerificationFailed,
@@ -1268,6 +1269,44 @@ class Operations:
             source.upload.abort()  # a no-op once committed
         self.importer.remember(source.origin, source.upload.sha256)
         return result
+
+    def import_shards(self, urls: Sequence[str], *, labels: Mapping[str, str] | None = None) -> IngestResult:
+        """Import the shards of one checkpoint (and its index) by reference, as uploaded shards are combined.
+
+        Each object is read as `read_import` reads one, then they are combined (`combine`: each shard checked and
+        parsed, against the index when there is one); the lineage (``combine``) also records the URLs.
+
+        Raises:
+            InconsistentShards: More objects than a checkpoint may have shards, or shards that do not fit together.
+            PayloadTooLarge: The objects together are over `max_request_bytes` (known from their HEADs).
+            (and what `read_import` and `combine` raise)
+        """
+        importer = self.importer
+        if len(urls) > sharding.MAX_SHARDS + 1:
+            raise InconsistentShards(f"{len(urls)} objects, more than {sharding.MAX_SHARDS} shards and an index",
+                                     limit=sharding.MAX_SHARDS)
+        objects = [importer.head(importer.check(url, field=f"urls[{i}]")) for i, url in enumerate(urls)]
+        total = sum(obj.size for obj in objects)
+        if total > self.max_request_bytes:
+            raise PayloadTooLarge(f"the objects hold {total} bytes together, over the limit of "
+                                  f"{self.max_request_bytes} bytes", limit=self.max_request_bytes)
+        files: list[UploadedFile] = []
+        try:
+            for obj in objects:
+                files.append(UploadedFile(obj.filename, self.open_upload()))
+                importer.download(obj, files[-1].upload)
+            source = self.combine(files)
+            try:
+                assert source.lineage is not None
+                source.lineage = dataclasses.replace(
+                    source.lineage, params={**source.lineage.params, "urls": [obj.url for obj in objects]})
+                return self.commit_combined(source, labels=labels)
+            finally:
+                assert source.upload is not None
+                source.upload.abort()  # a no-op once committed
+        finally:
+            for f in files:
+                f.upload.abort()
 
     def _read_imports(self, sources: Mapping[str, Source]) -> None:
         # The objects of an operation's inputs, read at once (each into its own upload), under the job's budget.

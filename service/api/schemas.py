@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,10 +156,18 @@ class StripIn(BaseModel):
 class ImportIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(
+    url: str | None = Field(
+        None,
         max_length=2048,
         description="The object to import, s3://bucket/key, under a prefix of CKPT_IMPORT_ALLOWED; the service reads "
         "it itself with its own object-store credentials.",
+    )
+    urls: list[Annotated[str, Field(max_length=2048)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=257,
+        description="Instead of `url`: the shards of one checkpoint and its '*.index.json', combined into one "
+        "artifact as uploaded shards are (lineage 'combine', with the URLs).",
     )
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                              description="Point this name at the artifact.")

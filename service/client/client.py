@@ -646,7 +646,7 @@ class CheckpointClient:
 
     def import_url(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         name: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -660,7 +660,8 @@ class CheckpointClient:
         return the same artifact.
 
         Args:
-            url: `s3://bucket/key`.
+            url: `s3://bucket/key`; or a list of them, the shards of one checkpoint and its `*.index.json`, which
+                the service combines into one artifact as it does uploaded shards.
             name: Point this name at the artifact.
             labels: Key/value labels for a new artifact.
             container_key: The state_dict to use inside the file (dotted); a non-default one answers with a
@@ -677,7 +678,7 @@ class CheckpointClient:
             UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
             ServiceError: 502 when the object store failed.
         """
-        payload: dict[str, Any] = {"url": url}
+        payload: dict[str, Any] = {"url": url} if isinstance(url, str) else {"urls": list(url)}
         if name is not None:
             payload["name"] = name
         if labels:

@@ -201,9 +201,9 @@ def test_a_bad_allowlist_stops_start_up(raw: str) -> None:
     assert [p.url for p in prefixes] == ["s3://ok-bucket/", "s3://ok-bucket/team-a/"]
 
 
-def test_shard_lists_and_unknown_fields_are_refused(app: TestClient, s3_bucket: str) -> None:
-    r = app.post("/checkpoints/import", json={"urls": [f"s3://{s3_bucket}/allowed/a.pth"]})
-    assert r.status_code == 422 and "urls" in r.text
+def test_unknown_fields_are_refused(app: TestClient, s3_bucket: str) -> None:
+    r = app.post("/checkpoints/import", json={"url": f"s3://{s3_bucket}/allowed/a.pth", "sha256": "0" * 64})
+    assert r.status_code == 422 and "sha256" in r.text
 
 
 def test_a_missing_object_or_bucket_is_404(app: TestClient, make_app: AppFactory, s3_bucket: str,
@@ -366,3 +366,51 @@ def test_client_import_url_and_merge_by_reference(
     assert f"already stored {out.id}" in capsys.readouterr().out
     assert cli_main(["import", "s3://elsewhere/x.pth"], http=app) == 1
     assert "CKPT_IMPORT_ALLOWED" in capsys.readouterr().err
+
+
+# ---- the shards of one checkpoint -------------------------------------------------------------------------
+
+
+def test_the_shards_of_a_checkpoint_import_as_one_artifact_like_uploaded_shards(
+    app: TestClient, make_app: AppFactory, put: Callable[[str, Path], str], tmp_path: Path, s3_bucket: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sharded = pytest.importorskip("tests.sharded", reason="the corpus extra (transformers) is not installed")
+    directory = sharded.save_sharded(sharded.tiny_bert(seed=3), tmp_path / "checkpoint-500")
+    files = sharded.shard_files(directory)
+    assert len(files) >= 4, "the fixture must really be sharded"
+    urls = [put(f"allowed/run-3/{f.name}", f) for f in files]
+    r = app.post("/checkpoints/import", json={"urls": urls[::-1], "name": "bert"})
+    assert r.status_code == 201, r.text
+    art = r.json()
+    assert (art["format"], art["names"], art["filename"]) == ("safetensors", ["bert"], "model.safetensors")
+    lineage = art["lineage"]
+    assert lineage["operation"] == "combine" and lineage["params"]["urls"] == urls[::-1]
+    assert [s["sha256"] for s in lineage["params"]["shards"]] == [sha(f) for f in files[1:]]
+    assert total(app) == 1  # the shards themselves are not artifacts
+    # The same shards uploaded: the same artifact.
+    parts = [("file", (f.name, f.read_bytes(), "application/octet-stream")) for f in files]
+    assert app.post("/checkpoints", files=parts).json()["id"] == art["id"]
+    assert cli_main(["import", *urls], http=app) == 0
+    assert capsys.readouterr().out.startswith(f"already stored: {art['id']}")
+    assert_nothing_left(app, tmp_path / "data", stored=1)
+    # A shard missing from the objects named: refused against the index, nothing stored.
+    fresh = make_app(name="fresh", import_allowed=f"s3://{s3_bucket}/allowed/")
+    assert_refused(fresh.post("/checkpoints/import", json={"urls": urls[:-1]}), status=422)
+    assert_nothing_left(fresh, tmp_path / "fresh")
+    # Together over the request limit: 413 from the HEADs, before any download.
+    small = make_app(name="small", import_allowed=f"s3://{s3_bucket}/allowed/",
+                     max_request_bytes=sum(f.stat().st_size for f in files) - 1)
+    assert_refused(small.post("/checkpoints/import", json={"urls": urls}), status=413, fragment="together")
+    assert_nothing_left(small, tmp_path / "small")
+
+
+def test_url_and_urls_are_exclusive(app: TestClient, s3_bucket: str) -> None:
+    one = f"s3://{s3_bucket}/allowed/a.safetensors"
+    assert_refused(app.post("/checkpoints/import", json={}), status=400, fragment="exactly one")
+    assert_refused(app.post("/checkpoints/import", json={"url": one, "urls": [one]}), status=400)
+    r = app.post("/checkpoints/import", json={"urls": [one], "container_key": "ema"})
+    assert_refused(r, status=400, fragment="container_key")
+    r = app.post("/checkpoints/import", json={"urls": [one, f"s3://{s3_bucket}/elsewhere/b.safetensors"]})
+    assert_refused(r, status=403)
+    assert "urls[1]" in app.post("/checkpoints/import", json={"urls": [one, "ftp://x/y"]}).json()["detail"]

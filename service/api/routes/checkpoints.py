@@ -300,15 +300,25 @@ async def _upload_shards(
 async def import_checkpoint(
     request: Request, response: Response, body: ImportIn, services: ServicesDep
 ) -> ArtifactOut:
-    """Read an allowed s3:// object into the store as an upload would be (no bytes through HTTP)."""
+    """Read an allowed s3:// object (or the shards of one checkpoint) into the store as an upload would be."""
     operations = services.operations
-    operations.check_import(body.url)  # 400/403 before a slot is taken
+    url, urls = body.url, body.urls
+    if (url is None) == (urls is None):
+        raise InvalidRequest("give exactly one of 'url' (an object) and 'urls' (the shards of one checkpoint)")
+    if urls is not None and body.container_key is not None:
+        raise InvalidRequest("container_key picks a state_dict inside one file; shards are state_dicts already")
+    refs = {f"urls[{i}]": each for i, each in enumerate(urls)} if urls is not None else {"url": str(url)}
+    for field, ref in refs.items():
+        operations.check_import(ref, field=field)  # 400/403 before a slot is taken
+
+    def commit() -> IngestResult:
+        if urls is not None:
+            return operations.import_shards(urls, labels=body.labels)
+        assert url is not None
+        return operations.import_object(url, labels=body.labels, container_key=body.container_key)
+
     async with services.pool.admit() as slot:
-        result = await ingest(
-            services, slot,
-            lambda: operations.import_object(body.url, labels=body.labels, container_key=body.container_key),
-            name=body.name,
-        )
+        result = await ingest(services, slot, commit, name=body.name)
     return _ingested(request, response, result)
 
 
