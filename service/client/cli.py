@@ -163,7 +163,8 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_import(client: CheckpointClient, args: argparse.Namespace) -> int:
-    urls: str | list[str] = args.url[0] if len(args.url) == 1 else args.url
+    # `objects`, not `url`: that is the service's URL (--url).
+    urls: str | list[str] = args.objects[0] if len(args.objects) == 1 else args.objects
     result = client.import_url(urls, name=args.name, labels=_labels(args.label), container_key=args.container_key)
     if args.json:
         _emit_json(result.to_dict())
@@ -171,7 +172,7 @@ def _cmd_import(client: CheckpointClient, args: argparse.Namespace) -> int:
     art = result.artifact
     verb = "imported" if result.created else "already stored:"
     names = f"  names: {', '.join(art.names)}" if art.names else ""
-    source = args.url[0] if len(args.url) == 1 else f"{len(args.url)} objects"
+    source = args.objects[0] if len(args.objects) == 1 else f"{len(args.objects)} objects"
     print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}  from {source}{names}")
     return 0
 
@@ -593,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="have the service read a checkpoint from its object store (s3://bucket/key), no upload",
              description="The service reads the object itself, with its own credentials, if it lies under a "
                          "prefix of its CKPT_IMPORT_ALLOWED, and stores it with the same checks as an upload.")
-    p.add_argument("url", metavar="URL", nargs="+",
+    p.add_argument("objects", metavar="URL", nargs="+",
                    help="s3://bucket/key; several: the shards of one checkpoint and its *.index.json")
     p.add_argument("--name", help="point this name at the artifact")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.client import CheckpointClient, RetryPolicy
+from service.client.cli import build_parser
 from service.client.cli import main as cli_main
 from service.config import Settings
 from tests._services import S3Service
@@ -414,3 +415,9 @@ def test_url_and_urls_are_exclusive(app: TestClient, s3_bucket: str) -> None:
     r = app.post("/checkpoints/import", json={"urls": [one, f"s3://{s3_bucket}/elsewhere/b.safetensors"]})
     assert_refused(r, status=403)
     assert "urls[1]" in app.post("/checkpoints/import", json={"urls": [one, "ftp://x/y"]}).json()["detail"]
+
+
+def test_ckpt_import_keeps_the_service_url_apart_from_the_objects() -> None:
+    args = build_parser().parse_args(["import", "s3://b/k/a.safetensors", "s3://b/k/b.safetensors",
+                                      "--url", "http://ckpt:8000"])
+    assert args.url == "http://ckpt:8000" and args.objects == ["s3://b/k/a.safetensors", "s3://b/k/b.safetensors"]
