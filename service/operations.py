@@ -21,6 +21,9 @@ from service.core import sharding
 from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.expansion import expansion_budget
+from service.core.formats import writer_for
+from service.core.formats.pth_zip import FORMAT as PTH_ZIP
+from service.core.formats.safetensors import FORMAT as SAFETENSORS
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
@@ -44,8 +47,8 @@ from service.core.prefixes import (
     strip_prefixes,
 )
 from service.core.pthzip import StorageRecords
-from service.core.save import check_safetensors_output
-from service.core.types import ArchiveLimits, CheckpointFormat, LoadedCheckpoint, Manifest, TensorEntry
+from service.core.statedict import metadata_of, with_metadata
+from service.core.types import ArchiveLimits, LoadedCheckpoint, Manifest, TensorEntry
 from service.core.verify import verify_state_dict
 from service.errors import (
     ArchiveLimitExceeded,
@@ -60,6 +63,7 @@ from service.errors import (
     VerificationFailed,
     quote_keys,
 )
+from service.format_names import OutputFormat
 from service.registry import ArchitectureRegistry
 from service.store import (
     ArtifactMeta,
@@ -71,7 +75,6 @@ from service.store import (
     PendingUpload,
 )
 
-OutputFormat = Literal["pth", "safetensors"]
 # False: keys as stored; True: known wrappers stripped (and a Lightning file's module attribute); "align": the
 # transform of each side that gives the most keys in common.
 NormalizeMode = bool | Literal["align"]
@@ -162,7 +165,7 @@ def _open(
         meta = store.metadata(source.artifact_id)
         manifest = (store.manifest(source.artifact_id) if source.container_key is None
                     or source.container_key == meta.container_key else build_manifest(sd))
-        return _Opened(_with_metadata(dict(sd), sd), manifest, source.artifact_id, loaded.records,
+        return _Opened(_own(sd), manifest, source.artifact_id, loaded.records,
                        is_lightning(meta.extras), meta.filename)
     assert source.upload is not None
     upload = source.upload
@@ -181,21 +184,13 @@ def _open(
         limits=limits,
     )
     sd = loaded.state_dict
-    return _Opened(_with_metadata(dict(sd), sd), source.inspection.manifest, upload.sha256, loaded.records,
+    return _Opened(_own(sd), source.inspection.manifest, upload.sha256, loaded.records,
                    is_lightning(source.inspection.extras), source.filename)
 
 
-def _with_metadata(
-    target: dict[str, torch.Tensor], source: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    meta = getattr(source, "_metadata", None)
-    if meta is not None:
-        from collections import OrderedDict
-
-        out: OrderedDict[str, torch.Tensor] = OrderedDict(target)
-        out._metadata = meta  # type: ignore[attr-defined]
-        return out
-    return target
+def _own(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A dict of the caller's own (the store may cache the one it was given), with the same `_metadata`.
+    return with_metadata(state_dict, metadata_of(state_dict))
 
 
 def _carry_manifest(
@@ -215,7 +210,7 @@ def _strip(
             return sd, {"mode": "none", "applied": {}}
         if mode == "known" or (mode == "auto" and expected is None):
             result = strip_prefixes(sd, lightning=lightning)
-            return _with_metadata(dict(result.state_dict), result.state_dict), {
+            return _own(result.state_dict), {
                 "mode": "known",
                 "applied": dict(result.applied),
             }
@@ -228,13 +223,13 @@ def _strip(
         if match.prefixes == ():
             return sd, {"mode": "auto", "applied": {}, "match": match.to_dict()}
         result = apply_transform(sd, match.transform)
-        return _with_metadata(dict(result.state_dict), result.state_dict), {
+        return _own(result.state_dict), {
             "mode": "auto",
             "applied": dict(result.applied),
             "match": match.to_dict(),
         }
     result = strip_prefixes(sd, list(mode))
-    return _with_metadata(dict(result.state_dict), result.state_dict), {
+    return _own(result.state_dict), {
         "mode": "explicit",
         "applied": dict(result.applied),
     }
@@ -356,10 +351,12 @@ def merge_checkpoints(
             changed_keys=list(frozen.changed) + list(frozen.mismatched),
             report=report,
         )
-    if options.output_format == "safetensors":
-        # Before the inputs are committed: a merge that cannot be written stores nothing.
-        sizes = [_source_size(store, s) for s in (original, trained)]
-        check_safetensors_output(merged.state_dict, max_expanded_bytes=expansion_budget(sizes, store.limits))
+    writer = writer_for(options.output_format)
+    # Before the inputs are committed: a merge that cannot be written stores nothing.
+    budget = None
+    if writer.expands_views:
+        budget = expansion_budget([_source_size(store, s) for s in (original, trained)], store.limits)
+    writer.check_output(merged.state_dict, max_expanded_bytes=budget)
     _commit_inputs(store, (original, trained))
     assert original.artifact_id is not None and trained.artifact_id is not None
     entries = {**o_entries, **t_entries}
@@ -569,7 +566,7 @@ def strip_checkpoint(
         result = apply_transform(sd, alignment.a)
     else:
         result = strip_prefixes(sd, prefixes, lightning=opened.lightning)
-    out = _with_metadata(dict(result.state_dict), result.state_dict)
+    out = _own(result.state_dict)
     report = result.to_dict()
     if alignment is not None or result.transform.lead:
         report["transform"] = result.transform.to_dict()
@@ -888,7 +885,7 @@ def combine_shards(
     combined = store.open_upload(max_bytes=max_bytes)
     try:
         sources = [Source(upload=f.upload, inspection=i) for (_, f), i in zip(named, inspections, strict=True)]
-        if all(i.format is CheckpointFormat.SAFETENSORS for i in inspections):
+        if all(i.format == SAFETENSORS.name for i in inspections):
             inspection = _combine_safetensors(combined, sources)
         else:
             inspection = _combine_pth(store, combined, sources, safe_globals=safe_globals, limits=limits)
@@ -896,7 +893,7 @@ def combine_shards(
         combined.abort()
         raise
     shards = [{"filename": name, "sha256": f.upload.sha256, "size": f.upload.size, "key_count": len(i.manifest.entries),
-               "format": i.format.value} for (name, f), i in zip(named, inspections, strict=True)]
+               "format": i.format} for (name, f), i in zip(named, inspections, strict=True)]
     params: dict[str, Any] = {"shards": shards, "index": None}
     filename = None
     if indexes:
@@ -904,7 +901,7 @@ def combine_shards(
         params["index"] = {"filename": f.filename, "sha256": f.upload.sha256, "size": f.upload.size}
         filename = str(f.filename).removesuffix(sharding.INDEX_SUFFIX) or None
     lineage = Lineage(operation="combine", inputs={}, params=params,
-                      report={"key_count": total_keys, "format": inspection.format.value})
+                      report={"key_count": total_keys, "format": inspection.format})
     return Source(upload=combined, filename=filename, inspection=inspection, lineage=lineage)
 
 
@@ -953,7 +950,7 @@ def _combine_safetensors(out: PendingUpload, shards: Sequence[Source]) -> Inspec
         for fd in fds:
             os.close(fd)
     known = {k: e for s in shards if s.inspection is not None for k, e in s.inspection.manifest.entries.items()}
-    return _combined_inspection(CheckpointFormat.SAFETENSORS, {e.key: known[e.key] for e in order},
+    return _combined_inspection(SAFETENSORS.name, {e.key: known[e.key] for e in order},
                                 has_metadata=False)
 
 
@@ -983,16 +980,16 @@ def _combine_pth(
     opened = [_open(store, shard, safe_globals=safe_globals, limits=limits) for shard in shards]
     for o in opened:
         combined.update(o.state_dict)
-        module_metadata.update(getattr(o.state_dict, "_metadata", None) or {})
+        module_metadata.update(metadata_of(o.state_dict) or {})
         entries.update(o.manifest.entries)
     if module_metadata:
-        combined._metadata = module_metadata  # type: ignore[attr-defined]
+        combined = with_metadata(combined, module_metadata)
     torch.save(combined, cast(IO[bytes], _UploadWriter(out)))
-    return _combined_inspection(CheckpointFormat.PTH_ZIP, {k: entries[k] for k in combined},
+    return _combined_inspection(PTH_ZIP.name, {k: entries[k] for k in combined},
                                 has_metadata=bool(module_metadata))
 
 
-def _combined_inspection(fmt: CheckpointFormat, entries: dict[str, TensorEntry], *, has_metadata: bool) -> Inspection:
+def _combined_inspection(fmt: str, entries: dict[str, TensorEntry], *, has_metadata: bool) -> Inspection:
     # The shards were inspected one by one; a fingerprint depends on a tensor's bytes only, so the combined
     # manifest is theirs, in the combined file's key order, and the file need not be parsed and hashed again.
     schema = compute_schema_fingerprint((k, e.shape, e.dtype) for k, e in entries.items())

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.format_names import OutputFormat
+
 Category = Literal["only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch", "changed", "unchanged"]
 CATEGORIES: tuple[Category, ...] = (
     "only_in_a",
@@ -70,7 +72,7 @@ class ArtifactOut(BaseModel):
 class DownloadUrlOut(BaseModel):
     url: str = Field(description="GET it without a token until `expires`; it opens this artifact in this format only.")
     id: str
-    format: Literal["pth", "safetensors"]
+    format: OutputFormat
     expires: int = Field(description="Unix seconds.")
 
 
@@ -140,7 +142,7 @@ class StripIn(BaseModel):
         "line up with this stored checkpoint's (an id or name).")
     like_architecture: str | None = Field(
         None, max_length=128, description="Instead of `prefixes`: line the keys up with a registered architecture's.")
-    output_format: Literal["pth", "safetensors"] = "pth"
+    output_format: OutputFormat = "pth"
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     container_key: str | None = Field(
         None, min_length=1, max_length=1024,

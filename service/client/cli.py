@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from service.client.serve import add_serve_parser
+from service.format_names import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from service.client.client import CheckpointClient, Progress, Source
@@ -138,7 +139,8 @@ def _labels(items: Sequence[str] | None) -> dict[str, str]:
 
 def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     with _progress(f"push {args.file.name}") as progress:
-        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress)
+        result = client.push(args.file, name=args.name, labels=_labels(args.label), progress=progress,
+                             container_key=args.container_key)
     if args.json:
         _emit_json(result.to_dict())
         return 0
@@ -147,7 +149,10 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
     if result.uploaded and not result.created:
         verb = "uploaded (existing artifact):"
     names = f"  names: {', '.join(art.names)}" if art.names else ""
-    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}")
+    extracted = ""
+    if art.lineage is not None and art.lineage.operation == "extract":
+        extracted = f"  ({art.lineage.params.get('container_key')!r} of {art.lineage.inputs['checkpoint'][:12]})"
+    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}{names}{extracted}")
     if art.lineage is not None and art.lineage.operation == "combine":
         shards = art.lineage.params.get("shards") or []
         index = art.lineage.params.get("index") or {}
@@ -240,7 +245,9 @@ def _cmd_diff(client: CheckpointClient, args: argparse.Namespace) -> int:
     normalize: bool | Literal["align"] = "align" if args.align_prefixes else args.normalize_prefixes
     diff = client.diff(_source(args.a), _source(args.b), normalize_prefixes=normalize,
                        values=args.values, frozen=frozen, categories=args.category,
-                       key_prefix=args.key_prefix, limit=args.limit)
+                       key_prefix=args.key_prefix, limit=args.limit,
+                       a_container_key=args.a_container_key or args.container_key,
+                       b_container_key=args.b_container_key or args.container_key)
     if args.json:
         _emit_json(diff.model_dump(mode="json"))
         return 0
@@ -358,7 +365,8 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
             drop_unexpected=args.drop_unexpected, output_format=args.output_format, name=args.name,
             labels=_labels(args.label), frozen_prefixes=frozen, require_frozen=args.require_frozen,
             frozen_atol=args.frozen_atol, progress=progress, require_complete=args.require_complete,
-            allow_swapped=args.allow_swapped)
+            allow_swapped=args.allow_swapped, original_container_key=args.original_container_key,
+            trained_container_key=args.trained_container_key)
         written = None
         if args.output:
             # By name when it has one, so that `-o out/` writes out/NAME.pth.
@@ -399,7 +407,7 @@ def _cmd_merge(client: CheckpointClient, args: argparse.Namespace) -> int:
 
 def _cmd_strip(client: CheckpointClient, args: argparse.Namespace) -> int:
     result = client.strip(args.ref, prefixes=args.prefix, output_format=args.output_format, name=args.name,
-                          like=args.like, like_architecture=args.like_architecture)
+                          like=args.like, like_architecture=args.like_architecture, container_key=args.container_key)
     if args.json:
         _emit_json(result.model_dump(mode="json"))
     else:
@@ -560,11 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=_existing_file_or_dir, metavar="FILE|DIR")
     p.add_argument("--name", help="point this name at the artifact")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="keep this state_dict of the file (dotted, e.g. state_dict_ema or model.ema): the file is "
+                        "stored as sent and the answer is a derived artifact holding only it")
 
     p = _add(sub, "pull", _cmd_pull, common, help="download a checkpoint, verified against its sha256")
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", help="file or directory to write (default: the current directory)")
-    p.add_argument("--format", choices=["pth", "safetensors"], help="convert on the way out")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, help="convert on the way out")
     p.add_argument("--shards", metavar="DIR",
                    help="write transformers' sharded safetensors (the index and model-0000x-of-0000y files) to DIR")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -601,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "unchanged"])
     p.add_argument("--key-prefix", help="only keys under this prefix")
     p.add_argument("--limit", type=int, default=1000, help="keys per category (default 1000)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside both checkpoints (dotted, e.g. state_dict_ema)")
+    p.add_argument("--a-container-key", metavar="KEY",
+                   help="the state_dict to use inside A (wins over --container-key)")
+    p.add_argument("--b-container-key", metavar="KEY",
+                   help="the state_dict to use inside B (wins over --container-key)")
 
     p = _add(sub, "merge", _cmd_merge, common,
              help="merge a trained checkpoint with its original and verify it strictly",
@@ -616,7 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-prefixes", default="auto",
                    help="auto (match the architecture), known, none, or comma-separated prefixes")
     p.add_argument("--drop-unexpected", action="store_true", help="drop keys the architecture does not have")
-    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pth")
+    p.add_argument("--container-key", "--trained-container-key", dest="trained_container_key", metavar="KEY",
+                   help="the state_dict to use inside TRAINED (dotted, e.g. state_dict_ema for the EMA weights)")
+    p.add_argument("--original-container-key", metavar="KEY", help="the state_dict to use inside ORIGINAL")
     p.add_argument("--frozen-prefixes",
                    help="comma-separated key prefixes of the part you froze: check that it did not change "
                         "(without it: no frozen check, only what changed per module)")
@@ -637,7 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     like.add_argument("--like", metavar="REF", help="rename so that the keys line up with this checkpoint's")
     like.add_argument("--like-architecture", metavar="NAME",
                       help="rename so that the keys line up with this architecture's")
-    p.add_argument("--output-format", choices=["pth", "safetensors"], default="pth")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="pth")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside the checkpoint (dotted); default: the one chosen at upload")
     p.add_argument("--name", help="point this name at the result")
 
     p = _add(sub, "rm", _cmd_rm, common, help="delete a checkpoint")

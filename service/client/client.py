@@ -59,6 +59,7 @@ from service.client.errors import (
     TransportError,
     error_from_problem,
 )
+from service.format_names import OutputFormat
 
 __all__ = [
     "DEFAULT_URL",
@@ -85,7 +86,6 @@ Progress = Callable[[int, int | None], None]
 Source = str | os.PathLike[str]
 """A stored artifact (an id or a name, given as `str`), a local file, or a local directory of shards (a `Path`)."""
 
-OutputFormat = Literal["pth", "safetensors"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # What a service name may be ([A-Za-z0-9][A-Za-z0-9._-]*): safe as a file name as it is.
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -556,6 +556,7 @@ class CheckpointClient:
         labels: Mapping[str, str] | None = None,
         filename: str | None = None,
         progress: Progress | None = None,
+        container_key: str | None = None,
     ) -> PushResult:
         """Upload a checkpoint file, streamed from disk, unless the service already has its bytes.
 
@@ -569,12 +570,19 @@ class CheckpointClient:
         HEAD check first for a directory (the service's artifact is the combined file, whose digest only the
         service knows).
 
+        A `container_key` other than the one the service's default rule picks stores the file as sent and
+        answers with a derived artifact holding only that state_dict (lineage `extract`). The service derives
+        it from the bytes of an upload, so with `container_key` the file is always sent (nothing is stored
+        twice: the upload and the derived artifact are found by their ids). Shards take none.
+
         Args:
             path: The local file, or a directory of shards.
-            name: Point this name at the artifact.
+            name: Point this name at the artifact (the derived one, with `container_key`).
             labels: Key/value labels for a new artifact.
             filename: The filename to record; default the file's name.
             progress: Called with (bytes sent, total size of the files) while uploading.
+            container_key: The state_dict to keep inside the file, a dotted path (`"state_dict_ema"`,
+                `"model.ema"`); default: the service's rule (docs/files.md).
 
         Returns:
             The artifact, and whether bytes were sent and a new artifact stored.
@@ -582,18 +590,21 @@ class CheckpointClient:
         Raises:
             OSError: The file cannot be read.
             BadRequestError: The bytes changed while uploading (digest mismatch) or the name is invalid.
-            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
+            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported), or `container_key`
+                holds no state_dict (the problem names the keys that are there).
             PayloadTooLargeError: The file is over the service's limit.
         """
         path = Path(path)
         if path.is_dir():
             files = checkpoint_files(path)
             if len(files) > 1 or files[0].name.endswith(INDEX_SUFFIX):
-                return self._push_files(files, name=name, labels=labels, progress=progress)
+                return self._push_files(files, name=name, labels=labels, progress=progress,
+                                        container_key=container_key)
             path = files[0]
         size = path.stat().st_size
         digest = sha256_file(path)
-        if self.exists(digest):
+        # With a container_key the service derives the artifact from the upload's bytes, so they are always sent.
+        if container_key is None and self.exists(digest):
             if name is not None:
                 self.set_name(name, digest)
             return PushResult(self.get(digest), uploaded=False, created=False)
@@ -604,13 +615,15 @@ class CheckpointClient:
                     "headers": {"Content-Type": "application/octet-stream", "Content-Length": str(size)}}
 
         params = {"sha256": digest, "filename": filename or path.name, "name": name,
-                  "labels": _labels_field(labels)}
+                  "labels": _labels_field(labels), "container_key": container_key}
         response = self._send("POST", "/checkpoints", idempotent=True, params=params, body=body)
         return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
 
     def _push_files(self, files: Sequence[Path], *, name: str | None, labels: Mapping[str, str] | None,
-                    progress: Progress | None) -> PushResult:
-        fields = [(k, v) for k, v in (("name", name), ("labels", _labels_field(labels))) if v is not None]
+                    progress: Progress | None, container_key: str | None) -> PushResult:
+        # A container_key goes along so that the service says why shards take none, rather than dropping it.
+        fields = [(k, v) for k, v in (("name", name), ("labels", _labels_field(labels)),
+                                      ("container_key", container_key)) if v is not None]
         counter = _Counter(sum(p.stat().st_size for p in files), progress)
 
         def body(stack: contextlib.ExitStack) -> dict[str, Any]:
@@ -939,6 +952,7 @@ class CheckpointClient:
         name: str | None = None,
         like: str | None = None,
         like_architecture: str | None = None,
+        container_key: str | None = None,
     ) -> OperationOut:
         """Remove wrapper prefixes (`module.` and friends) and store the result. Not retried.
 
@@ -951,6 +965,8 @@ class CheckpointClient:
             like: Instead of `prefixes`: rename (strip or add prefixes) so that the keys line up with this stored
                 checkpoint's (an id or name).
             like_architecture: Instead of `prefixes`: line the keys up with a registered architecture's.
+            container_key: The state_dict to use inside the file (dotted, e.g. `"state_dict_ema"`); default: the
+                one chosen at upload.
 
         Returns:
             The stored result and the strip report (`report["transform"]`, `report["matched"]` with `like*`).
@@ -958,11 +974,11 @@ class CheckpointClient:
         Raises:
             NotFoundError: No such artifact, name or architecture.
             BadRequestError: `prefixes` together with `like` or `like_architecture`.
-            UnprocessableError: Two keys would collide after stripping.
+            UnprocessableError: Two keys would collide after stripping, or `container_key` holds no state_dict.
             OverloadedError: The service is busy (`retry_after`).
         """
         payload: dict[str, Any] = {"checkpoint": ref, "prefixes": list(prefixes) if prefixes is not None else None,
-                                   "output_format": output_format, "name": name}
+                                   "output_format": output_format, "name": name, "container_key": container_key}
         if like is not None:
             payload["like"] = like
         if like_architecture is not None:
@@ -990,6 +1006,8 @@ class CheckpointClient:
         categories: Sequence[str] | None = None,
         key_prefix: str | None = None,
         limit: int = 1000,
+        a_container_key: str | None = None,
+        b_container_key: str | None = None,
     ) -> DiffOut:
         """Diff two checkpoints by key, shape, dtype and content fingerprint.
 
@@ -1010,6 +1028,9 @@ class CheckpointClient:
                 `dtype_mismatch`, `changed`, `unchanged`).
             key_prefix: Only keys under this prefix.
             limit: At most this many keys per category.
+            a_container_key: The state_dict to use inside `a` (dotted, e.g. `"state_dict_ema"`); default: the one
+                chosen at upload, or the service's rule for a file.
+            b_container_key: The same for `b`.
 
         Returns:
             The diff.
@@ -1024,7 +1045,8 @@ class CheckpointClient:
             frozen_param = ",".join(frozen) if frozen else None
         params: dict[str, Any] = {"normalize_prefixes": normalize_prefixes, "values": values,
                                   "frozen": frozen_param, "key_prefix": key_prefix, "limit": limit,
-                                  "category": list(categories) if categories else None}
+                                  "category": list(categories) if categories else None,
+                                  "a_container_key": a_container_key, "b_container_key": b_container_key}
         if any(isinstance(s, os.PathLike) and Path(s).is_dir() for s in (a, b)):
             return self._diff_posted(a, b, params)
         ref_a, path_a, _ = self._local_or_ref(a)
@@ -1078,6 +1100,8 @@ class CheckpointClient:
         progress: Progress | None = None,
         require_complete: bool = False,
         allow_swapped: bool = False,
+        original_container_key: str | None = None,
+        trained_container_key: str | None = None,
     ) -> OperationOut:
         """Merge a trained checkpoint with its original and verify it strictly against an architecture.
 
@@ -1109,6 +1133,10 @@ class CheckpointClient:
             require_complete: A parameter taken from the original (anything but BatchNorm running stats) fails
                 the merge (`VerificationError`, title "Trained checkpoint incomplete", `problem["filled_keys"]`).
             allow_swapped: Merge even when original and trained look swapped (refused otherwise).
+            original_container_key: The state_dict to use inside the original (dotted); default: the one chosen
+                at upload, or the service's rule for a file.
+            trained_container_key: The same for the trained checkpoint, e.g. `"state_dict_ema"` to merge the EMA
+                weights a training framework saved next to the others.
 
         Returns:
             The stored result and the merge report (`report["verification"]`, `report["filled"]`,
@@ -1142,6 +1170,10 @@ class CheckpointClient:
             fields.append(("require_complete", "true"))
         if allow_swapped:
             fields.append(("allow_swapped", "true"))
+        for field_name, key in (("original_container_key", original_container_key),
+                                ("trained_container_key", trained_container_key)):
+            if key is not None:
+                fields.append((field_name, key))
         uploads: list[FilePart] = []
         for role, source in (("original", original), ("trained", trained)):
             path: Path | None

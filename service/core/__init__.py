@@ -13,7 +13,7 @@ from service.core.changes import (
     summarize_changes,
 )
 from service.core.diff import CATEGORIES, ManifestDiff, ValueStats, diff_manifests, diff_values, module_of
-from service.core.formats import DEFAULT_LIMITS, LEGACY_MAGIC_NUMBER, check_archive, detect_format
+from service.core.formats import FORMATS, LEGACY_MAGIC_NUMBER, Format, check_archive, detect_format
 from service.core.frozen import FrozenReport, check_frozen, check_frozen_manifests, with_value_changes
 from service.core.load import CONTAINER_KEYS, load_checkpoint, resolve_globals
 from service.core.manifest import build_manifest, compute_schema_fingerprint, dtype_name, fingerprint_tensor
@@ -28,8 +28,8 @@ from service.core.prefixes import (
 )
 from service.core.save import save_checkpoint
 from service.core.types import (
+    DEFAULT_LIMITS,
     ArchiveLimits,
-    CheckpointFormat,
     LoadedCheckpoint,
     Manifest,
     StateDict,
@@ -50,12 +50,13 @@ __all__ = [
     "CATEGORIES",
     "CONTAINER_KEYS",
     "DEFAULT_LIMITS",
+    "FORMATS",
     "KNOWN_WRAPPERS",
     "LEGACY_MAGIC_NUMBER",
     "ArchitectureSpec",
     "ArchiveLimits",
     "ChangeSummary",
-    "CheckpointFormat",
+    "Format",
     "FrozenReport",
     "KeyChange",
     "KeyProvenance",

@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
-from service.core.types import CheckpointFormat
 from service.errors import ArchiveLimitExceeded
 
 __all__ = ["check_key_count", "count_keys"]
@@ -84,12 +83,12 @@ class _CountingUnpickler(pickle.Unpickler):
         return None
 
 
-def count_keys(path: Path, fmt: CheckpointFormat, *, limit: int) -> int | None:
+def count_keys(path: Path, *, legacy: bool, limit: int) -> int | None:
     """The larger of the tensor count and the largest mapping's entry count, or None once past `limit`.
 
     Args:
         path: A torch zip or legacy checkpoint.
-        fmt: Its detected format; other formats count as 0.
+        legacy: The file is torch's legacy format (pickles in a row), else a zip archive.
         limit: Stop counting past this many.
 
     Returns:
@@ -101,7 +100,7 @@ def count_keys(path: Path, fmt: CheckpointFormat, *, limit: int) -> int | None:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        if fmt is CheckpointFormat.PTH_ZIP:
+        if not legacy:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
                 top = names[0].split("/", 1)[0] if names else ""
@@ -110,7 +109,7 @@ def count_keys(path: Path, fmt: CheckpointFormat, *, limit: int) -> int | None:
                 except KeyError:
                     return 0
             _CountingUnpickler(io.BytesIO(raw), counter).load()
-        elif fmt is CheckpointFormat.PTH_LEGACY:
+        else:
             with open(path, "rb") as f:
                 for _ in range(_LEGACY_PICKLES_BEFORE_OBJECT):
                     _CountingUnpickler(f, counter).load()
@@ -125,13 +124,13 @@ def count_keys(path: Path, fmt: CheckpointFormat, *, limit: int) -> int | None:
     return max(counter.tensors, counter.entries)
 
 
-def check_key_count(path: Path, fmt: CheckpointFormat, *, limit: int) -> None:
+def check_key_count(path: Path, *, legacy: bool, limit: int) -> None:
     """Refuse a checkpoint with more than `limit` tensors or mapping entries, before it is unpickled.
 
     Raises:
         ArchiveLimitExceeded: Past the limit (`limit` in the problem document).
     """
-    if count_keys(path, fmt, limit=limit) is None:
+    if count_keys(path, legacy=legacy, limit=limit) is None:
         raise ArchiveLimitExceeded(
             f"the checkpoint has more than {limit} keys (tensors or entries), the limit (CKPT_MAX_KEYS)",
             limit=limit,

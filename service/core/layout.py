@@ -22,6 +22,7 @@ import torch
 
 from service.core.manifest import dtype_name
 from service.core.pthzip import Record, StorageRecords
+from service.core.statedict import metadata_of, with_metadata
 from service.core.types import LoadedCheckpoint
 from service.errors import CorruptCheckpoint
 
@@ -52,7 +53,7 @@ def describe_layout(loaded: LoadedCheckpoint) -> dict[str, Any] | None:
     """
     if loaded.records is None:
         return None
-    metadata = getattr(loaded.state_dict, "_metadata", None)
+    metadata = metadata_of(loaded.state_dict)
     metadata_json = None
     if metadata is not None:
         try:
@@ -105,17 +106,16 @@ def map_layout(path: Path, layout: Mapping[str, Any]) -> tuple[OrderedDict[str, 
     records = [_record(r, size) for r in raw_records]
     mapped = torch.UntypedStorage.from_file(os.fspath(path), False, size) if records else None
     storages = [mapped[r.offset:r.offset + r.size] for r in records] if mapped is not None else []
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    tensors: dict[str, torch.Tensor] = {}
     for entry in raw_tensors:
         key, tensor = _tensor(entry, records, storages)
-        if key in out:
+        if key in tensors:
             raise CorruptCheckpoint(f"the parser's layout names key {key[:100]!r} twice")
-        out[key] = tensor
+        tensors[key] = tensor
     metadata = layout.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise CorruptCheckpoint("the parser's layout of the checkpoint is malformed")
-        out._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CorruptCheckpoint("the parser's layout of the checkpoint is malformed")
+    out = with_metadata(tensors, OrderedDict(metadata) if metadata is not None else None)
     by_address = {s.data_ptr(): r for s, r in zip(storages, records, strict=True)}
     return out, StorageRecords(path, by_address)
 

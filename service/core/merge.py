@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from service.core.statedict import metadata_of, with_metadata
 from service.core.types import StateDict
 from service.errors import quote_keys
 
@@ -113,11 +114,6 @@ def _bn_units(original: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     return units
 
 
-def _copy_metadata(metadata: Mapping[str, Any]) -> OrderedDict[str, Any]:
-    # Copy the per-module dicts too: load_state_dict(assign=True) writes into them.
-    return OrderedDict((k, dict(v) if isinstance(v, Mapping) else v) for k, v in metadata.items())
-
-
 def merge_state_dicts(
     original: Mapping[str, torch.Tensor],
     trained: Mapping[str, torch.Tensor],
@@ -187,15 +183,15 @@ def merge_state_dicts(
         kept[key] = source
 
     metadata_source: Literal["trained", "original", "absent"] = "absent"
-    metadata = getattr(trained, "_metadata", None)
+    metadata = metadata_of(trained)
     if metadata is not None:
         metadata_source = "trained"
     else:
-        metadata = getattr(original, "_metadata", None)
+        metadata = metadata_of(original)
         if metadata is not None:
             metadata_source = "original"
     if metadata is not None:
-        merged._metadata = _copy_metadata(metadata)  # type: ignore[attr-defined]
+        merged = with_metadata(merged, metadata, copy=True)
 
     counts = {"trained": 0, "original": 0}
     for source in kept.values():

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from service.core.statedict import metadata_of, rename_metadata, with_metadata
 from service.core.types import StateDict
 from service.errors import PrefixCollision, quote_keys
 
@@ -249,21 +250,6 @@ def strip_key(key: str, prefixes: Sequence[str] | None = None) -> str:
     return _apply(key, _as_transform(_normalise(prefixes)), None)
 
 
-def _rename_metadata(metadata: Mapping[str, Any], transform: KeyTransform) -> OrderedDict[str, Any]:
-    # Wrapper metadata collides by nature (DataParallel's root "" and the wrapped model's "module" both become
-    # ""): the innermost module's entry is the real one, so the longest source path wins.
-    targets = [(path, _transform_module_path(path, transform)) for path in metadata]
-    chosen: dict[str, str] = {}
-    for path, target in targets:
-        if target not in chosen or len(path) > len(chosen[target]):
-            chosen[target] = path
-    out: OrderedDict[str, Any] = OrderedDict()
-    for path, target in targets:
-        if chosen[target] == path:
-            out[target] = metadata[path]
-    return out
-
-
 def is_lightning(extras: Iterable[str]) -> bool:
     """Whether a checkpoint was written by Lightning's Trainer.
 
@@ -339,9 +325,9 @@ def apply_transform(state_dict: Mapping[str, torch.Tensor], transform: KeyTransf
         raise PrefixCollision(
             f"keys {quote_keys(collisions[first])} would all become {first!r}{more}", keys=involved
         )
-    metadata = getattr(state_dict, "_metadata", None)
+    metadata = metadata_of(state_dict)
     if metadata is not None:
-        out._metadata = _rename_metadata(metadata, transform)  # type: ignore[attr-defined]
+        out = with_metadata(out, rename_metadata(metadata, lambda path: _transform_module_path(path, transform)))
     return StripResult(state_dict=out, applied=applied, renamed=renamed, has_metadata=metadata is not None,
                        transform=transform)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from service.core.formats import SAFETENSORS_MAX_HEADER
-from service.core.load import _SAFETENSORS_DTYPES
+from service.core.formats.safetensors import DTYPES as _SAFETENSORS_DTYPES
+from service.core.formats.safetensors import MAX_HEADER as SAFETENSORS_MAX_HEADER
 from service.core.manifest import dtype_name
 from service.errors import CorruptCheckpoint, InconsistentShards, InvalidRequest, UnconvertibleCheckpoint, quote_keys
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,14 +14,6 @@ if TYPE_CHECKING:
 # A state_dict as torch produces it: ordered str -> Tensor, maybe with a `_metadata` attribute
 # (per-module version info that `load_state_dict` hands to `_load_from_state_dict`).
 StateDict = dict[str, torch.Tensor]
-
-
-class CheckpointFormat(StrEnum):
-    PTH_ZIP = "pth-zip"  # torch.save since 1.6: a zip of data.pkl + one entry per storage
-    PTH_LEGACY = "pth-legacy"  # torch.save(_use_new_zipfile_serialization=False): magic + pickles
-    SAFETENSORS = "safetensors"
-    TORCHSCRIPT = "torchscript"  # a zip with code/ and constants.pkl: rejected
-    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -46,10 +37,14 @@ class ArchiveLimits:
         return self.max_keys + 64
 
 
+# ArchiveLimits is frozen, so one shared default instance is safe (and keeps ruff's B008 quiet).
+DEFAULT_LIMITS = ArchiveLimits()
+
+
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     state_dict: StateDict
-    format: CheckpointFormat
+    format: str  # the name of its format in service.core.formats.FORMATS: "pth-zip", "pth-legacy", "safetensors"
     container_key: str | None  # which top-level key held the state_dict ("state_dict", "model", ...)
     extras: Mapping[str, str]  # non-tensor entries next to the state_dict: name -> type name
     has_metadata: bool  # the state_dict carried `_metadata`
@@ -64,7 +59,7 @@ class LoadedCheckpoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": self.format.value,
+            "format": self.format,
             "container_key": self.container_key,
             "extras": dict(self.extras),
             "has_metadata": self.has_metadata,

@@ -8,7 +8,6 @@ returns a report and never raises for a failed check: the caller decides whether
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from service.core.diff import module_of
 from service.core.manifest import compute_schema_fingerprint, dtype_name
+from service.core.statedict import metadata_of, with_metadata
 from service.core.types import Manifest
 from service.errors import InvalidArchitecture
 
@@ -208,11 +208,6 @@ def _compare_tensors(state_dict: Mapping[str, Any], spec: ArchitectureSpec, foun
             found.dtypes[key] = {"expected": expected.dtype, "got": dtype_name(value.dtype)}
 
 
-def _copy_metadata(metadata: Mapping[str, Any]) -> OrderedDict[str, Any]:
-    # load_state_dict(assign=True) writes "assign_to_params_buffers" into each module's metadata dict.
-    return OrderedDict((k, dict(v) if isinstance(v, Mapping) else v) for k, v in metadata.items())
-
-
 def _load_findings(
     state_dict: Mapping[str, Any],
     module: nn.Module,
@@ -222,15 +217,14 @@ def _load_findings(
     # Shape mismatches abort load_state_dict even with strict=False, and a wrong dtype can fail the Parameter
     # wrapping under assign=True: those keys were already reported, so stand in meta tensors of the expected
     # shape and dtype for them and let load_state_dict judge only the keys.
-    rest: OrderedDict[str, Any] = OrderedDict()
+    entries: dict[str, Any] = {}
     for key, value in state_dict.items():
         if key in found.shapes or key in found.dtypes:
             expected = spec.keys[key]
             value = torch.empty(expected.shape, dtype=getattr(torch, expected.dtype), device="meta")
-        rest[key] = value
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        rest._metadata = _copy_metadata(metadata)  # type: ignore[attr-defined]
+        entries[key] = value
+    # A copy: load_state_dict(assign=True) writes "assign_to_params_buffers" into each module's metadata dict.
+    rest = with_metadata(entries, metadata_of(state_dict), copy=True)
 
     # Module hooks run inside load_state_dict and may raise anything; a report must come back regardless.
     try:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.format_names import OUTPUT_FORMATS
 from service.store._fs import (
     file_lock,
     fsync_dir,
@@ -33,7 +34,6 @@ from service.store.ids import is_id, validate_id
 
 __all__ = ["ConversionCache", "ConvertedBlob"]
 
-FORMATS = ("pth", "safetensors")
 # An entry used this recently is never evicted: a download may be between finding it and opening it.
 _IN_USE_SECONDS = 60.0
 
@@ -43,7 +43,7 @@ class ConvertedBlob:
     """One cached conversion: where its bytes are and what they hash to."""
 
     source: str  # the artifact id it was converted from
-    format: str  # "pth" or "safetensors"
+    format: str  # one of OUTPUT_FORMATS
     sha256: str
     size: int
     path: Path
@@ -75,7 +75,7 @@ class ConversionCache:
 
     def _paths(self, artifact_id: str, fmt: str) -> tuple[Path, Path]:
         validate_id(artifact_id)
-        if fmt not in FORMATS:
+        if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
         base = self.root / artifact_id[:2] / f"{artifact_id}.{fmt}"
         return base, base.with_name(base.name + ".json")
@@ -139,7 +139,7 @@ class ConversionCache:
 
     def forget(self, artifact_id: str) -> None:
         """Drop every conversion of an artifact (it was deleted)."""
-        for fmt in FORMATS:
+        for fmt in OUTPUT_FORMATS:
             blob, record = self._paths(artifact_id, fmt)
             unlink_quietly(record)  # unpublish first
             unlink_quietly(blob)
@@ -153,7 +153,7 @@ class ConversionCache:
                     continue
                 stem = entry.name[: -len(".json")]
                 source, _, fmt = stem.partition(".")
-                if not is_id(source) or fmt not in FORMATS:
+                if not is_id(source) or fmt not in OUTPUT_FORMATS:
                     continue
                 blob = Path(shard) / stem
                 try:

@@ -12,18 +12,16 @@ from service.core.expansion import check_expansion, expansion_budget
 from service.core.layout import describe_layout
 from service.core.load import load_checkpoint
 from service.core.manifest import build_manifest
-from service.core.types import ArchiveLimits
+from service.core.types import DEFAULT_LIMITS, ArchiveLimits
 from service.errors import InvalidCheckpoint, quote_keys
 from service.store.types import Inspection
 
-_DEFAULT_LIMITS = ArchiveLimits()
-
 
 def inspect_checkpoint(
-    path: Path, *, safe_globals: Sequence[str] = (), limits: ArchiveLimits = _DEFAULT_LIMITS,
+    path: Path, *, safe_globals: Sequence[str] = (), limits: ArchiveLimits = DEFAULT_LIMITS,
     container_key: str | None = None,
 ) -> Inspection:
-    """Load a checkpoint safely (weights_only, mmap where possible) and build its manifest.
+    """Load a checkpoint safely (placeholder unpickler, mmap where possible) and build its manifest.
 
     Before any per-key work (hashing), the keys are checked: each must be a valid UTF-8 string, and together
     they may expand to at most `expansion_budget` of the file's size (views of one storage count per key).

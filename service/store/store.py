@@ -22,19 +22,20 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import torch
 
 from service.core.expansion import expansion_budget
+from service.core.formats import writer_for
 from service.core.load import load_checkpoint
 from service.core.manifest import fingerprint_tensor, is_quantized_dtype
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
+from service.core.statedict import has_metadata, metadata_of, with_metadata
 from service.core.types import (
     CURRENT_FINGERPRINT_VERSION,
     ArchiveLimits,
-    CheckpointFormat,
     LoadedCheckpoint,
     Manifest,
 )
@@ -50,6 +51,7 @@ from service.errors import (
     StoreError,
     quote_keys,
 )
+from service.format_names import OutputFormat
 from service.store._fs import (
     CHUNK,
     file_lock,
@@ -92,13 +94,7 @@ _LOADED_CACHE_KEYS = 200_000
 
 def _shallow_copy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Each caller gets its own dict (and `_metadata`), so that no caller can change what the cache holds.
-    out: OrderedDict[str, torch.Tensor] = OrderedDict(state_dict)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        out._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (k, dict(v) if isinstance(v, Mapping) else v) for k, v in metadata.items()
-        )
-    return out
+    return with_metadata(state_dict, metadata_of(state_dict), copy=True)
 
 
 def _now() -> str:
@@ -547,7 +543,7 @@ class ArtifactStore:
         """
         meta = self._require_meta(artifact_id)
         path = self._blob(artifact_id)
-        use_mmap = mmap and meta.format is not CheckpointFormat.PTH_LEGACY
+        use_mmap = mmap  # a format that cannot be mapped (legacy .pth) loads unmapped, and is not cached
         if not path.exists():
             raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
         chosen = container_key if container_key is not None else meta.container_key
@@ -575,7 +571,7 @@ class ArtifactStore:
         return loaded
 
     def convert(
-        self, artifact_id: str, format: Literal["pth", "safetensors"], *, safe_globals: Sequence[str] = ()
+        self, artifact_id: str, format: OutputFormat, *, safe_globals: Sequence[str] = ()
     ) -> ConvertedBlob:
         """An artifact's bytes in another format, from the conversion cache (converted on the first request).
 
@@ -600,7 +596,7 @@ class ArtifactStore:
         """
         meta = self._require_meta(artifact_id)
         # The same expansion bound as every safetensors write, checked before anything is allocated.
-        budget = expansion_budget([meta.size], self.limits) if format == "safetensors" else None
+        budget = expansion_budget([meta.size], self.limits) if writer_for(format).expands_views else None
 
         def write(path: Path) -> tuple[str, int]:
             loaded = self.load(artifact_id, safe_globals=safe_globals)
@@ -680,7 +676,7 @@ class ArtifactStore:
                 continue
             if operation is not None and (meta.lineage is None or meta.lineage.operation != operation):
                 continue
-            if format is not None and meta.format.value != format:
+            if format is not None and meta.format != format:
                 continue
             matches.append(meta)
         matches.sort(key=lambda m: (m.created, m.id), reverse=True)
@@ -878,7 +874,7 @@ class ArtifactStore:
         self,
         state_dict: Mapping[str, torch.Tensor],
         *,
-        format: Literal["pth", "safetensors"] = "pth",
+        format: OutputFormat = "pth",
         lineage: Lineage | None = None,
         labels: Mapping[str, str] | None = None,
         filename: str | None = None,
@@ -913,12 +909,13 @@ class ArtifactStore:
         labels_ = _check_labels(labels)
         filename_ = _check_filename(filename)
         lineage_ = _check_lineage(lineage)
+        writer = writer_for(format)
         budget = None
-        if format == "safetensors":
+        if writer.expands_views:
             sizes = [self.metadata(i).size for i in expanded_from] if expanded_from is not None else []
             budget = expansion_budget(sizes, self.limits) if sizes else self.limits.max_expanded_bytes
         with locked_work_dir(self._tmp, "work-") as work:
-            path = work / ("checkpoint.safetensors" if format == "safetensors" else "checkpoint.pth")
+            path = work / f"checkpoint{writer.suffix}"
             try:
                 # hashed while it is written: the file is not read a second time
                 artifact_id, size = save_checkpoint_hashed(state_dict, path, format=format, sources=sources,
@@ -933,11 +930,9 @@ class ArtifactStore:
                 if existing is not None:
                     return IngestResult(self._with_names(existing), created=False)
                 if manifest is not None:
-                    fmt = (CheckpointFormat.SAFETENSORS if format == "safetensors"
-                           else CheckpointFormat.PTH_ZIP)
                     # safetensors has no place for `_metadata`; torch.save keeps it
-                    has_md = format == "pth" and getattr(state_dict, "_metadata", None) is not None
-                    inspection = Inspection(format=fmt, container_key=None, extras={}, has_metadata=has_md,
+                    has_md = writer.holds_module_metadata and has_metadata(state_dict)
+                    inspection = Inspection(format=writer.name, container_key=None, extras={}, has_metadata=has_md,
                                             manifest=manifest)
                 else:
                     inspection = self._inspector(path)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.core.types import CheckpointFormat, Manifest
+from service.core.types import Manifest
 
 # combine: shards of one checkpoint made one file (params: each shard's file name and sha256, and the index's)
 LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract", "combine")
@@ -16,7 +16,7 @@ LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract", "
 class Inspection:
     """What the store learns from parsing an upload once, at ingest."""
 
-    format: CheckpointFormat
+    format: str  # a name of service.core.formats.FORMATS: "pth-zip", "pth-legacy", "safetensors"
     container_key: str | None
     extras: dict[str, str]
     has_metadata: bool
@@ -30,7 +30,7 @@ class Inspection:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": self.format.value,
+            "format": self.format,
             "container_key": self.container_key,
             "extras": dict(self.extras),
             "has_metadata": self.has_metadata,
@@ -43,7 +43,7 @@ class Inspection:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Inspection:
         return cls(
-            format=CheckpointFormat(data["format"]),
+            format=str(data["format"]),
             container_key=data["container_key"],
             extras={str(k): str(v) for k, v in data["extras"].items()},
             has_metadata=bool(data["has_metadata"]),
@@ -95,7 +95,7 @@ class ArtifactMeta:
     size: int
     created: str  # ISO-8601 UTC, microseconds, "Z" suffix: sorts as text
     filename: str | None  # as uploaded; metadata only, never used for a path or for format detection
-    format: CheckpointFormat
+    format: str  # a name of service.core.formats.FORMATS: "pth-zip", "pth-legacy", "safetensors"
     container_key: str | None
     key_count: int
     tensor_bytes: int
@@ -113,7 +113,7 @@ class ArtifactMeta:
             "size": self.size,
             "created": self.created,
             "filename": self.filename,
-            "format": self.format.value,
+            "format": self.format,
             "container_key": self.container_key,
             "key_count": self.key_count,
             "tensor_bytes": self.tensor_bytes,
@@ -134,7 +134,7 @@ class ArtifactMeta:
             size=int(data["size"]),
             created=str(data["created"]),
             filename=data.get("filename"),
-            format=CheckpointFormat(data["format"]),
+            format=str(data["format"]),
             container_key=data.get("container_key"),
             key_count=int(data["key_count"]),
             tensor_bytes=int(data["tensor_bytes"]),

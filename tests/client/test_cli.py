@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -129,6 +130,38 @@ def test_strip_names_and_rm(cli: Cli, recipe_files: dict[str, Path]) -> None:
     assert code == 1 and "409" in err  # a name still points to it
     removed = cli.json("rm", stripped["id"], "--force")
     assert removed == {"id": stripped["id"], "names_removed": ["strip-out"]}
+
+
+def test_container_key_options(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    # A training file: the pretrained weights under "state_dict", the fine-tune under "ema.model" (one level down,
+    # where the default rule does not look), an argparse.Namespace next to them.
+    live = torch.load(recipe_files["original"], weights_only=True)
+    tuned = torch.load(recipe_files["trained"], weights_only=True)
+    path = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": live, "ema": {"model": tuned}, "args": argparse.Namespace(lr=0.1)}, path)
+
+    raw = cli.json("push", str(path))["artifact"]  # stored with the default key: the container keys must win
+    pushed = cli.json("push", str(path), "--container-key", "ema.model", "--name", "ck-ema")
+    code, out, _ = cli("push", str(path), "--container-key", "ema.model")
+    stripped = cli.json("strip", sha256_file(path), "--container-key", "ema.model")
+    diffed = cli.json("diff", sha256_file(path), "ck-ema", "--a-container-key", "ema.model")
+    both = cli.json("diff", sha256_file(path), sha256_file(path), "--container-key", "ema.model")
+    merged = cli.json("merge", str(recipe_files["original"]), str(path), "-a", "tiny-convnet",
+                      "--container-key", "ema.model")
+
+    art = pushed["artifact"]
+    assert raw["container_key"] == "state_dict" and raw["id"] == sha256_file(path)
+    assert art["lineage"]["operation"] == "extract" and art["key_count"] == len(tuned)
+    assert code == 0 and f"('ema.model' of {sha256_file(path)[:12]})" in out
+    assert stripped["report"]["applied"] == {"module.": len(tuned)}
+    assert diffed["summary"]["unchanged"] == len(tuned) and diffed["summary"]["changed"] == 0
+    assert both["summary"]["unchanged"] == len(tuned)
+    assert merged["report"]["verification"]["ok"] is True
+    # The same result as merging the extracted fine-tune, not the pretrained weights the default rule finds.
+    assert cli.json("merge", str(recipe_files["original"]), "ck-ema", "-a", "tiny-convnet")["id"] == merged["id"]
+    assert cli.json("merge", str(recipe_files["original"]), str(path), "-a", "tiny-convnet")["id"] != merged["id"]
+    code, _, err = cli("strip", sha256_file(path), "--container-key", "ema.nope")
+    assert code == 1 and "ema.nope" in err
 
 
 def test_arch_commands(cli: Cli, recipe_files: dict[str, Path], tmp_path: Path) -> None:

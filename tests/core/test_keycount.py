@@ -14,7 +14,7 @@ import torch
 from service.config import Settings
 from service.core.keycount import count_keys
 from service.core.load import load_checkpoint
-from service.core.types import ArchiveLimits, CheckpointFormat
+from service.core.types import ArchiveLimits
 from service.errors import ArchiveLimitExceeded
 from tests.factories import make_original
 
@@ -32,9 +32,9 @@ def test_counts_the_keys_of_a_real_state_dict(tmp_path: Path) -> None:
     sd = make_original().state_dict()
     path = tmp_path / "m.pth"
     torch.save(sd, path)
-    assert count_keys(path, CheckpointFormat.PTH_ZIP, limit=10_000) == len(sd)
+    assert count_keys(path, legacy=False, limit=10_000) == len(sd)
     torch.save(sd, path, _use_new_zipfile_serialization=False)
-    assert count_keys(path, CheckpointFormat.PTH_LEGACY, limit=10_000) == len(sd)
+    assert count_keys(path, legacy=True, limit=10_000) == len(sd)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -58,7 +58,7 @@ def test_mapping_entries_count_too(tmp_path: Path) -> None:
     sd: OrderedDict[str, object] = OrderedDict((f"k{i}", i) for i in range(300))
     sd["w"] = torch.ones(2)
     torch.save(sd, path)
-    assert count_keys(path, CheckpointFormat.PTH_ZIP, limit=200) is None
+    assert count_keys(path, legacy=False, limit=200) is None
 
 
 def test_a_safetensors_header_past_the_limit_is_refused(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from torch import nn
 
 from service.core.load import load_checkpoint
 from service.core.save import save_checkpoint
-from service.core.types import CheckpointFormat
 from service.errors import InvalidRequest, StorageFull
 from service.registry.builtins import TinyConvNet
 from tests.factories import make_original
@@ -143,7 +142,7 @@ def test_safetensors_round_trip_with_metadata(tmp_path: Path, original_sd: dict[
     save_checkpoint(original_sd, path, format="safetensors", metadata={"source": "merge", "epoch": "3"})
 
     loaded = load_checkpoint(path)
-    assert loaded.format is CheckpointFormat.SAFETENSORS
+    assert loaded.format == "safetensors"
     assert loaded.metadata == {"source": "merge", "epoch": "3"}
     assert loaded.has_metadata is False  # safetensors has no place for _metadata
     model = TinyConvNet()

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from service.core.load import load_checkpoint
 from service.core.manifest import build_manifest
-from service.core.types import CheckpointFormat
 from service.errors import (
     ArtifactInUse,
     ArtifactNotFound,
@@ -46,7 +45,7 @@ def test_ingest_round_trip(store: ArtifactStore, ckpt: Callable[..., Path]) -> N
     assert result.created
     assert meta.id == sha256_of(path)
     assert meta.size == path.stat().st_size
-    assert meta.format is CheckpointFormat.PTH_ZIP
+    assert meta.format == "pth-zip"
     assert meta.container_key is None
     assert meta.filename == "../../etc/passwd"  # metadata only
     assert meta.labels == {"team": "vision"}
@@ -113,7 +112,7 @@ def test_container_checkpoint_keeps_its_container_key(store: ArtifactStore,
 
 def test_legacy_checkpoint_loads_without_mmap(store: ArtifactStore, ckpt: Callable[..., Path]) -> None:
     meta = store.ingest_file(ckpt(0, legacy=True)).artifact
-    assert meta.format is CheckpointFormat.PTH_LEGACY
+    assert meta.format == "pth-legacy"
     loaded = store.load(meta.id)  # mmap=True requested, silently not used for legacy files
     assert not loaded.mmapped
     TinyConvNet().load_state_dict(loaded.state_dict, strict=True)
@@ -123,7 +122,7 @@ def test_safetensors_ingest(store: ArtifactStore, tmp_path: Path) -> None:
     path = tmp_path / "w.bin"  # the name says nothing: the format comes from the content
     save_file(random_state_dict(3), str(path))
     meta = store.ingest_file(path).artifact
-    assert meta.format is CheckpointFormat.SAFETENSORS
+    assert meta.format == "safetensors"
     assert meta.key_count == 2
     assert torch.equal(store.load(meta.id).state_dict["w"], random_state_dict(3)["w"])
 
@@ -260,7 +259,7 @@ def test_store_state_dict_is_deterministic_and_keeps_lineage(store: ArtifactStor
     first = store.store_state_dict(sd, lineage=lineage, labels={"run": "7"}, filename="merged.pth")
     assert first.created
     assert first.artifact.lineage == lineage
-    assert first.artifact.format is CheckpointFormat.PTH_ZIP
+    assert first.artifact.format == "pth-zip"
     assert store.metadata(first.artifact.id).lineage == lineage
     assert store.manifest(first.artifact.id).to_dict() == build_manifest(sd).to_dict()
     TinyConvNet().load_state_dict(store.load(first.artifact.id).state_dict, strict=True)
@@ -281,7 +280,7 @@ def test_store_state_dict_safetensors(store: ArtifactStore) -> None:
     sd = random_state_dict(5)
     lineage = Lineage("convert", {"source": "1" * 64}, {"format": "safetensors"})
     result = store.store_state_dict(sd, format="safetensors", lineage=lineage)
-    assert result.artifact.format is CheckpointFormat.SAFETENSORS
+    assert result.artifact.format == "safetensors"
     assert torch.equal(store.load(result.artifact.id).state_dict["w"], sd["w"])
     assert store.list(operation="convert").total == 1
 

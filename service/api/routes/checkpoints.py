@@ -27,8 +27,11 @@ from service.api.schemas import (
 )
 from service.api.uploads import is_sharded, parse_multipart, read_raw_body, uploaded_files
 from service.api.work import Admission
+from service.core.formats import Format, find_format, writer_for
+from service.core.formats.pth_zip import FORMAT as PTH_ZIP
 from service.core.sharding import parse_size
 from service.errors import InvalidRequest
+from service.format_names import OutputFormat
 from service.operations import UploadedFile
 from service.store import (
     NAME_RE,
@@ -337,8 +340,9 @@ def get_manifest(artifact: ArtifactDep, store: StoreDep) -> ManifestOut:
     )
 
 
-def _stored_kind(fmt: str) -> str:
-    return "safetensors" if fmt == "safetensors" else "pth"
+def _stored_format(artifact: ArtifactMeta) -> Format:
+    # Every stored artifact was read by a format of the table; the zip .pth stands in for one from elsewhere.
+    return find_format(artifact.format) or PTH_ZIP
 
 
 @router.get(
@@ -366,20 +370,22 @@ async def download_checkpoint(
     ref: RefPath,
     artifact: ArtifactDep,
     services: ServicesDep,
-    format: Literal["pth", "safetensors"] | None = None,
+    format: OutputFormat | None = None,
 ) -> Response:
     """Download the blob (Range, ETag; `format=safetensors` converts); a Bearer token or `expires`+`sig`."""
     store = services.store
     path, digest = None, artifact.id
-    suffix = ".safetensors" if artifact.format == "safetensors" else ".pth"
-    if format is not None and format != _stored_kind(artifact.format):
+    stored = _stored_format(artifact)
+    suffix, media_type = stored.suffix, stored.media_type
+    if format is not None and format != stored.output:
         # A read stores nothing: the converted bytes come from the conversion cache, converted once.
         converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
         if converted is None:
             converted = await services.read_pool.run(
                 lambda: services.operations.convert(artifact.id, output_format=format)
             )
-        path, digest, suffix = converted.path, converted.sha256, f".{format}"
+        written = writer_for(format)
+        path, digest, suffix, media_type = converted.path, converted.sha256, written.suffix, written.media_type
     etag = f'"{digest}"'
     # The bytes of an id never change; a name may move, so a cache must revalidate it (the ETag makes that a 304).
     cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
@@ -387,7 +393,7 @@ async def download_checkpoint(
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
     return FileResponse(
         path if path is not None else store.blob_path(artifact.id),
-        media_type="application/octet-stream",
+        media_type=media_type,
         filename=f"{digest[:16]}{suffix}",
         headers={
             "ETag": etag,
@@ -486,10 +492,10 @@ def sign_download_url(
     request: Request,
     artifact: ArtifactDep,
     services: ServicesDep,
-    format: Literal["pth", "safetensors"] | None = None,
+    format: OutputFormat | None = None,
 ) -> DownloadUrlOut:
     """A download URL that needs no token, for this artifact and format, valid for a few minutes."""
-    fmt = format or _stored_kind(artifact.format)
+    fmt = format or _stored_format(artifact).output or "pth"
     expires, sig = services.signer.sign(artifact.id, fmt)
     url = request.url_for("download_checkpoint", ref=artifact.id).include_query_params(
         format=fmt, expires=expires, sig=sig

@@ -19,6 +19,7 @@ from service.api.uploads import ParsedForm, is_sharded, parse_multipart, uploade
 from service.api.work import Admission
 from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
+from service.format_names import OUTPUT_FORMATS, is_output_format
 from service.operations import DiffResult, MergeOptions, NormalizeMode, OperationResult, Source
 from service.store import NAME_RE
 
@@ -416,7 +417,7 @@ MERGE_BODY: dict[str, Any] = {
                             "comma-separated list of prefixes.",
                         },
                         "drop_unexpected": {"type": "boolean", "default": False},
-                        "output_format": {"type": "string", "enum": ["pth", "safetensors"], "default": "pth"},
+                        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "pth"},
                         "name": {"type": "string", "pattern": NAME_RE, "description": "Point this name at the result."},
                         "labels": {"type": "string"},
                         "frozen_prefixes": {
@@ -551,8 +552,9 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
         if strip_raw not in ("auto", "known", "none"):
             strip_mode = [p.strip() for p in strip_raw.split(",") if p.strip()]
         output_format = form.fields.get("output_format", "pth")
-        if output_format not in ("pth", "safetensors"):
-            raise InvalidRequest(f"output_format must be 'pth' or 'safetensors', not {output_format[:32]!r}")
+        if not is_output_format(output_format):
+            names = " or ".join(repr(n) for n in OUTPUT_FORMATS)
+            raise InvalidRequest(f"output_format must be {names}, not {output_format[:32]!r}")
         frozen_raw = form.fields.get("frozen_prefixes")
         require_frozen = _bool(form.fields.get("require_frozen"), "require_frozen")
         if require_frozen and not frozen_raw:
@@ -561,7 +563,7 @@ async def _merge(request: Request, response: Response, services: Any, slot: Admi
             architecture=architecture,
             strip=strip_mode,
             drop_unexpected=_bool(form.fields.get("drop_unexpected"), "drop_unexpected"),
-            output_format=output_format,  # type: ignore[arg-type]
+            output_format=output_format,
             frozen_prefixes=tuple(p.strip() for p in frozen_raw.split(",") if p.strip()) if frozen_raw else None,
             require_frozen=require_frozen,
             frozen_atol=_atol(form.fields.get("frozen_atol")),

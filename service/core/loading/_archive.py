@@ -1,33 +1,29 @@
-"""Recognise checkpoint files by their bytes, and vet zip archives before torch reads them.
+"""Checks of zip archives: before torch's reader sees one (its central directory alone), and after a mapped load.
 
-Nothing here unpickles anything: detection reads magic numbers, the zip central directory and, for legacy
-files, the first opcodes of the first pickle (`pickletools.genops` only parses).
+Nothing here unpickles anything, except `check_storage_records`' fallback, which loads on the ``meta`` device.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickletools
 import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from service.core.types import ArchiveLimits, CheckpointFormat
+import torch
+
+from service.core.loading._pickle import read_torch_file
+from service.core.pthzip import Record, StorageRecords
+from service.core.types import DEFAULT_LIMITS, ArchiveLimits
+from service.core.unpickle import Placeholder
 from service.errors import ArchiveLimitExceeded, CorruptCheckpoint, quote_keys
 
-__all__ = ["DEFAULT_LIMITS", "LEGACY_MAGIC_NUMBER", "MAX_DATA_PKL_BYTES", "check_archive", "detect_format"]
-
-# ArchiveLimits is frozen, so one shared default instance is safe (and keeps ruff's B008 quiet).
-DEFAULT_LIMITS = ArchiveLimits()
+__all__ = ["MAX_DATA_PKL_BYTES", "ZIP_LOCAL_MAGIC", "check_archive", "check_storage_records", "first_entry_name",
+           "read_zip_directory"]
 
 ZIP_LOCAL_MAGIC = b"PK\x03\x04"
-# torch.serialization.MAGIC_NUMBER: the first pickle of every legacy (non-zip) torch.save file.
-LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
-# safetensors refuses headers above 100 MB itself; anything larger is not a safetensors file.
-SAFETENSORS_MAX_HEADER = 100_000_000
 
 _EOCD_MAGIC = b"PK\x05\x06"
 _EOCD64_LOCATOR_MAGIC = b"PK\x06\x07"
@@ -37,39 +33,6 @@ _CD_ENTRY_MIN_SIZE = 46  # a central directory record with an empty name
 _LOCAL_HEADER_SIZE = 30
 # torch reads data.pkl whole into memory; a state_dict needs ~100 bytes per tensor, so 1 GiB is generous.
 MAX_DATA_PKL_BYTES = 1 << 30
-
-
-def detect_format(path: Path) -> CheckpointFormat:
-    """Tell what a checkpoint file is from its content; the file name is never consulted.
-
-    A zip (``PK\\x03\\x04`` at byte 0) is TorchScript when it has ``<top>/code/`` or ``<top>/constants.pkl``
-    entries and a torch.save archive when it has ``<top>/data.pkl``. A zip whose central directory cannot be
-    read is reported as ``PTH_ZIP`` so that `check_archive` names the damage. A pickle whose first object is
-    torch's legacy magic number is ``PTH_LEGACY``. Any other pickle is ``UNKNOWN`` on purpose: torch would
-    reject it anyway, and not handing arbitrary pickles to an unpickler at all is the safer default.
-    A safetensors file has a sane 8-byte little-endian header length followed by ``{``.
-
-    Args:
-        path: The file to inspect.
-
-    Returns:
-        The detected format, ``UNKNOWN`` when nothing matches (including an empty file).
-
-    Raises:
-        OSError: The file cannot be opened or read.
-    """
-    with open(path, "rb") as f:
-        head = f.read(64)
-        size = os.fstat(f.fileno()).st_size
-        if head.startswith(ZIP_LOCAL_MAGIC):
-            return _detect_zip_format(f, size)
-    if is_pickle_start(head) and _is_legacy_torch(head):
-        return CheckpointFormat.PTH_LEGACY
-    # Before the pickle test: a header of 0x280, 0x380, 0x480 or 0x580 bytes makes a safetensors file start with
-    # what looks like a pickle's PROTO opcode (80 02..05).
-    if _safetensors_header_length(head, size) is not None:
-        return CheckpointFormat.SAFETENSORS
-    return CheckpointFormat.UNKNOWN
 
 
 def check_archive(path: Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
@@ -106,59 +69,27 @@ def check_archive(path: Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None
     _check_infos(infos, limits, start_dir if isinstance(start_dir, int) else size)
 
 
-def is_pickle_start(head: bytes) -> bool:
-    """Whether the bytes open with a PROTO opcode of protocol 2 to 5 (what torch.save and pickle write)."""
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+def read_zip_directory(f: BinaryIO, size: int) -> list[zipfile.ZipInfo] | None:
+    """The entries of a zip archive for detection, or None when its directory is too large or unreadable.
 
-
-def safetensors_header_claim(head: bytes) -> int | None:
-    """The header length a safetensors-looking file declares (8 bytes LE then ``{``), sane or not."""
-    if len(head) < 9 or head[8:9] != b"{":
-        return None
-    return int.from_bytes(head[:8], "little")
-
-
-def _safetensors_header_length(head: bytes, size: int) -> int | None:
-    claimed = safetensors_header_claim(head)
-    if claimed is None or claimed >= SAFETENSORS_MAX_HEADER or claimed + 8 > size:
-        return None
-    return claimed
-
-
-def _is_legacy_torch(head: bytes) -> bool:
-    # The first pickle of a legacy file is just the magic number: PROTO, (FRAME,) LONG1 magic, STOP.
+    A directory too large to parse cheaply is not read; `check_archive` refuses it later.
+    """
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(head)):
-            if op.name in ("PROTO", "FRAME"):
-                continue
-            return op.name == "LONG1" and arg == LEGACY_MAGIC_NUMBER
-    except (ValueError, EOFError, struct.error):
-        return False
-    return False
-
-
-def _detect_zip_format(f: BinaryIO, size: int) -> CheckpointFormat:
-    try:
-        # A directory too large to parse cheaply is not classified; check_archive refuses it later.
         _check_declared_entry_count(f, size, DEFAULT_LIMITS)
         with zipfile.ZipFile(f) as zf:
-            names = zf.namelist()
+            return zf.infolist()
     except (ArchiveLimitExceeded, CorruptCheckpoint, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError,
             EOFError, struct.error):
-        return CheckpointFormat.PTH_ZIP
-    return classify_zip_names(names)
+        return None
 
 
-def classify_zip_names(names: Sequence[str]) -> CheckpointFormat:
-    """Classify a zip by entry names: TorchScript, torch.save archive, or neither."""
-    has_data_pkl = False
-    for name in names:
-        parts = name.split("/")
-        if len(parts) >= 2 and (parts[1] == "code" or parts[1:] == ["constants.pkl"]):
-            return CheckpointFormat.TORCHSCRIPT
-        if parts[1:] == ["data.pkl"]:
-            has_data_pkl = True
-    return CheckpointFormat.PTH_ZIP if has_data_pkl else CheckpointFormat.UNKNOWN
+def first_entry_name(f: BinaryIO) -> bytes | None:
+    """The name in the local header at the start of the file, when the file opens with one."""
+    f.seek(0)
+    header = f.read(_LOCAL_HEADER_SIZE)
+    if len(header) < _LOCAL_HEADER_SIZE or header[:4] != ZIP_LOCAL_MAGIC:
+        return None
+    return f.read(struct.unpack("<H", header[26:28])[0])
 
 
 def _check_declared_entry_count(f: BinaryIO, size: int, limits: ArchiveLimits) -> None:
@@ -279,3 +210,104 @@ def _check_extents(infos: list[zipfile.ZipInfo], start_dir: int) -> None:
             raise CorruptCheckpoint(
                 f"archive entry {info.filename!r} extends past the archive data (truncated?)"
             )
+
+
+def check_storage_records(path: Path, obj: object, *, name: str, placeholders: bool,
+                          allowed: Sequence[Any] = ()) -> StorageRecords | None:
+    """Refuse storages that do not cover exactly one storage record of the archive; say which record each is.
+
+    A memory-mapped load slices each storage out of the mapped file at its record's offset, with the byte size
+    the pickle declares, and never compares that with the record's size (a plain load does): a storage longer
+    than its record reads the bytes of the next entries. The storages of the mapped load are slices of one
+    mapping, so their addresses, sorted, must line up with the records' offsets and sizes. Anything else
+    (orphan records, exotic tensors whose storages are out of reach) is settled by a load on the meta device,
+    which reads no data and tags each storage with its record offset.
+
+    Args:
+        path: The archive, already loaded memory-mapped.
+        obj: What the mapped load returned.
+        name: The format's name, for error messages.
+        placeholders: ``obj`` came from the placeholder unpickler (else the weights-only loader).
+        allowed: The allowlist of that weights-only load.
+
+    Returns:
+        Where each storage's record is in the file (by the storage's address), when the mapped storages line up
+        with the records one to one; otherwise None (a save then writes them from memory).
+
+    Raises:
+        CorruptCheckpoint: A storage starts at no record, or is larger or smaller than its record.
+    """
+    records = _storage_records(path)
+    extents = sorted({(s.data_ptr(), s.nbytes()) for s in _reachable_storages(obj) if s.nbytes()})
+    layout = sorted((offset, size, crc) for offset, (_, size, crc) in records.items() if size)
+    if len(extents) == len(layout) and all(
+        ptr - extents[0][0] == offset - layout[0][0] and nbytes == size
+        for (ptr, nbytes), (offset, size, _) in zip(extents, layout, strict=True)
+    ):
+        return StorageRecords(path, {ptr: Record(offset, size, crc)
+                                     for (ptr, _), (offset, size, crc) in zip(extents, layout, strict=True)})
+    try:
+        meta = read_torch_file(path, name=name, legacy=False, mmap=False, placeholders=placeholders,
+                               allowed=allowed, map_location="meta")
+    except Exception:  # the real load succeeded; a failure of the meta-only load proves nothing
+        return None
+    for storage in _reachable_storages(meta):
+        offset, nbytes = getattr(storage, "_checkpoint_offset", None), storage.nbytes()
+        if not nbytes or not isinstance(offset, int):
+            continue
+        entry, size, _ = records.get(offset, ("", -1, 0))
+        if not entry:
+            raise CorruptCheckpoint(f"a storage of {nbytes} bytes starts at no storage record of the archive")
+        if size != nbytes:
+            raise CorruptCheckpoint(f"storage record {entry!r} holds {size} bytes but the pickle declares {nbytes}")
+    return None
+
+
+def _storage_records(path: Path) -> dict[int, tuple[str, int, int]]:
+    # data offset -> (name, size, CRC-32) of each "<top>/data/<key>" entry. check_archive has already refused junk
+    # before the archive, so zipfile's offsets are file offsets.
+    out: dict[int, tuple[str, int, int]] = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if len(parts) != 3 or parts[1] != "data":
+                continue
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) < 30:
+                raise CorruptCheckpoint(f"archive entry {info.filename!r} is truncated")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            out[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size, info.CRC)
+    return out
+
+
+def _reachable_storages(obj: object) -> list[torch.UntypedStorage]:
+    # Iterative, and each object once: a 200k-deep or shared-reference ("billion laughs") structure costs
+    # its number of distinct objects, not its depth or its expanded size.
+    out: list[torch.UntypedStorage] = []
+    stack: list[object] = [obj]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            if item.layout == torch.strided:
+                try:
+                    out.append(item.untyped_storage())
+                except (RuntimeError, NotImplementedError):
+                    continue
+        elif isinstance(item, torch.TypedStorage):
+            out.append(item._untyped_storage)
+        elif isinstance(item, torch.UntypedStorage):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(dict.values(item))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, Placeholder):
+            stack.extend((item.args, item.state, item.listitems))
+            stack.extend(value for pair in item.dictitems for value in pair)
+    return out
+
