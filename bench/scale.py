@@ -6,8 +6,9 @@
 Each client thread pushes distinct small checkpoints (a few KB, made before the clock starts) with
 `CheckpointClient.push` (a HEAD, then the upload with its digest: every push stores a new artifact) through
 haproxy (scripts/services/haproxy.sh) in front of N `ckpt serve` replicas (tests/scale/cluster.py) that share one
-store. Reported: uploads per second and the latency percentiles, per replica count; the machine's cores, since the
-clients, haproxy and every replica (with its parser worker) share them. Run by hand; asserts nothing about time.
+store, each with the default settings (two parser workers, two heavy slots). Reported: uploads per second and the
+latency percentiles, per replica count; the machine's cores, since the clients, haproxy and every replica (with its
+parser workers) share them. Run by hand; asserts nothing about time.
 Settings in the environment (CKPT_*, AWS_*) reach the replicas, so the same run works on other backends.
 """
 
@@ -30,9 +31,6 @@ import torch
 from service.client import CheckpointClient, RetryPolicy
 from tests.scale.cluster import Haproxy, Replica, free_port
 
-# One parser worker of each kind per replica, as in the tests: the replicas share the machine's cores.
-REPLICA_ENV = {"CKPT_SANDBOX_WORKERS": "1", "CKPT_SANDBOX_READ_WORKERS": "1"}
-
 
 def make_files(directory: Path, count: int) -> list[Path]:
     """`count` distinct small .pth files (a 16x16 layer and a bias; about 3 KB each)."""
@@ -49,8 +47,8 @@ def make_files(directory: Path, count: int) -> list[Path]:
     return files
 
 
-def run_load(url: str, files: list[Path], clients: int, seconds: float) -> dict[str, Any]:
-    """Push files from `clients` threads for `seconds`; each file is pushed once."""
+def run_load(url: str, files: list[Path], clients: int, seconds: float, *, warm_up: bool = False) -> dict[str, Any]:
+    """Push files from `clients` threads for `seconds` (or until the files run out); each file is pushed once."""
     lock = threading.Lock()
     queue = list(files)
     latencies: list[float] = []
@@ -81,7 +79,7 @@ def run_load(url: str, files: list[Path], clients: int, seconds: float) -> dict[
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
-    if len(queue) == 0:
+    if not queue and not warm_up:
         print(f"  warning: ran out of files after {elapsed:.1f} s; pass more --files")
     ordered = sorted(latencies)
 
@@ -98,7 +96,7 @@ def run_load(url: str, files: list[Path], clients: int, seconds: float) -> dict[
 def measure(replicas: int, files: list[Path], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     base = work / f"replicas-{replicas}"
     base.mkdir()
-    env = {**REPLICA_ENV, "CKPT_DATA_DIR": str(base / "shared-data")}
+    env = {"CKPT_DATA_DIR": str(base / "shared-data")}  # every other setting at its default
     started = [Replica(f"replica{i}", free_port(), base / f"replica{i}", env, base / f"replica{i}.log")
                for i in range(1, replicas + 1)]
     haproxy = None
@@ -107,7 +105,7 @@ def measure(replicas: int, files: list[Path], args: argparse.Namespace, work: Pa
             replica.start()
         haproxy = Haproxy(base / "haproxy", [r.backend for r in started])
         haproxy.wait_states({f"replica{i}": "UP" for i in range(1, replicas + 1)})
-        run_load(haproxy.url, files[:args.clients * 4], args.clients, 3)  # warm-up: imports, pools, caches
+        run_load(haproxy.url, files[:args.clients * 4], args.clients, 3, warm_up=True)  # imports, pools, caches
         result = run_load(haproxy.url, files[args.clients * 4:], args.clients, args.seconds)
         result["per_replica_sessions"] = {name: int(row["stot"]) for name, row in haproxy.servers().items()}
         return result
