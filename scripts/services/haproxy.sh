@@ -109,7 +109,7 @@ CFG
     done
   } >"$DIR/haproxy.cfg"
   ensure_haproxy
-  haproxy -c -q -f "$DIR/haproxy.cfg" >&2
+  haproxy -c -f "$DIR/haproxy.cfg" >/dev/null
 }
 
 ensure_haproxy() {

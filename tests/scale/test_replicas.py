@@ -188,6 +188,9 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
         assert not t.is_alive(), "a client did not finish within 600 s\n" + cluster.logs()
     assert not ledger.unexpected, "\n".join(ledger.unexpected) + "\n" + cluster.logs()
     assert chaos.back.is_set() and chaos.in_flight >= 1
+    totals = ledger.totals()
+    # The kill was felt: a request in flight on the victim was retried by the client or failed (unacknowledged).
+    assert totals["retries"] + totals["unacknowledged"] >= 1, totals
     assert min(after_restart) > AFTER_RESTART, f"clients stopped before the restart: {after_restart}"
     # The restarted replica took requests again.
     assert int(haproxy.servers()[chaos.victim]["stot"]) > chaos.sessions_at_restart
@@ -209,7 +212,6 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
     wrong = {name: names.get(name) for name, events in ledger.names.items()
              if not allowed_targets(events).admits(names.get(name))}
 
-    totals = ledger.totals()
     figures = {
         "requests": totals["requests"], "retries by the client": totals["retries"],
         "acknowledged calls": totals["acknowledged"], "unacknowledged calls": totals["unacknowledged"],
