@@ -8,9 +8,12 @@ Retries. Connection errors and 502/503/504 answers are retried with exponential 
 Retry-After, for idempotent calls only: GET, HEAD, PUT and DELETE, `POST /diff` (it stores nothing), and
 `push`, because the client always sends the sha256 of the bytes: the service stores content by digest, so
 repeating a push can only store the same artifact again (an existing one is returned unchanged); `import_url`
-for the same reason. `merge`,
-`strip` and `register_architecture` are never retried: a 503 there (`OverloadedError`) is the caller's
-decision, since the work is heavy and the service asked to back off.
+for the same reason. A `merge` is retried only when both inputs go as artifact ids (a 64-hex id, or a local file
+the service already has): the same inputs give the same result, and a name cannot move between the attempts (an
+`s3://` input is not an id: the object may change). A merge that uploads a file or
+names an input by name, `strip` and `register_architecture` are never retried: a 503 there (`OverloadedError`)
+is the caller's decision, since the work is heavy and the service asked to back off. Behind a load balancer a
+request that a replica began to read cannot be replayed elsewhere; these client retries are what recovers it.
 """
 
 from __future__ import annotations
@@ -1163,7 +1166,8 @@ class CheckpointClient:
         `track_running_stats=False`) are filled from the original, and the result must pass
         `load_state_dict(strict=True)`; otherwise nothing is stored. A local original (`Path`) is hashed first and
         sent as its id when the service has it. Uploads are streamed, each followed by the sha256 of the bytes
-        sent (hashed while sending); a trained file is always uploaded, without hashing it first. Not retried.
+        sent (hashed while sending); a trained file is always uploaded, without hashing it first. Retried (like a
+        push) only when both inputs go as artifact ids: see the module's note on retries.
 
         Args:
             original: The pretrained checkpoint: an id or name (`str`), a local file or a directory of shards
@@ -1251,7 +1255,9 @@ class CheckpointClient:
             form = _StreamedForm(fields, uploads, counter, stack)
             return {"content": iter(form), "headers": form.headers()}
 
-        result = _parse(OperationOut, self._send("POST", "/merge", idempotent=False, body=body))
+        # Inputs by id only: the same request gives the same artifact, so a retry is safe (a name could move).
+        by_id = not uploads and all(_HEX64.match(v) for k, v in fields if k in ("original", "trained"))
+        result = _parse(OperationOut, self._send("POST", "/merge", idempotent=by_id, body=body))
         if output is not None:
             self.pull(result.id, output, progress=progress)
         return result
