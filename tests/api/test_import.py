@@ -342,6 +342,31 @@ def test_a_merge_by_reference_that_fails_stores_nothing(
     assert_nothing_left(app, data_dir)
 
 
+def test_a_json_merge_body_is_checked_like_a_form(recipe_files: dict[str, Path], tmp_path: Path) -> None:
+    # No object store needed: these are refused before anything is read.
+    with TestClient(create_app(Settings(data_dir=tmp_path / "plain"))) as client:
+        _json_merges(client, recipe_files)
+
+
+def _json_merges(client: TestClient, recipe_files: dict[str, Path]) -> None:
+    for body, fragment in (
+        (b"[1, 2]", "object of fields"),
+        (b"{not json", "not valid JSON"),
+        (b'{"architecture": "tiny-convnet", "original_file": "x"}', "unknown JSON fields"),
+        (b'{"architecture": "tiny-convnet", "labels": {"a": 1}}', "'labels'"),
+        (b'{"architecture": "tiny-convnet", "trained": "x"}', "exactly one of 'original'"),
+    ):
+        r = client.post("/merge", content=body, headers={"content-type": "application/json"})
+        assert_refused(r, status=400, fragment=fragment)
+    with recipe_files["original"].open("rb") as fh:
+        original = client.post("/checkpoints", files={"file": ("o.pth", fh)}).json()["id"]
+    with recipe_files["trained"].open("rb") as fh:
+        trained = client.post("/checkpoints", files={"file": ("t.pth", fh)}).json()["id"]
+    r = client.post("/merge", json={"architecture": "tiny-convnet", "original": original, "trained": trained,
+                                    "drop_unexpected": False, "frozen_atol": 0, "strip_prefixes": "auto"})
+    assert r.status_code == 201, r.text
+
+
 # ---- client and CLI -------------------------------------------------------------------------------------
 
 
