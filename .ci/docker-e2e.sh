@@ -4,26 +4,47 @@
 # download, strict load; then restart, and down/up without -v, and check that the artifacts survived.
 # Always tears the stack down (down -v). Called by .ci/run after the unit tests; runs on its own too:
 #
-#   bash .ci/docker-e2e.sh
+#   bash .ci/docker-e2e.sh            # docker-compose.yml: one service
+#   bash .ci/docker-e2e.sh --scale    # docker-compose.scale.yml: haproxy, two replicas, PostgreSQL, Ceph RGW;
+#                                     # the same recipe and checks, through haproxy
 #
 # Exit status: 0 passed; 1 the e2e failed; 2 the container engine or the torch wheel was not available.
-# Environment (all optional): PYTHON (default .venv/bin/python), CKPT_PORT (18765), COMPOSE_PROJECT_NAME
-# (ckpt-e2e), CKPT_IMAGE_TAG (e2e), CONTAINER_ENGINE_SCRIPT (../shared/tools/container-engine.sh from the
-# repository root), E2E_HEALTH_TIMEOUT seconds (180).
+# Environment (all optional): PYTHON (default .venv/bin/python), CKPT_PORT (18765; 18766 with --scale),
+# COMPOSE_PROJECT_NAME (ckpt-e2e; ckpt-scale-e2e), CKPT_IMAGE_TAG (e2e), CONTAINER_ENGINE_SCRIPT
+# (../shared/tools/container-engine.sh from the repository root), E2E_HEALTH_TIMEOUT seconds (180; 300).
 set -euo pipefail
+
+SCALE=0
+case "${1:-}" in
+    "") ;;
+    --scale) SCALE=1 ;;
+    *) echo "usage: docker-e2e.sh [--scale]" >&2; exit 64 ;;
+esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 ENGINE=${CONTAINER_ENGINE_SCRIPT:-$ROOT/../shared/tools/container-engine.sh}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-HEALTH_TIMEOUT=${E2E_HEALTH_TIMEOUT:-180}
-export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-ckpt-e2e}
-export CKPT_PORT=${CKPT_PORT:-18765}
 export CKPT_IMAGE_TAG=${CKPT_IMAGE_TAG:-e2e}
+if [ "$SCALE" = 1 ]; then
+    # docker-compose reads COMPOSE_FILE itself: every `compose` below works on the scale stack.
+    export COMPOSE_FILE=docker-compose.scale.yml
+    export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-ckpt-scale-e2e}
+    export CKPT_PORT=${CKPT_PORT:-18766}
+    HEALTH_TIMEOUT=${E2E_HEALTH_TIMEOUT:-300}
+    SERVICES=(postgres ceph ckpt-1 ckpt-2)   # the ones with a health check; haproxy is checked through /readyz
+    NAME=docker-scale-e2e
+else
+    export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-ckpt-e2e}
+    export CKPT_PORT=${CKPT_PORT:-18765}
+    HEALTH_TIMEOUT=${E2E_HEALTH_TIMEOUT:-180}
+    SERVICES=(ckpt)
+    NAME=docker-e2e
+fi
 BASE_URL="http://127.0.0.1:$CKPT_PORT"
 SECONDS=0
 
-log() { printf 'docker-e2e [%4ss]: %s\n' "$SECONDS" "$*"; }
+log() { printf '%s [%4ss]: %s\n' "$NAME" "$SECONDS" "$*"; }
 fail() { log "FAILED: $*" >&2; exit 1; }
 unavailable() { log "FAILED (no engine): $*" >&2; exit 2; }
 
@@ -82,28 +103,35 @@ trap 'exit 130' INT TERM
 # A stack left over by an interrupted run would hide a fresh-volume bug: start clean.
 compose down -v --remove-orphans >/dev/null 2>&1 || true
 
-# --- 4. Build through the compose file's build section (TORCH_WHEEL reaches the Dockerfile as a build arg).
-log "building the image ckpt-service:$CKPT_IMAGE_TAG"
+# --- 4. Build through the compose file's build sections (TORCH_WHEEL reaches the Dockerfile as a build arg).
+log "building the images ($(compose config --services | tr '\n' ' '))"
 if ! compose build >"$WORK/build.log" 2>&1; then
     tail -n 60 "$WORK/build.log" >&2
     fail "docker-compose build failed"
 fi
-size=$($DOCKER image inspect -f '{{.Size}}' "ckpt-service:$CKPT_IMAGE_TAG")
-log "image ckpt-service:$CKPT_IMAGE_TAG: $((size / 1000000)) MB"
-$DOCKER image ls "ckpt-service:$CKPT_IMAGE_TAG"
+log "images built"
+for image in $(compose config | sed -n 's/^ *image: *//p' | sort -u); do
+    size=$($DOCKER image inspect -f '{{.Size}}' "$image")
+    log "image $image: $((size / 1000000)) MB"
+done
 
 wait_healthy() {
-    local cid status deadline=$((SECONDS + HEALTH_TIMEOUT))
-    cid=$(compose ps -q ckpt)
-    [ -n "$cid" ] || fail "no container for the service"
-    while :; do
-        status=$($DOCKER inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$cid")
-        case "$status" in
-            "running healthy") log "container healthy"; return 0 ;;
-            *unhealthy*|exited*|dead*|restarting*) fail "container is $status" ;;
-        esac
-        [ "$SECONDS" -lt "$deadline" ] || fail "not healthy after ${HEALTH_TIMEOUT}s (status: $status)"
-        sleep 2
+    local service cid status deadline=$((SECONDS + HEALTH_TIMEOUT))
+    for service in "${SERVICES[@]}"; do
+        cid=$(compose ps -q "$service")
+        [ -n "$cid" ] || fail "no container for the service $service"
+        while :; do
+            status=$($DOCKER inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$cid")
+            case "$status" in
+                "running healthy") log "$service healthy"; break ;;
+                # With depends_on, a replica may restart (restart: unless-stopped) while PostgreSQL and Ceph
+                # start; only the deadline ends that wait.
+                restarting*) [ "$SCALE" = 1 ] || fail "$service is $status" ;;
+                *unhealthy*|exited*|dead*) fail "$service is $status" ;;
+            esac
+            [ "$SECONDS" -lt "$deadline" ] || fail "$service not healthy after ${HEALTH_TIMEOUT}s (status: $status)"
+            sleep 2
+        done
     done
 }
 
@@ -111,7 +139,7 @@ wait_healthy() {
 log "docker-compose up -d (port 127.0.0.1:$CKPT_PORT)"
 compose up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "docker-compose up failed"; }
 wait_healthy
-uid=$(compose exec -T ckpt id -u)
+uid=$(compose exec -T "${SERVICES[-1]}" id -u)
 [ "$uid" != "0" ] || fail "the service runs as root"
 log "service runs as uid $uid"
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.s3url import S3Location, parse_import_allowlist
+
 # Token scopes, weakest first; a token may do what its scope and every weaker one allow.
 SCOPES = ("read", "write", "admin")
 # A prefix before the first ':' that is one short word is meant as a scope, whatever its case: "READ:abc" or
@@ -176,6 +178,14 @@ class Settings(BaseSettings):
         7 * 86400, gt=0, description="Conversions unused for this long are removed by garbage collection."
     )
 
+    # Import by reference (service.importer): the service reads these objects itself, with the standard AWS
+    # settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Unset: nothing is read.
+    import_allowed: str | None = Field(
+        None,
+        description="Object-store prefixes POST /checkpoints/import and s3:// refs in POST /merge may read, comma "
+        "separated (s3://bucket/ or s3://bucket/prefix/); unset: import by reference is off (403).",
+    )
+
     tmp_grace_seconds: int = Field(
         3600, description="Age after which crash-left temp files and orphan blobs (no index row) are removed."
     )
@@ -197,6 +207,12 @@ class Settings(BaseSettings):
         parse_tokens(value)
         return value
 
+    @field_validator("import_allowed")
+    @classmethod
+    def _valid_prefixes(cls, value: str | None) -> str | None:
+        parse_import_allowlist(value)
+        return value
+
     @model_validator(mode="after")
     def _fold_deprecated(self) -> Settings:
         if self.archive_max_entries is not None and "max_keys" not in self.model_fields_set:
@@ -206,6 +222,10 @@ class Settings(BaseSettings):
     def expanded_bytes_cap(self) -> int:
         """`max_expanded_bytes`, or 4 x `max_upload_bytes` when unset."""
         return self.max_expanded_bytes if self.max_expanded_bytes is not None else 4 * self.max_upload_bytes
+
+    def import_prefixes(self) -> tuple[S3Location, ...]:
+        """The `import_allowed` prefixes (empty: import by reference is off)."""
+        return parse_import_allowlist(self.import_allowed)
 
     def request_bytes_cap(self) -> int:
         """`max_request_bytes`, or 8 x `max_upload_bytes` when unset."""

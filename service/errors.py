@@ -25,6 +25,10 @@
     │   ├── DigestMismatch           the declared sha256 differs from the bytes (`expected`, `actual`)
     │   ├── PayloadTooLarge          over the configured size limit (`limit`)
     │   └── StorageFull              ENOSPC while writing
+    ├── SourceError                  an object imported by reference, s3://bucket/key (`url`)
+    │   ├── SourceNotAllowed         outside CKPT_IMPORT_ALLOWED, or import by reference is off (`setting`)
+    │   ├── SourceNotFound           no such object or bucket
+    │   └── SourceUnavailable        the object store failed, or refused the service's credentials
     ├── ArchitectureError
     │   ├── ArchitectureNotFound     (`architecture`)
     │   ├── ArchitectureConflict     the name exists, or is not spec-registered and cannot be deleted
@@ -169,6 +173,22 @@ class PayloadTooLarge(StoreError):
 
 class StorageFull(StoreError):
     title = "Storage full"
+
+
+class SourceError(CheckpointServiceError):
+    title = "Import source error"
+
+
+class SourceNotAllowed(SourceError):
+    title = "Import source not allowed"
+
+
+class SourceNotFound(SourceError):
+    title = "Import source not found"
+
+
+class SourceUnavailable(SourceError):
+    title = "Import source unavailable"
 
 
 class ArchitectureError(CheckpointServiceError):

@@ -11,12 +11,14 @@ import dataclasses
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, cast
 
 import torch
 
 from service.core import sharding
+from service.core.budget import current_job, job_scope
 from service.core.changes import ChangeSummary, changes_from_stats, measure_changes, rollup_modules
 from service.core.diff import ManifestDiff, diff_manifests, diff_values, normalize_entries
 from service.core.expansion import expansion_budget
@@ -58,12 +60,14 @@ from service.errors import (
     InconsistentShards,
     InputsSwapped,
     InvalidRequest,
+    PayloadTooLarge,
     ShardNotFound,
     UnconvertibleCheckpoint,
     VerificationFailed,
     quote_keys,
 )
 from service.format_names import OutputFormat
+from service.importer import ObjectImporter, RemoteObject
 from service.registry import ArchitectureRegistry
 from service.store import (
     ArtifactMeta,
@@ -82,7 +86,11 @@ NormalizeMode = bool | Literal["align"]
 
 @dataclass
 class Source:
-    """One input of an operation: a stored artifact, or an upload that is not committed yet."""
+    """One input of an operation: a stored artifact, an upload that is not committed yet, or an object to import.
+
+    `Operations` reads an object to import (`url`) into an upload or, for a version it stored before, a stored
+    artifact, before the operation runs; `origin` then describes the object, for the lineage of what is stored.
+    """
 
     artifact_id: str | None = None
     upload: PendingUpload | None = None
@@ -90,8 +98,11 @@ class Source:
     inspection: Inspection | None = None
     # the state_dict to use inside the file (dotted, e.g. "model.ema"); None: the one chosen at ingest
     container_key: str | None = None
-    # how an upload was made from others (shards combined: `combine_shards`); recorded when it is committed
+    # how an upload was made (shards combined: `combine_shards`; an object read: `import_lineage`); recorded when
+    # it is committed
     lineage: Lineage | None = None
+    url: str | None = None  # s3://bucket/key, checked against the import allowlist (`ObjectImporter.check`)
+    origin: RemoteObject | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,11 @@ def _strip(
         "mode": "explicit",
         "applied": dict(result.applied),
     }
+
+
+def import_lineage(origin: RemoteObject) -> Lineage:
+    """The lineage of an artifact imported by reference: no inputs, the object it was read from in `params`."""
+    return Lineage(operation="import", inputs={}, params=origin.lineage_params())
 
 
 def _commit_inputs(store: ArtifactStore, sources: Iterable[Source]) -> None:
@@ -1087,6 +1103,7 @@ class Operations:
         safe_globals: Sequence[str] = (),
         max_upload_bytes: int = 32 << 30,
         max_request_bytes: int | None = None,
+        importer: ObjectImporter | None = None,
     ) -> None:
         """Bind the operations to a store and a registry.
 
@@ -1097,12 +1114,14 @@ class Operations:
             max_upload_bytes: The largest accepted upload (each file of a request).
             max_request_bytes: The most bytes of files in one request (the shards of a checkpoint together);
                 None: 8 x `max_upload_bytes`.
+            importer: Reads objects imported by reference; None: import by reference is off.
         """
         self.store = store
         self.registry = registry
         self.safe_globals: tuple[str, ...] = tuple(safe_globals)
         self.max_upload_bytes = max_upload_bytes
         self.max_request_bytes = max_request_bytes if max_request_bytes is not None else 8 * max_upload_bytes
+        self.importer = importer if importer is not None else ObjectImporter(())
         self.caches = OperationCaches()
 
     @property
@@ -1122,6 +1141,7 @@ class Operations:
         filename: str | None = None,
         labels: Mapping[str, str] | None = None,
         container_key: str | None = None,
+        lineage: Lineage | None = None,
     ) -> IngestResult:
         """Parse (with the service's limits) and publish an upload; see `ArtifactStore`.
 
@@ -1135,7 +1155,7 @@ class Operations:
             inspection = self.store.inspect_upload(upload, container_key=container_key)
         raw = self.store.commit_upload(
             upload, expected_sha256=expected_sha256, filename=filename, labels=dict(labels or {}),
-            inspection=inspection,
+            inspection=inspection, lineage=lineage,
         )
         if container_key is None or inspection is None or inspection.container_key == inspection.default_container_key:
             return raw
@@ -1162,6 +1182,149 @@ class Operations:
     def stream_shard(self, plan: ShardPlan, number: int) -> tuple[int, Iterator[bytes | memoryview]]:
         """`stream_shard` with the service's allowlist."""
         return stream_shard(self.store, plan, number, safe_globals=self.safe_globals)
+
+    def check_import(self, url: str, *, field: str = "url") -> None:
+        """Refuse an import URL before any work: not an s3:// object (400), or not allowed (403). Sends nothing."""
+        self.importer.check(url, field=field)
+
+    def read_import(self, url: str, *, field: str = "url", reuse: bool = True) -> Source:
+        """Read an allowed object for an operation (a HEAD, then a streamed GET into an upload).
+
+        Returns:
+            With `reuse`, the stored artifact when this process imported the same object version before and it
+            still exists; else an upload of the object's bytes, not yet parsed, that the caller commits or
+            aborts. `origin` describes the object either way.
+
+        Raises:
+            InvalidRequest, SourceNotAllowed: As for `check_import`.
+            SourceNotFound, SourceUnavailable: The object store has no such object, or failed.
+            PayloadTooLarge: The object is over `max_upload_bytes` (known from the HEAD, before any download).
+        """
+        importer = self.importer
+        obj = importer.head(importer.check(url, field=field))
+        known = importer.stored_as(obj) if reuse else None
+        if known is not None and self.store.exists(known):
+            return Source(artifact_id=known, filename=obj.filename, origin=obj)
+        upload = self.open_upload()
+        try:
+            importer.download(obj, upload)
+        except BaseException:
+            upload.abort()
+            raise
+        return Source(upload=upload, filename=obj.filename, origin=obj, lineage=import_lineage(obj))
+
+    def import_object(
+        self,
+        url: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        container_key: str | None = None,
+    ) -> IngestResult:
+        """Import an object by reference: read it (`read_import`) and ingest it as an upload, lineage `import`.
+
+        The same checks as an upload apply (sandboxed parse, hostile-input limits); nothing is stored when they
+        fail. For bytes already stored the existing artifact is returned (`created` False) and kept as it was.
+
+        Raises:
+            InvalidCheckpoint: The object is not a checkpoint the service accepts.
+            (and what `read_import` raises)
+        """
+        # Another state_dict than the default one is chosen while the file is parsed: read the bytes again.
+        source = self.read_import(url, reuse=container_key is None)
+        assert source.origin is not None
+        if source.artifact_id is not None:
+            return IngestResult(self.store.metadata(source.artifact_id), created=False)
+        assert source.upload is not None
+        try:
+            result = self.commit_upload(source.upload, filename=source.filename, labels=labels,
+                                        container_key=container_key, lineage=source.lineage)
+        finally:
+            source.upload.abort()  # a no-op once committed
+        self.importer.remember(source.origin, source.upload.sha256)
+        return result
+
+    def import_shards(self, urls: Sequence[str], *, labels: Mapping[str, str] | None = None) -> IngestResult:
+        """Import the shards of one checkpoint (and its index) by reference, as uploaded shards are combined.
+
+        Each object is read as `read_import` reads one, then they are combined (`combine`: each shard checked and
+        parsed, against the index when there is one); the lineage (``combine``) also records the URLs.
+
+        Raises:
+            InconsistentShards: More objects than a checkpoint may have shards, or shards that do not fit together.
+            PayloadTooLarge: The objects together are over `max_request_bytes` (known from their HEADs).
+            (and what `read_import` and `combine` raise)
+        """
+        importer = self.importer
+        if len(urls) > sharding.MAX_SHARDS + 1:
+            raise InconsistentShards(f"{len(urls)} objects, more than {sharding.MAX_SHARDS} shards and an index",
+                                     limit=sharding.MAX_SHARDS)
+        objects = [importer.head(importer.check(url, field=f"urls[{i}]")) for i, url in enumerate(urls)]
+        total = sum(obj.size for obj in objects)
+        if total > self.max_request_bytes:
+            raise PayloadTooLarge(f"the objects hold {total} bytes together, over the limit of "
+                                  f"{self.max_request_bytes} bytes", limit=self.max_request_bytes)
+        files: list[UploadedFile] = []
+        try:
+            for obj in objects:
+                files.append(UploadedFile(obj.filename, self.open_upload()))
+                importer.download(obj, files[-1].upload)
+            source = self.combine(files)
+            try:
+                assert source.lineage is not None
+                source.lineage = dataclasses.replace(
+                    source.lineage, params={**source.lineage.params, "urls": [obj.url for obj in objects]})
+                return self.commit_combined(source, labels=labels)
+            finally:
+                assert source.upload is not None
+                source.upload.abort()  # a no-op once committed
+        finally:
+            for f in files:
+                f.upload.abort()
+
+    def _read_imports(self, sources: Mapping[str, Source]) -> None:
+        # The objects of an operation's inputs, read at once (each into its own upload), under the job's budget.
+        wanted = {role: s for role, s in sources.items() if s.url is not None and s.origin is None}
+        if not wanted:
+            return
+        job = current_job()
+
+        def read(role: str, source: Source) -> Source:
+            assert source.url is not None
+            with job_scope(job.kind, job.remaining()):
+                read_source = self.read_import(source.url, field=role)
+                if read_source.upload is not None:
+                    try:  # parsed here as well, so that the inputs' sandboxed parses run at once too
+                        read_source.inspection = self.store.inspect_upload(
+                            read_source.upload, container_key=source.container_key)
+                    except BaseException:
+                        read_source.upload.abort()
+                        raise
+                return read_source
+
+        with ThreadPoolExecutor(len(wanted), thread_name_prefix="import") as pool:
+            futures = {role: pool.submit(read, role, s) for role, s in wanted.items()}
+        read_sources: dict[str, Source] = {}
+        errors: list[BaseException] = []
+        for role, future in futures.items():
+            try:
+                read_sources[role] = future.result()
+            except BaseException as exc:  # re-raised below, once the other reads are released
+                errors.append(exc)
+        if errors:
+            for read_source in read_sources.values():
+                if read_source.upload is not None:
+                    read_source.upload.abort()
+            raise errors[0]
+        for role, read_source in read_sources.items():
+            source = wanted[role]
+            source.artifact_id, source.upload = read_source.artifact_id, read_source.upload
+            source.filename, source.origin = read_source.filename, read_source.origin
+            source.inspection, source.lineage = read_source.inspection, read_source.lineage
+
+    def _remember_imports(self, sources: Iterable[Source]) -> None:
+        for source in sources:
+            if source.origin is not None and source.upload is not None:
+                self.importer.remember(source.origin, source.upload.sha256)
 
     def load(self, artifact_id: str) -> LoadedCheckpoint:
         """Load a stored checkpoint with the service's allowlist and limits."""
@@ -1211,17 +1374,29 @@ class Operations:
         return self.store.convert(artifact_id, output_format, safe_globals=self.safe_globals)
 
     def merge(self, *, original: Source, trained: Source, options: MergeOptions) -> OperationResult:
-        """`merge_checkpoints` with the service's registry, allowlist and limits."""
-        return merge_checkpoints(
-            self.store,
-            self.registry,
-            original=original,
-            trained=trained,
-            options=options,
-            safe_globals=self.safe_globals,
-            limits=self.limits,
-            caches=self.caches,
-        )
+        """`merge_checkpoints` with the service's registry, allowlist and limits.
+
+        Inputs given by `url` are read first, both at once (`read_import`); a merge that fails stores nothing, and
+        one that succeeds stores them too, as imported artifacts (lineage `import`).
+        """
+        self._read_imports({"original": original, "trained": trained})
+        try:
+            result = merge_checkpoints(
+                self.store,
+                self.registry,
+                original=original,
+                trained=trained,
+                options=options,
+                safe_globals=self.safe_globals,
+                limits=self.limits,
+                caches=self.caches,
+            )
+        finally:
+            for source in (original, trained):
+                if source.url is not None and source.upload is not None:
+                    source.upload.abort()  # a no-op once committed
+        self._remember_imports((original, trained))
+        return result
 
     def diff(
         self,

@@ -6,8 +6,13 @@
 #
 #   ceph-s3.sh start DIR   DIR is created afresh; prints the endpoint and keys; daemons' PIDs in DIR/*.pid
 #   ceph-s3.sh stop DIR [--purge]   stops only the daemons start recorded (SIGTERM, then SIGKILL after 3 s)
+#   ceph-s3.sh serve DIR   for a container (deploy/scale/): a cluster DIR that a former serve finished is started
+#                          again as it was (its data kept), otherwise created as by start; then the bucket $BUCKET is
+#                          created if missing, and the script stays in the foreground until a daemon exits or
+#                          SIGTERM stops them all. DIR must be a directory below the volume, not its mount point.
 #
-# Environment: STORE=bluestore|memstore  RGW_PORT=27480  MON_PORT=27789  WITH_MGR=0|1  AK, SK (the S3 keys).
+# Environment: STORE=bluestore|memstore  RGW_PORT=27480  MON_PORT=27789  WITH_MGR=0|1  AK, SK (the S3 keys),
+# RGW_BIND=127.0.0.1 (the S3 endpoint's address; 0.0.0.0 in a container), BUCKET (serve only).
 # Installs Debian's ceph-mon ceph-osd radosgw when missing (needs root, as apt-get does).
 set -euo pipefail
 
@@ -35,6 +40,7 @@ start() {
   fi
   DIR=$(realpath -m "${1:?usage: ceph-s3.sh start DIR (an absolute or relative path; created afresh)}")
   local store=${STORE:-bluestore} rgw_port=${RGW_PORT:-27480} mon_port=${MON_PORT:-27789} with_mgr=${WITH_MGR:-0}
+  local rgw_bind=${RGW_BIND:-127.0.0.1}
   local ak=${AK:-testaccesskey} sk=${SK:-testsecretkey}
   ms() { echo $(( $(date +%s%N) / 1000000 )); }
   T0=$(ms); step() { local d=$(( $(ms) - T0 )); printf '[%d.%03ds] %s\n' $((d/1000)) $((d%1000)) "$*"; }
@@ -94,10 +100,14 @@ mon data = $DIR/mon.a
 [mgr.x]
 mgr data = $DIR/mgr.x
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$rgw_port
+rgw frontends = beast endpoint=$rgw_bind:$rgw_port
 rgw data = $DIR/rgw
 rgw enable usage log = false
 rgw thread pool size = 64
+# Deleted objects' data is reclaimed within seconds, not after RGW's default two hours: the sparse OSD is 20 GB,
+# and the benchmark (bench/s3.py) writes and deletes more than that in one run.
+rgw gc obj min wait = 0
+rgw gc processor period = 5
 CONF
   ceph-authtool --create-keyring "$DIR/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
   ceph-authtool "$DIR/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' \
@@ -138,8 +148,69 @@ CONF
   step "S3 user created; endpoint=http://127.0.0.1:$rgw_port access=$ak secret=$sk"
 }
 
+# resume DIR: start the daemons of a cluster that start made in DIR (the same ports and keys), keeping its data.
+resume() {
+  DIR=$(realpath -m "$1")
+  export CEPH_CONF="$DIR/ceph.conf"
+  local rgw_port
+  rgw_port=$(sed -n 's/^rgw frontends = beast endpoint=.*:\([0-9]*\)$/\1/p' "$CEPH_CONF")
+  wait_for() { local end=$(( $(date +%s) + $1 )); shift
+    until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt "$end" ] || { echo "timeout waiting for: $*" >&2; return 1; }; sleep 0.3; done; }
+  # PID files a killed container left behind name processes of another PID namespace: never signal them.
+  rm -f "$DIR"/*.pid
+  nohup ceph-mon -f -i a >>"$DIR/log/mon.a.out" 2>&1 & echo $! > "$DIR/mon.a.pid"
+  wait_for 60 timeout 5 ceph -s
+  nohup ceph-osd -f -i 0 >>"$DIR/log/osd.0.out" 2>&1 & echo $! > "$DIR/osd.0.pid"
+  osd_up() { ceph osd dump 2>/dev/null | grep -q "^osd.0 up"; }
+  wait_for 90 osd_up
+  nohup radosgw -f -n client.rgw.a >>"$DIR/log/rgw.out" 2>&1 & echo $! > "$DIR/rgw.pid"
+  port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$rgw_port") 2>/dev/null; }
+  wait_for 90 port_open
+  echo "resumed: mon, osd.0 and radosgw on port $rgw_port from $DIR"
+}
+
+# stop_in_order DIR: radosgw, then the OSD while the mon still runs (so that it can report itself down and the
+# next start is not taken for the old instance), then the mon; each gets 10 s after SIGTERM before SIGKILL.
+stop_in_order() {
+  local f pid
+  for f in rgw mgr.x osd.0 mon.a; do
+    [ -f "$1/$f.pid" ] || continue
+    pid=$(cat "$1/$f.pid"); rm -f "$1/$f.pid"
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+}
+
+serve() {
+  local dir; dir=$(realpath -m "${1:?usage: ceph-s3.sh serve DIR}")
+  if [ -f "$dir/served" ]; then resume "$dir"; else start "$dir"; touch "$dir/served"; fi
+  trap - ERR
+  trap 'stop_in_order "$dir"; exit 0' TERM INT
+  if [ -n "${BUCKET:-}" ]; then
+    local port url
+    port=$(sed -n 's/^rgw frontends = beast endpoint=.*:\([0-9]*\)$/\1/p' "$dir/ceph.conf")
+    url="http://127.0.0.1:$port/$BUCKET"
+    # curl signs the request (SigV4) itself; 409 BucketAlreadyOwnedByYou is the bucket from a former start.
+    local code
+    code=$(curl -sS -m 60 -o "$dir/log/bucket.out" -w '%{http_code}' -X PUT -H 'Content-Length: 0' \
+      -H "x-amz-content-sha256: $(printf '' | sha256sum | cut -d' ' -f1)" --aws-sigv4 "aws:amz:us-east-1:s3" --user "${AK:-testaccesskey}:${SK:-testsecretkey}" "$url") || true
+    case "$code" in
+      200|409) echo "bucket $BUCKET ready ($code)" ;;
+      *) echo "could not create the bucket $BUCKET: HTTP $code $(cat "$dir/log/bucket.out")" >&2; stop "$dir"; exit 1 ;;
+    esac
+  fi
+  echo "serving; SIGTERM stops the daemons"
+  # In the foreground until one daemon exits (the container then stops and its restart policy applies).
+  wait -n || true
+  echo "a daemon exited; stopping the others" >&2
+  stop_in_order "$dir"
+  exit 1
+}
+
 case "${1:-}" in
   start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
-  *) echo "usage: ceph-s3.sh start DIR | stop DIR [--purge]" >&2; exit 64 ;;
+  serve) shift; serve "$@" ;;
+  *) echo "usage: ceph-s3.sh start DIR | stop DIR [--purge] | serve DIR" >&2; exit 64 ;;
 esac

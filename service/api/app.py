@@ -33,6 +33,7 @@ from service.core.budget import JobKind
 from service.core.load import resolve_globals
 from service.core.types import ArchiveLimits
 from service.errors import InvalidRequest, InvalidSettings, quote_keys
+from service.importer import ObjectImporter
 from service.operations import Operations
 from service.registry import ArchitectureRegistry
 from service.runtime import tune_gc
@@ -114,6 +115,7 @@ def build_services(settings: Settings) -> Services:
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)
     operations = Operations(
         store, registry, safe_globals=safe_globals, max_upload_bytes=settings.max_upload_bytes,
+        importer=ObjectImporter(settings.import_prefixes()),
         max_request_bytes=settings.request_bytes_cap(),
     )
     pool = _work_pool(settings, "write", settings.heavy_concurrency, settings.heavy_queue)

@@ -28,9 +28,11 @@ ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
     (e.InvalidRequest, 400),
     (e.Unauthorized, 401),
     (e.Forbidden, 403),
+    (e.SourceNotAllowed, 403),
     (e.ArtifactNotFound, 404),
     (e.NameNotFound, 404),
     (e.ArchitectureNotFound, 404),
+    (e.SourceNotFound, 404),
     (e.ArtifactInUse, 409),
     (e.AmbiguousReference, 409),
     (e.ArchitectureConflict, 409),
@@ -41,6 +43,7 @@ ERROR_STATUS: tuple[tuple[type[e.CheckpointServiceError], int], ...] = (
     (e.InputsSwapped, 422),  # both swap signs, without allow_swapped
     (e.VerificationFailed, 422),
     (e.InvalidArchitecture, 422),
+    (e.SourceUnavailable, 502),  # the object store, the service's upstream, failed
     (e.Overloaded, 503),
     (e.TimeBudgetExceeded, 422),  # the input made the work too long: retrying the same request will not help
     (e.StorageFull, 507),

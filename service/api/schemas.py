@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,8 @@ class Problem(BaseModel):
     retry_after: int | None = None
     report: dict[str, Any] | None = None
     errors: list[dict[str, Any]] | None = None
+    url: str | None = None
+    setting: str | None = None
 
 
 class LineageOut(BaseModel):
@@ -148,6 +150,32 @@ class StripIn(BaseModel):
         None, min_length=1, max_length=1024,
         description="The state_dict to use inside the file (dotted, e.g. 'model.ema'); omitted: the one chosen "
         "at upload.",
+    )
+
+
+class ImportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        None,
+        max_length=2048,
+        description="The object to import, s3://bucket/key, under a prefix of CKPT_IMPORT_ALLOWED; the service reads "
+        "it itself with its own object-store credentials.",
+    )
+    urls: list[Annotated[str, Field(max_length=2048)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=257,
+        description="Instead of `url`: the shards of one checkpoint and its '*.index.json', combined into one "
+        "artifact as uploaded shards are (lineage 'combine', with the URLs).",
+    )
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                             description="Point this name at the artifact.")
+    labels: dict[str, str] | None = Field(None, description="Key/value labels for a new artifact.")
+    container_key: str | None = Field(
+        None, min_length=1, max_length=1024,
+        description="The state_dict to use inside the file (dotted, e.g. 'model.ema'); when it is not the default "
+        "one, the object is stored as read and the answer is a derived artifact holding that state_dict alone.",
     )
 
 

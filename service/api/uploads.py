@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,6 +288,8 @@ async def parse_multipart(
 ) -> ParsedForm:
     """Parse a multipart body, streaming each file part into a store upload. Aborts every upload on failure.
 
+    A body without file parts may also be `application/x-www-form-urlencoded` or a JSON object of the text fields.
+
     Args:
         request: The request.
         store: Where file parts are staged.
@@ -308,6 +311,8 @@ async def parse_multipart(
     ctype, params = parse_options_header(content_type)
     if ctype == b"application/x-www-form-urlencoded":
         return await _parse_urlencoded(request, file_fields | text_fields)
+    if ctype == b"application/json":
+        return await _parse_json_fields(request, text_fields)
     if ctype != b"multipart/form-data":
         raise InvalidRequest(f"expected multipart/form-data, got {content_type[:64]!r}")
     boundary = params.get(b"boundary")
@@ -384,14 +389,20 @@ async def parse_multipart(
     return form
 
 
-async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> ParsedForm:
-    # Ref-only requests (no file parts) may come as a plain form, as `curl -d` and httpx send them.
-    check_content_length(request, MULTIPART_OVERHEAD)
+async def _read_small_body(request: Request, limit: int, what: str) -> bytearray:
+    # A body of fields only, held in memory: 413 past `limit` (before reading when Content-Length says so).
+    check_content_length(request, limit)
     body = bytearray()
     async for chunk in body_chunks(request):
         body += chunk
-        if len(body) > MULTIPART_OVERHEAD:
-            raise PayloadTooLarge(f"form body exceeds {MULTIPART_OVERHEAD} bytes", limit=MULTIPART_OVERHEAD)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"{what} exceeds the limit of {limit} bytes", limit=limit)
+    return body
+
+
+async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> ParsedForm:
+    # Ref-only requests (no file parts) may come as a plain form, as `curl -d` and httpx send them.
+    body = await _read_small_body(request, MULTIPART_OVERHEAD, "form body")
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARTS)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -403,6 +414,37 @@ async def _parse_urlencoded(request: Request, allowed: frozenset[str]) -> Parsed
         if name in form.fields:
             raise InvalidRequest(f"form field {name!r} is given twice")
         form.fields[name] = value
+    return form
+
+
+async def _parse_json_fields(request: Request, allowed: frozenset[str]) -> ParsedForm:
+    # Ref-only requests may also come as a JSON object of the same fields (a merge by reference from a script):
+    # booleans and numbers become their form spelling, a list a comma-separated one, an object (labels) JSON text.
+    body = await _read_small_body(request, request.app.state.services.settings.max_json_bytes, "JSON body")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidRequest("the JSON body is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("the JSON body must be an object of fields")
+    unknown = sorted(k for k in data if k not in allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown JSON fields {unknown[:8]}; expected some of {sorted(allowed)}")
+    form = ParsedForm()
+    for name, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            form.fields[name] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            form.fields[name] = str(value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            form.fields[name] = ",".join(value)
+        elif isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            form.fields[name] = json.dumps(value)
+        else:
+            raise InvalidRequest(f"JSON field {name!r} must be a string, number, boolean, list of strings or "
+                                 "object of strings")
     return form
 
 

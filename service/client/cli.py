@@ -28,6 +28,7 @@ references:
   that names an existing local file is sent as a file (or as its id when the service already has its
   bytes), one that names a directory is sent as the shards of one checkpoint (its *.index.json and the
   shards it names, or its *.safetensors / *.bin weight files); anything else is a REF.
+  merge also takes s3://bucket/key, which the service reads itself (see `ckpt import`).
 
 environment:
   CKPT_URL     service URL (default http://127.0.0.1:8000); --url overrides it
@@ -159,6 +160,21 @@ def _cmd_push(client: CheckpointClient, args: argparse.Namespace) -> int:
         index = art.lineage.params.get("index") or {}
         checked = f", checked against {index.get('filename')}" if index else ""
         print(f"  combined from {len(shards)} shards{checked}")
+    return 0
+
+
+def _cmd_import(client: CheckpointClient, args: argparse.Namespace) -> int:
+    # `objects`, not `url`: that is the service's URL (--url).
+    urls: str | list[str] = args.objects[0] if len(args.objects) == 1 else args.objects
+    result = client.import_url(urls, name=args.name, labels=_labels(args.label), container_key=args.container_key)
+    if args.json:
+        _emit_json(result.to_dict())
+        return 0
+    art = result.artifact
+    verb = "imported" if result.created else "already stored:"
+    names = f"  names: {', '.join(art.names)}" if art.names else ""
+    source = args.objects[0] if len(args.objects) == 1 else f"{len(args.objects)} objects"
+    print(f"{verb} {art.id}  {art.format}  {art.key_count} keys  {_human_bytes(art.size)}  from {source}{names}")
     return 0
 
 
@@ -346,6 +362,8 @@ def _hint(exc: Any, args: argparse.Namespace) -> str | None:
     status = getattr(exc, "status", None)
     if status == 401:
         return "pass a token with --token TOKEN or set CKPT_TOKEN (the service has CKPT_API_TOKENS set)"
+    if status == 403 and exc.problem.get("setting"):
+        return f"the service reads only the object-store prefixes its operator lists in {exc.problem['setting']}"
     if status == 403:
         return "this command needs a write token (--token / CKPT_TOKEN)"
     if status == 409 and args.handler is _cmd_rm and exc.problem.get("names"):
@@ -591,6 +609,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this state_dict of the file (dotted, e.g. state_dict_ema or model.ema): the file is "
                         "stored as sent and the answer is a derived artifact holding only it")
 
+    p = _add(sub, "import", _cmd_import, common,
+             help="have the service read a checkpoint from its object store (s3://bucket/key), no upload",
+             description="The service reads the object itself, with its own credentials, if it lies under a "
+                         "prefix of its CKPT_IMPORT_ALLOWED, and stores it with the same checks as an upload.")
+    p.add_argument("objects", metavar="URL", nargs="+",
+                   help="s3://bucket/key; several: the shards of one checkpoint and its *.index.json")
+    p.add_argument("--name", help="point this name at the artifact")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
+    p.add_argument("--container-key", metavar="KEY",
+                   help="the state_dict to use inside the file (dotted, e.g. model.ema)")
+
     p = _add(sub, "pull", _cmd_pull, common, help="download a checkpoint, verified against its sha256")
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", help="file or directory to write (default: the current directory)")
@@ -603,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "ls", _cmd_ls, common, help="list checkpoints, newest first")
     p.add_argument("--name", help="only the artifact this name points to")
     p.add_argument("--label", metavar="KEY[=VALUE]", help="only artifacts with this label")
-    p.add_argument("--operation", choices=["strip", "merge", "convert", "upload"])
+    p.add_argument("--operation", choices=["strip", "merge", "convert", "import", "upload"])
     p.add_argument("--format", help="only this format (pth-zip, pth-legacy, safetensors, ...)")
     p.add_argument("--limit", type=int, default=50, help="page size (default 50)")
     p.add_argument("--cursor", help="continue after a previous page")
@@ -643,8 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
              description="Fill what the trained state_dict lacks (BatchNorm running stats dropped by "
                          "track_running_stats=False) from the original, verify with "
                          "load_state_dict(strict=True) against the architecture, store the result.")
-    p.add_argument("original", metavar="ORIGINAL", help="REF or FILE: the pretrained checkpoint")
-    p.add_argument("trained", metavar="TRAINED", help="REF or FILE: the fine-tuned checkpoint")
+    p.add_argument("original", metavar="ORIGINAL",
+                   help="REF, FILE or s3://bucket/key (read by the service): the pretrained checkpoint")
+    p.add_argument("trained", metavar="TRAINED", help="REF, FILE or s3://bucket/key: the fine-tuned checkpoint")
     p.add_argument("-a", "--arch", "--architecture", dest="architecture", required=True,
                    help="registered architecture name (see `ckpt arch ls`)")
     p.add_argument("-o", "--output", help="write the verified result to this file (or directory: a trailing /)")

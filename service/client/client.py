@@ -7,9 +7,13 @@ renamed into place.
 Retries. Connection errors and 502/503/504 answers are retried with exponential backoff, honouring
 Retry-After, for idempotent calls only: GET, HEAD, PUT and DELETE, `POST /diff` (it stores nothing), and
 `push`, because the client always sends the sha256 of the bytes: the service stores content by digest, so
-repeating a push can only store the same artifact again (an existing one is returned unchanged). `merge`,
-`strip` and `register_architecture` are never retried: a 503 there (`OverloadedError`) is the caller's
-decision, since the work is heavy and the service asked to back off.
+repeating a push can only store the same artifact again (an existing one is returned unchanged); `import_url`
+for the same reason. A `merge` is retried only when both inputs go as artifact ids (a 64-hex id, or a local file
+the service already has): the same inputs give the same result, and a name cannot move between the attempts (an
+`s3://` input is not an id: the object may change). A merge that uploads a file or
+names an input by name, `strip` and `register_architecture` are never retried: a 503 there (`OverloadedError`)
+is the caller's decision, since the work is heavy and the service asked to back off. Behind a load balancer a
+request that a replica began to read cannot be replayed elsewhere; these client retries are what recovers it.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ __all__ = [
     "DEFAULT_URL",
     "CheckpointClient",
     "DeleteResult",
+    "ImportResult",
     "Progress",
     "PullResult",
     "PushResult",
@@ -160,6 +165,17 @@ class PushResult:
     def to_dict(self) -> dict[str, Any]:
         return {"artifact": self.artifact.model_dump(mode="json"), "uploaded": self.uploaded,
                 "created": self.created}
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What `import_url` did: the stored artifact, and whether this import stored it (False: it was there)."""
+
+    artifact: ArtifactOut
+    created: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact.model_dump(mode="json"), "created": self.created}
 
 
 @dataclass(frozen=True)
@@ -631,6 +647,50 @@ class CheckpointClient:
 
         response = self._send("POST", "/checkpoints", idempotent=True, body=body)
         return PushResult(_parse(ArtifactOut, response), uploaded=True, created=response.status_code == 201)
+
+    def import_url(
+        self,
+        url: str | Sequence[str],
+        *,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        container_key: str | None = None,
+    ) -> ImportResult:
+        """Have the service read a checkpoint from its object store (`POST /checkpoints/import`): no bytes pass here.
+
+        The service reads `s3://bucket/key` itself, with its own credentials, if the object lies under a prefix it
+        allows (`CKPT_IMPORT_ALLOWED`), and stores it as an upload would be (the same checks), with lineage
+        `import` recording the URL. Retried like `push`: the bytes are stored by digest, so a repeat can only
+        return the same artifact.
+
+        Args:
+            url: `s3://bucket/key`; or a list of them, the shards of one checkpoint and its `*.index.json`, which
+                the service combines into one artifact as it does uploaded shards.
+            name: Point this name at the artifact.
+            labels: Key/value labels for a new artifact.
+            container_key: The state_dict to use inside the file (dotted); a non-default one answers with a
+                derived artifact holding that state_dict alone.
+
+        Returns:
+            The artifact, and whether this import stored it.
+
+        Raises:
+            BadRequestError: Not an s3:// object URL.
+            AuthError: 403 when the object is outside the service's allowed prefixes, or import is off.
+            NotFoundError: No such object.
+            PayloadTooLargeError: The object is over the service's upload limit.
+            UnprocessableError: The service refuses the file (corrupt, unsafe, unsupported).
+            ServiceError: 502 when the object store failed.
+        """
+        payload: dict[str, Any] = {"url": url} if isinstance(url, str) else {"urls": list(url)}
+        if name is not None:
+            payload["name"] = name
+        if labels:
+            payload["labels"] = dict(labels)
+        if container_key is not None:
+            payload["container_key"] = container_key
+        response = self._send("POST", "/checkpoints/import", idempotent=True, json_body=payload)
+        return ImportResult(_parse(ArtifactOut, response), created=response.status_code == 201)
 
     def pull(
         self,
@@ -1107,11 +1167,13 @@ class CheckpointClient:
         `track_running_stats=False`) are filled from the original, and the result must pass
         `load_state_dict(strict=True)`; otherwise nothing is stored. A local original (`Path`) is hashed first and
         sent as its id when the service has it. Uploads are streamed, each followed by the sha256 of the bytes
-        sent (hashed while sending); a trained file is always uploaded, without hashing it first. Not retried.
+        sent (hashed while sending); a trained file is always uploaded, without hashing it first. Retried (like a
+        push) only when both inputs go as artifact ids: see the module's note on retries.
 
         Args:
             original: The pretrained checkpoint: an id or name (`str`), a local file or a directory of shards
-                (`Path`, see `checkpoint_files`).
+                (`Path`, see `checkpoint_files`), or an `s3://bucket/key` (`str`) that the service reads itself and
+                stores as an imported artifact (under its `CKPT_IMPORT_ALLOWED` prefixes).
             trained: The fine-tuned checkpoint, the same way; its values win.
             architecture: A registered architecture name.
             strip_prefixes: `"auto"` (match the architecture), `"known"`, `"none"`, or explicit prefixes.
@@ -1194,7 +1256,9 @@ class CheckpointClient:
             form = _StreamedForm(fields, uploads, counter, stack)
             return {"content": iter(form), "headers": form.headers()}
 
-        result = _parse(OperationOut, self._send("POST", "/merge", idempotent=False, body=body))
+        # Inputs by id only: the same request gives the same artifact, so a retry is safe (a name could move).
+        by_id = not uploads and all(_HEX64.match(v) for k, v in fields if k in ("original", "trained"))
+        result = _parse(OperationOut, self._send("POST", "/merge", idempotent=by_id, body=body))
         if output is not None:
             self.pull(result.id, output, progress=progress)
         return result

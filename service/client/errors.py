@@ -8,7 +8,8 @@ catches a failure whether it happened in-process or behind HTTP.
         └── ServiceError               the service answered with an error status (`status`, `problem`,
             │                          `title`, `detail`)
             ├── BadRequestError        400: invalid reference, option or digest mismatch
-            ├── AuthError              401 (no or unknown token) and 403 (a read token used for a write)
+            ├── AuthError              401 (no or unknown token) and 403 (a read token used for a write, an
+            │                          import outside the service's allowed prefixes)
             ├── NotFoundError          404: no such artifact, name or architecture
             ├── ConflictError          409: names still point to the artifact, architecture exists
             ├── PayloadTooLargeError   413 (`limit`)
@@ -19,6 +20,7 @@ catches a failure whether it happened in-process or behind HTTP.
             │                              (`unsafe_globals`)
             ├── OverloadedError        503 (`retry_after`, seconds)
             └── StorageFullError       507
+            (a 502, the service's object store failing an import, is a plain ServiceError)
 
 `ServiceError.problem` is the RFC 9457 problem document exactly as the service sent it.
 """
@@ -76,7 +78,7 @@ class BadRequestError(ServiceError):
 
 
 class AuthError(ServiceError):
-    """401 or 403: no token, an unknown token, or a read token used for a write."""
+    """401 or 403: no token, an unknown token, a read token used for a write, or an import the service refuses."""
 
 
 class NotFoundError(ServiceError):

@@ -9,7 +9,7 @@ from typing import Any
 from service.core.types import Manifest
 
 # combine: shards of one checkpoint made one file (params: each shard's file name and sha256, and the index's)
-LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract", "combine")
+LINEAGE_OPERATIONS: tuple[str, ...] = ("strip", "merge", "convert", "extract", "combine", "import")
 
 
 @dataclass(frozen=True)

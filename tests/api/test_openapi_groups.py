@@ -9,6 +9,7 @@ OPERATION_IDS = {
     "list_checkpoints", "delete_checkpoint", "set_name", "list_names", "delete_name", "strip_checkpoint",
     "diff_checkpoints", "diff_uploaded", "merge_checkpoints", "list_architectures", "get_architecture",
     "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url",
+    "import_checkpoint",
     "get_shard_index", "download_shard", "fsck",
 }
 TAGS = ["checkpoints", "names", "operations", "architectures", "health", "admin"]

@@ -99,6 +99,36 @@ def test_merge_is_not_retried_on_503() -> None:
     assert len(server.requests) == 1 and sleeps == []
 
 
+def _merged(artifact_id: str = ID) -> httpx.Response:
+    return httpx.Response(201, json={"id": artifact_id, "created": True, "download_url": "x",
+                                     "artifact": _artifact(artifact_id), "report": {}})
+
+
+def test_merge_of_stored_ids_is_retried_on_connection_errors_and_502() -> None:
+    # Behind a load balancer: the replica died mid-request (connection reset), then the proxy answered 502.
+    original, trained = "ab" * 32, "cd" * 32
+    server = Server(httpx.RemoteProtocolError("peer closed"), httpx.Response(502, text="bad gateway"), _merged())
+    ckpt, sleeps = _client(server)
+    assert ckpt.merge(original, trained, architecture="tiny-convnet", name="final").id == ID
+    assert len(server.requests) == 3 and len(sleeps) == 2
+    fields = [body.split(server.requests[i].headers["content-type"].split("boundary=")[1].encode())
+              for i, body in enumerate(server.bodies)]
+    assert fields[0] == fields[2]  # the same fields again (the multipart boundary is new), name included
+    assert b'name="original"\r\n\r\n' + original.encode() in server.bodies[2]
+
+
+def test_merge_that_uploads_or_names_an_input_is_not_retried(tmp_path: Path) -> None:
+    trained = tmp_path / "trained.pth"
+    trained.write_bytes(b"not sent twice")
+    for original, source in (("ab" * 32, trained), ("convnet-pretrained", "cd" * 32)):
+        server = Server(httpx.Response(502, text="bad gateway"), _merged())
+        ckpt, sleeps = _client(server)
+        with pytest.raises(ServiceError) as info:
+            ckpt.merge(original, source, architecture="tiny-convnet")
+        assert info.value.status == 502
+        assert len(server.requests) == 1 and sleeps == []
+
+
 def test_connection_errors_retry_idempotent_calls_only() -> None:
     server = Server(httpx.ConnectError("refused"), httpx.Response(200, json=[{"name": "n", "id": ID}]))
     ckpt, sleeps = _client(server)

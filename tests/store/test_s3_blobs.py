@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,23 @@ def test_large_file_goes_up_in_parallel_parts(
         across = f.read(20)
     assert read_all(store, digest, start=32 * MIB - 10, end=32 * MIB + 10) == across  # a range across parts
     assert uploads_left(ceph_s3, s3_bucket) == []
+
+
+def test_concurrent_puts_share_the_part_buffers_without_mixing_parts(
+    make_s3: Callable[..., S3BlobStore], tmp_path: Path
+) -> None:
+    # Two buffers for two puts of seven parts each: every buffer is reused many times, by both puts.
+    store = make_s3(part_size=SMALL_PART, concurrency=2)
+    files = {}
+    for n in range(2):
+        digest, data = blob(100 + n, 6 * SMALL_PART + 12345)
+        files[digest] = tmp_path / f"file-{n}"
+        files[digest].write_bytes(data)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda item: store.put_file(*item), files.items()))
+    for digest, path in files.items():
+        assert sha(read_all(store, digest)) == digest == sha(path.read_bytes())
+    assert store._part_buffers()._made == 2  # no more buffers than parts in flight, made once
 
 
 def test_refused_multipart_leaves_no_upload(s3_blobs: S3BlobStore, ceph_s3: S3Service, s3_bucket: str) -> None:

@@ -20,6 +20,7 @@ from service.api.schemas import (
     ArtifactPage,
     DeletedOut,
     DownloadUrlOut,
+    ImportIn,
     ManifestOut,
     NameIn,
     NameOut,
@@ -286,6 +287,44 @@ async def _upload_shards(
     return _ingested(request, response, result)
 
 
+@router.post(
+    "/checkpoints/import",
+    status_code=201,
+    response_model=ArtifactOut,
+    operation_id="import_checkpoint",
+    summary="Import a checkpoint from the object store by reference",
+    tags=["checkpoints"],
+    dependencies=[WriteAuth],
+    responses={
+        200: {"model": ArtifactOut, "description": "Already stored: the existing artifact."},
+        **problem_responses(400, 401, 403, 404, 413, 422, 502, 503, 507),
+    },
+)
+async def import_checkpoint(
+    request: Request, response: Response, body: ImportIn, services: ServicesDep
+) -> ArtifactOut:
+    """Read an allowed s3:// object (or the shards of one checkpoint) into the store as an upload would be."""
+    operations = services.operations
+    url, urls = body.url, body.urls
+    if (url is None) == (urls is None):
+        raise InvalidRequest("give exactly one of 'url' (an object) and 'urls' (the shards of one checkpoint)")
+    if urls is not None and body.container_key is not None:
+        raise InvalidRequest("container_key picks a state_dict inside one file; shards are state_dicts already")
+    refs = {f"urls[{i}]": each for i, each in enumerate(urls)} if urls is not None else {"url": str(url)}
+    for field, ref in refs.items():
+        operations.check_import(ref, field=field)  # 400/403 before a slot is taken
+
+    def commit() -> IngestResult:
+        if urls is not None:
+            return operations.import_shards(urls, labels=body.labels)
+        assert url is not None
+        return operations.import_object(url, labels=body.labels, container_key=body.container_key)
+
+    async with services.pool.admit() as slot:
+        result = await ingest(services, slot, commit, name=body.name)
+    return _ingested(request, response, result)
+
+
 @router.head(
     "/checkpoints/{ref}",
     operation_id="checkpoint_exists",
@@ -539,7 +578,7 @@ def list_checkpoints(
     store: StoreDep,
     name: Annotated[str | None, Query(max_length=128)] = None,
     label: Annotated[str | None, Query(max_length=512, description='"key" or "key=value"')] = None,
-    operation: Literal["strip", "merge", "convert", "upload", "extract", "combine"] | None = None,
+    operation: Literal["strip", "merge", "convert", "upload", "extract", "combine", "import"] | None = None,
     format: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=256)] = None,

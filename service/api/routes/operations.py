@@ -20,6 +20,7 @@ from service.api.work import Admission
 from service.core.changes import ChangeSummary
 from service.errors import InvalidRequest, VerificationFailed
 from service.format_names import OUTPUT_FORMATS, is_output_format
+from service.importer import is_import_url
 from service.operations import DiffResult, MergeOptions, NormalizeMode, OperationResult, Source
 from service.store import NAME_RE
 
@@ -396,14 +397,21 @@ MERGE_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["architecture"],
                     "properties": {
-                        "original": {"type": "string", "description": "The original's id or name."},
+                        "original": {
+                            "type": "string",
+                            "description": "The original's id or name, or an s3://bucket/key object under "
+                            "CKPT_IMPORT_ALLOWED that the service reads itself (stored as an imported artifact).",
+                        },
                         "original_file": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
                             "description": "The original as a file, or as the shards of one checkpoint (repeated, "
                             "with its '*.index.json' when there is one).",
                         },
-                        "trained": {"type": "string", "description": "The trained checkpoint's id or name."},
+                        "trained": {
+                            "type": "string",
+                            "description": "The trained checkpoint's id or name, or an s3://bucket/key object.",
+                        },
                         "trained_file": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
@@ -471,6 +479,18 @@ MERGE_BODY: dict[str, Any] = {
     }
 }
 
+_FORM_SCHEMA: dict[str, Any] = MERGE_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
+# A merge by reference (ids, names, s3:// objects) may also be sent as a JSON object of the same fields.
+MERGE_BODY["requestBody"]["content"]["application/json"] = {
+    "schema": {
+        **_FORM_SCHEMA,
+        "properties": {
+            **{k: v for k, v in _FORM_SCHEMA["properties"].items() if not k.endswith("_file")},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+}
+
 
 def _bool(value: str | None, field: str) -> bool:
     if value is None:
@@ -500,6 +520,10 @@ async def _source(services: Any, slot: Admission, form: ParsedForm, role: str, c
     if (ref is None) == (form.files.get(f"{role}_file") is None):
         raise InvalidRequest(f"give exactly one of '{role}' (a ref) and '{role}_file' (an upload)")
     container_key = container_key_field(form, f"{role}_container_key")
+    if ref is not None and is_import_url(ref):
+        # Read by the service itself inside the merge's slot; refused here (400/403) before any work.
+        services.operations.check_import(ref, field=role)
+        return Source(url=ref, container_key=container_key)
     if ref is not None:
         return Source(artifact_id=await anyio.to_thread.run_sync(services.store.resolve, ref),
                       container_key=container_key)
@@ -519,7 +543,7 @@ async def _source(services: Any, slot: Admission, form: ParsedForm, role: str, c
     openapi_extra=MERGE_BODY,
     responses={
         200: {"model": OperationOut, "description": "The same result existed already."},
-        **problem_responses(400, 401, 403, 404, 408, 413, 422, 503, 507),
+        **problem_responses(400, 401, 403, 404, 408, 413, 422, 502, 503, 507),
     },
 )
 async def merge(request: Request, response: Response, services: ServicesDep) -> OperationOut:
