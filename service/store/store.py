@@ -43,7 +43,6 @@ from service.core.types import (
 )
 from service.errors import (
     AmbiguousReference,
-    ArtifactInUse,
     ArtifactNotFound,
     DigestMismatch,
     InvalidCheckpoint,
@@ -66,8 +65,8 @@ from service.store.blobs.local import LocalBlobStore
 from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import is_id, is_id_prefix, validate_id, validate_name, validate_new_name
 from service.store.index import ListFilters, MetadataIndex, open_index, redact
-from service.store.index.sql import RetentionPolicy
 from service.store.index.legacy import has_legacy_files, import_legacy
+from service.store.index.sql import RetentionPolicy
 from service.store.inspection import inspect_checkpoint
 from service.store.types import (
     LINEAGE_OPERATIONS,
@@ -1198,10 +1197,10 @@ class ArtifactStore:
 
         GC has two parts. The blob listing: blobs without an index row older than the grace period (a crash
         between the two steps of a publication) go, each under the artifact lock. The index query: with
-        `retention_seconds`, the retention policy runs (`retain`). Unlocked temp files in the staging area older than the grace period go too (a live
-        upload's writer holds its flock, so it is never removed, whatever its age), and the conversion cache is
-        trimmed: conversions of deleted artifacts, unused past their maximum age, the least recently used past
-        its size bound.
+        `retention_seconds`, the retention policy runs (`retain`). Unlocked temp files in the staging area older
+        than the grace period go too (a live upload's writer holds its flock, so it is never removed, whatever its
+        age), and the conversion cache is trimmed: conversions of deleted artifacts, unused past their maximum age,
+        the least recently used past its size bound.
 
         Args:
             grace_seconds: Minimum age (by mtime); defaults to the store's `tmp_grace_seconds`.

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from service.errors import ArtifactNotFound, InvalidRequest
 from service.store import ArtifactStore

@@ -540,7 +540,8 @@ class MetadataIndex:
         ]
         if policy.keep_last > 0 and policy.label_keys:
             rank = sa.func.row_number().over(
-                partition_by=(labels.c.key, labels.c.value), order_by=(labels.c.created.desc(), labels.c.artifact_id.desc())
+                partition_by=(labels.c.key, labels.c.value),
+                order_by=(labels.c.created.desc(), labels.c.artifact_id.desc()),
             ).label("rank")
             ranked = sa.select(labels.c.artifact_id, rank).where(labels.c.key.in_(policy.label_keys)).subquery()
             roots.append(sa.select(ranked.c.artifact_id.label("id")).where(ranked.c.rank <= policy.keep_last))
