@@ -7,6 +7,7 @@ index, which is what the policy reads.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from torch import nn
 
 from service.api.app import create_app
 from service.client.cli import main
 from service.config import Settings
+from service.operations import MergeOptions, Source
+from service.registry.builtins import TinyConvNet
 from service.store import ArtifactStore
 from tests.api.test_real_server import start_server, stop_server
 from tests.factories import make_original, state_dict_of
@@ -151,3 +155,59 @@ def test_a_real_server_applies_the_policy_on_its_schedule(tmp_path: Path, files:
             assert http.get(f"/checkpoints/{ids[0]}").status_code == 200
     finally:
         stop_server(proc)
+
+
+# A real architecture whose factory, once armed, waits: it holds a merge in flight after its inputs are resolved
+# and loaded, at the strict verification (which builds the model), so that GC can run meanwhile.
+ARMED = threading.Event()
+ENTERED = threading.Event()
+RELEASE = threading.Event()
+
+
+def waiting_convnet() -> nn.Module:
+    if ARMED.is_set():
+        ENTERED.set()
+        RELEASE.wait(60)
+    return TinyConvNet()
+
+
+def test_gc_apply_during_a_merge_keeps_its_inputs(tmp_path: Path, recipe_files: dict[str, Path]) -> None:
+    cfg = tmp_path / "ckpt.toml"
+    cfg.write_text(f'[architectures.waiting]\nfactory = "{__name__}:waiting_convnet"\n')
+    settings = _settings(tmp_path, retention_days=1, config=cfg)
+    ARMED.clear(), ENTERED.clear(), RELEASE.clear()
+    with TestClient(create_app(settings)) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        original = _upload(client, recipe_files["original"]).json()["id"]
+        trained = _upload(client, recipe_files["trained"]).json()["id"]
+        for artifact_id in (original, trained):
+            age(services.store, artifact_id)
+        result: dict[str, object] = {}
+
+        def merge() -> None:
+            try:
+                result["merged"] = services.operations.merge(
+                    original=Source(artifact_id=original), trained=Source(artifact_id=trained),
+                    options=MergeOptions(architecture="waiting"))
+            except Exception as exc:  # reported by the assertion below
+                result["error"] = exc
+
+        ARMED.set()
+        worker = threading.Thread(target=merge)
+        worker.start()
+        try:
+            assert ENTERED.wait(60), result
+            gc = client.post("/admin/gc", json={"dry_run": False}, headers=A)
+        finally:
+            RELEASE.set()
+            worker.join(60)
+        assert gc.status_code == 200 and gc.json()["removed"] == [], gc.text
+        assert "error" not in result, result
+        merged = result["merged"]
+        assert client.get(f"/checkpoints/{merged.artifact.id}", headers=W).status_code == 200  # type: ignore[attr-defined]
+        for artifact_id in (original, trained):
+            assert client.get(f"/checkpoints/{artifact_id}", headers=W).status_code == 200
+        # without the merge in flight the same inputs would go, had the result not kept them as its lineage
+        client.delete(f"/checkpoints/{merged.artifact.id}", headers=W)  # type: ignore[attr-defined]
+        gone = client.post("/admin/gc", json={"dry_run": False}, headers=A).json()["removed"]
+        assert {i["id"] for i in gone} == {original, trained}
