@@ -15,6 +15,8 @@ from service.s3url import S3Location, parse_import_allowlist
 SCOPES = ("read", "write", "admin")
 # A prefix before the first ':' that is one short word is meant as a scope, whatever its case: "READ:abc" or
 # "reader:abc" must never silently become a write token named "READ:abc".
+# What a label key may be (the store validates labels with it; CKPT_RETENTION_LABEL_KEYS too).
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _SCOPE_LIKE = re.compile(r"[A-Za-z][A-Za-z_-]{0,15}")
 
 
@@ -237,6 +239,14 @@ class Settings(BaseSettings):
     @classmethod
     def _known_scopes(cls, value: str | None) -> str | None:
         parse_tokens(value)
+        return value
+
+    @field_validator("retention_label_keys")
+    @classmethod
+    def _valid_label_keys(cls, value: str | None) -> str | None:
+        bad = [k.strip() for k in (value or "").split(",") if k.strip() and not LABEL_KEY.fullmatch(k.strip())]
+        if bad:
+            raise ValueError(f"not label keys: {', '.join(repr(k) for k in bad)}")
         return value
 
     @field_validator("import_allowed")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from service.config import LABEL_KEY
 from service.core.expansion import expansion_budget
 from service.core.formats import writer_for
 from service.core.load import load_checkpoint
@@ -83,7 +83,7 @@ from service.store.upload import Chunk, PendingUpload
 
 log = logging.getLogger("ckpt.store")
 _MARKER = "ckpt-store.json"
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+_LABEL_KEY = LABEL_KEY
 _MAX_LABELS = 64
 _MAX_LABEL_VALUE = 256
 _MAX_FILENAME = 1024
@@ -116,14 +116,18 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     out = dict(labels or {})
     if len(out) > _MAX_LABELS:
         raise InvalidRequest(f"at most {_MAX_LABELS} labels")
-    bad = [k for k in out if not isinstance(k, str) or _LABEL_KEY.fullmatch(k) is None]
-    if bad:
-        raise InvalidRequest(f"invalid label keys (need {_LABEL_KEY.pattern}): {quote_keys(map(str, bad))}")
+    _check_label_keys(out)
     bad = [k for k, v in out.items() if not isinstance(v, str) or len(v) > _MAX_LABEL_VALUE]
     if bad:
         raise InvalidRequest(f"label values must be strings of at most {_MAX_LABEL_VALUE} characters: "
                              f"{quote_keys(bad)}")
     return out
+
+
+def _check_label_keys(keys: Iterable[object]) -> None:
+    bad = [k for k in keys if not isinstance(k, str) or _LABEL_KEY.fullmatch(k) is None]
+    if bad:
+        raise InvalidRequest(f"invalid label keys (need {_LABEL_KEY.pattern}): {quote_keys(map(str, bad))}")
 
 
 def _check_filename(filename: str | None) -> str | None:
@@ -1041,9 +1045,7 @@ class ArtifactStore:
         validate_id(artifact_id)
         wanted = _check_labels(set_)
         gone = sorted(set(remove))
-        bad = [k for k in gone if not isinstance(k, str) or _LABEL_KEY.fullmatch(k) is None]
-        if bad:
-            raise InvalidRequest(f"invalid label keys (need {_LABEL_KEY.pattern}): {quote_keys(map(str, bad))}")
+        _check_label_keys(gone)
         current = self._require_meta(artifact_id).labels
         after = (set(current) - set(gone)) | set(wanted)
         if len(after) > _MAX_LABELS:
