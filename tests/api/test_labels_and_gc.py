@@ -211,3 +211,22 @@ def test_gc_apply_during_a_merge_keeps_its_inputs(tmp_path: Path, recipe_files: 
         client.delete(f"/checkpoints/{merged.artifact.id}", headers=W)  # type: ignore[attr-defined]
         gone = client.post("/admin/gc", json={"dry_run": False}, headers=A).json()["removed"]
         assert {i["id"] for i in gone} == {original, trained}
+
+
+def test_a_merge_whose_result_exists_merges_its_labels(tmp_path: Path, recipe_files: dict[str, Path]) -> None:
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        original = _upload(client, recipe_files["original"]).json()["id"]
+
+        def merge(labels: str) -> httpx.Response:
+            with recipe_files["trained"].open("rb") as fh:
+                return client.post("/merge", data={"architecture": "tiny-convnet", "original": original,
+                                                   "labels": labels},
+                                   files={"trained_file": ("trained.pth", fh)}, headers=W)
+
+        first = merge("stage=candidate")
+        assert first.status_code == 201, first.text
+        assert first.json()["artifact"]["labels_changed"] is None
+        again = merge("stage=release,run=2")
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        assert again.json()["artifact"]["labels"] == {"run": "2", "stage": "release"}
+        assert again.json()["artifact"]["labels_changed"] == {"added": ["run"], "changed": ["stage"], "removed": []}
