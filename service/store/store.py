@@ -1266,8 +1266,9 @@ class ArtifactStore:
         Kept: every named artifact; every artifact created within `retention_seconds`; the newest
         `retention_keep_last` per (key, value) of each key in `retention_label_keys`; every leased artifact (an
         operation or upload in flight, see `lease`); and, transitively, every lineage input of a kept artifact.
-        The rest goes, each under its artifact lock, re-checked in the deleting transaction: an artifact named or
-        leased after the query is skipped. One run at a time across processes and replicas (`gc_lock`).
+        The rest goes, each under its artifact lock, re-checked in the deleting transaction: an artifact that is
+        named or leased after the query, or that something named, leased or new was made from, is skipped. One
+        run at a time across processes and replicas (`gc_lock`).
 
         Returns:
             What went (or would go, for a dry run) and how many bytes.
@@ -1287,7 +1288,7 @@ class ArtifactStore:
             skipped: builtins.list[str] = []
             for artifact_id, size, created in candidates:
                 with self.index.artifact_lock(artifact_id):
-                    if not self.index.delete_collectable(artifact_id):
+                    if not self.index.delete_collectable(artifact_id, created_before=policy.created_before):
                         skipped.append(artifact_id)
                         continue
                     self._forget(artifact_id)

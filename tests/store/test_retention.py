@@ -163,3 +163,26 @@ def test_a_lease_on_a_deleted_artifact_is_refused(store: ArtifactStore) -> None:
     with pytest.raises(ArtifactNotFound):
         with store.lease([artifact_id]):
             pass
+
+
+def test_the_delete_rechecks_what_was_made_from_a_candidate(tmp_path: Path, database_url: str | None) -> None:
+    """Between the policy's query and a delete, a name, a lease or a new artifact below a candidate holds it."""
+    store = policy_store(tmp_path, database_url)
+    base = store.store_state_dict(random_state_dict(1)).artifact.id
+    mid = derived(store, 2, "strip", {"input": base})
+    top = derived(store, 3, "merge", {"original": mid, "trained": mid})
+    for artifact_id in (base, mid, top):
+        age(store, artifact_id)
+    policy = store.retention_policy()
+    assert policy is not None
+    assert {i for i, _, _ in store.index.retention_candidates(policy)} == {base, mid, top}
+    store.set_name("late", top)  # named after the query, two steps below `base`
+    assert not store.index.delete_collectable(base, created_before=policy.created_before)
+    store.delete_name("late")
+    with store.lease([top]):
+        assert not store.index.delete_collectable(base, created_before=policy.created_before)
+    young = derived(store, 4, "strip", {"input": top})  # made after the query
+    assert not store.index.delete_collectable(base, created_before=policy.created_before)
+    store.delete(young)
+    assert store.index.delete_collectable(base, created_before=policy.created_before)
+    assert not store.exists(base) and store.exists(mid)

@@ -559,11 +559,14 @@ class MetadataIndex:
         with self._read() as conn:
             return [(str(i), int(size), str(created)) for i, size, created in conn.execute(query)]
 
-    def delete_collectable(self, artifact_id: str) -> bool:
-        """Delete an artifact's rows unless a name points to it or a live lease holds it (retention GC).
+    def delete_collectable(self, artifact_id: str, *, created_before: str) -> bool:
+        """Delete an artifact's rows unless it is still held (retention GC), re-checked in this transaction.
+
+        Held: a name points to it or to anything made from it (transitively), a live lease holds one of those,
+        or one of those was created at or after `created_before` (made since the policy's query, say).
 
         Returns:
-            True when it was deleted; False when it is named, leased or gone.
+            True when it was deleted; False when it is held or gone.
         """
         with self._write() as conn:
             row = sa.select(artifacts.c.id).where(artifacts.c.id == artifact_id)
@@ -572,9 +575,18 @@ class MetadataIndex:
                 row = row.with_for_update()
             if conn.execute(row).first() is None:
                 return False
-            if conn.execute(sa.select(names.c.name).where(names.c.artifact_id == artifact_id)).first() is not None:
-                return False
-            held = sa.select(leases.c.holder).where(leases.c.artifact_id == artifact_id, leases.c.expires > now())
+            below = sa.select(artifacts.c.id.label("id")).where(artifacts.c.id == artifact_id)
+            made = below.cte("made", recursive=True)
+            made = made.union(
+                sa.select(lineage_inputs.c.artifact_id.label("id")).join(made, lineage_inputs.c.input_id == made.c.id)
+            )
+            held = sa.select(made.c.id).where(sa.or_(
+                sa.exists(sa.select(names.c.name).where(names.c.artifact_id == made.c.id)),
+                sa.exists(sa.select(leases.c.holder).where(leases.c.artifact_id == made.c.id,
+                                                           leases.c.expires > now())),
+                sa.exists(sa.select(artifacts.c.id).where(artifacts.c.id == made.c.id,
+                                                          artifacts.c.created >= created_before)),
+            )).limit(1)
             if conn.execute(held).first() is not None:
                 return False
             for table in (labels, lineage_inputs, manifests, leases):
