@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CKPT_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(Path("data"), description="The artifact directory (created if missing).")
+    # The metadata index (service.store.index). Unset: SQLite in the data directory; a team's replicas share one
+    # PostgreSQL database instead.
+    database_url: str | None = Field(
+        None,
+        description="The metadata index: postgresql://USER:PASSWORD@HOST:PORT/DB (psycopg 3, pooled) or "
+        "sqlite:///PATH; unset: SQLite at <data_dir>/index.sqlite3.",
+    )
     config: Path | None = Field(None, description="TOML file with [architectures.NAME] factories.")
     host: str = Field(
         "127.0.0.1", description="Bind address; a non-loopback one without CKPT_API_TOKENS logs a warning."
@@ -179,7 +186,15 @@ class Settings(BaseSettings):
         "separated (s3://bucket/ or s3://bucket/prefix/); unset: import by reference is off (403).",
     )
 
-    tmp_grace_seconds: int = Field(3600, description="Age after which crash-left temp files are removed.")
+    tmp_grace_seconds: int = Field(
+        3600, description="Age after which crash-left temp files and orphan blobs (no index row) are removed."
+    )
+    artifact_retention_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Garbage collection deletes artifacts older than this that no name points to and nothing "
+        "was made from; unset: artifacts are kept until deleted.",
+    )
     gc_interval_seconds: int = 600
 
     def cors_origin_list(self) -> list[str]:

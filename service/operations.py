@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from service.core.formats.safetensors import FORMAT as SAFETENSORS
 from service.core.frozen import FrozenReport, check_frozen_manifests, with_value_changes
 from service.core.layout import map_layout
 from service.core.load import load_checkpoint
+from service.core.lru import LRUCache
 from service.core.manifest import build_manifest, compute_schema_fingerprint
 from service.core.merge import (
     BN_STAT_NAMES,
@@ -269,6 +269,7 @@ def merge_checkpoints(
     options: MergeOptions,
     safe_globals: Sequence[str] = (),
     limits: ArchiveLimits | None = None,
+    caches: OperationCaches | None = None,
 ) -> OperationResult:
     """Strip, merge, verify strictly against the architecture, and only then store.
 
@@ -280,6 +281,7 @@ def merge_checkpoints(
         options: Architecture and merge options.
         safe_globals: Extra globals allowed while unpickling.
         limits: Zip pre-check limits for uploads; None: the store's.
+        caches: What to remember between calls (`Operations.caches`); None: nothing is remembered.
 
     Returns:
         The stored result and the merge report.
@@ -302,7 +304,8 @@ def merge_checkpoints(
     verification = verify_state_dict(merged.state_dict, arch.verify_target())
     o_entries = _carry_manifest(o_sd, o.state_dict, o.manifest)
     t_entries = _carry_manifest(t_sd, t.state_dict, t.manifest)
-    changes = _trained_changes(o_sd, t_sd, o_entries, t_entries)
+    sq_norms = (caches if caches is not None else OperationCaches()).sq_norms
+    changes = _trained_changes(o_sd, t_sd, o_entries, t_entries, sq_norms)
     frozen = None
     if options.frozen_prefixes is not None:
         fingerprints = check_frozen_manifests(
@@ -423,6 +426,7 @@ def _trained_changes(
     t_sd: Mapping[str, torch.Tensor],
     o_entries: Mapping[str, TensorEntry],
     t_entries: Mapping[str, TensorEntry],
+    sq_norms: LRUCache[tuple[str, str, tuple[int, ...]], float],
 ) -> ChangeSummary:
     # What training moved: values are compared only for keys whose fingerprints differ; identical keys add
     # their ||a||^2 so that a module's relative change has the right denominator.
@@ -442,11 +446,11 @@ def _trained_changes(
     # frozen backbone again for every merge.
     content = {k: (o_entries[k].fingerprint, o_entries[k].dtype, tuple(o_entries[k].shape))
                for k in same if k in o_entries}
-    known = {k: v for k, c in content.items() if (v := _SQ_NORMS.get(c)) is not None}
+    known = {k: v for k, c in content.items() if (v := sq_norms.get(c)) is not None}
     keys = measure_changes(o_sd, t_sd, keys=changed, same=same, known_sq_a=known)
     for key, c in content.items():
         if key not in known and key in keys:
-            _SQ_NORMS.put(c, keys[key].sq_a, 1)
+            sq_norms.put(c, keys[key].sq_a)
     return ChangeSummary(keys, rollup_modules(keys))
 
 
@@ -640,6 +644,7 @@ def diff_checkpoints(
     frozen: Sequence[str] | None = None,
     safe_globals: Sequence[str] = (),
     limits: ArchiveLimits | None = None,
+    caches: OperationCaches | None = None,
 ) -> DiffResult:
     """Diff two checkpoints from their manifests; optionally value statistics and the frozen-part check.
 
@@ -654,6 +659,7 @@ def diff_checkpoints(
         frozen: None for no frozen check; [] for the original's parameters; else key prefixes to check.
         safe_globals: Extra globals allowed while unpickling.
         limits: Zip pre-check limits for uploads; None: the store's.
+        caches: What to remember between calls (`Operations.caches`); None: nothing is remembered.
 
     Returns:
         The manifest diff; with `values`, per-key statistics of the changed keys and the per-module change
@@ -661,18 +667,17 @@ def diff_checkpoints(
         abs and relative change when `values` is set too).
     """
     limits = limits or store.limits
+    caches = caches if caches is not None else OperationCaches()
     pair = None
+    cached = None
     if a.artifact_id is not None and b.artifact_id is not None and a.container_key is None and b.container_key is None:
         # Two stored artifacts never change, and neither does their diff: dashboards ask for the same one
         # again and again. The existence checks keep a deleted artifact a 404.
         for artifact_id in (a.artifact_id, b.artifact_id):
             if not store.exists(artifact_id):
                 raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-        pair = (str(store.root), a.artifact_id, b.artifact_id, normalize_prefixes)
-        with _NORMALIZED_LOCK:
-            cached = _DIFF_CACHE.get(pair)
-            if cached is not None:
-                _DIFF_CACHE.move_to_end(pair)
+        pair = (a.artifact_id, b.artifact_id, normalize_prefixes)
+        cached = caches.diffs.get(pair)
     if pair is not None and cached is not None and frozen is None and not values:
         return DiffResult(cached)
     ma = _manifest_of(store, a, safe_globals=safe_globals)
@@ -691,25 +696,22 @@ def diff_checkpoints(
     elif transforms is not None:
         # The same comparison diff_manifests makes after normalizing both sides, with each side's normalized
         # table computed once per stored artifact (normalizing 20k keys costs far more than comparing them).
-        na, coll_a = _normalized_entries(store, a.artifact_id if a.container_key is None else None, ma, transforms[0])
-        nb, coll_b = _normalized_entries(store, b.artifact_id if b.container_key is None else None, mb, transforms[1])
+        na, coll_a = _normalized_entries(caches, a.artifact_id if a.container_key is None else None, ma, transforms[0])
+        nb, coll_b = _normalized_entries(caches, b.artifact_id if b.container_key is None else None, mb, transforms[1])
         plain = diff_manifests(Manifest(na, ma.schema_fingerprint), Manifest(nb, mb.schema_fingerprint))
         collisions = {side: dict(c) for side, c in (("a", coll_a), ("b", coll_b)) if c}
         diff = dataclasses.replace(plain, normalized=True, collisions=collisions)
     else:
         diff = diff_manifests(ma, mb)
     if pair is not None:
-        with _NORMALIZED_LOCK:
-            _DIFF_CACHE[pair] = diff
-            while len(_DIFF_CACHE) > _DIFF_CACHE_ITEMS:
-                _DIFF_CACHE.popitem(last=False)
+        caches.diffs.put(pair, diff)
     frozen_report = None
     if frozen is not None:
         fa, fb = (_renamed(ma, transforms[0]), _renamed(mb, transforms[1])) if transforms else (ma, mb)
         frozen_report = check_frozen_manifests(fa, fb, prefixes=list(frozen) or None)
     if not values:
         return DiffResult(diff, frozen=frozen_report.to_dict() if frozen_report is not None else None)
-    measured = _VALUES_CACHE.get(pair) if pair is not None else None
+    measured = caches.values.get(pair) if pair is not None else None
     if measured is None:
         oa = _open(store, a, safe_globals=safe_globals, limits=limits)
         ob = _open(store, b, safe_globals=safe_globals, limits=limits)
@@ -721,7 +723,7 @@ def diff_checkpoints(
         keys = changes_from_stats(stats, sa, same=diff.unchanged)
         measured = (stats, ChangeSummary(keys, rollup_modules(keys)))
         if pair is not None:
-            _VALUES_CACHE.put(pair, measured, len(keys))
+            caches.values.put(pair, measured)
     stats, changes = measured
     if frozen_report is not None:
         frozen_report = with_value_changes(frozen_report, changes.keys)
@@ -743,39 +745,27 @@ class DiffResult:
     changes: ChangeSummary | None = None  # per-key and per-module change figures (values=True)
 
 
-class _SizedLRU:
-    # Values with a size (keys measured); evicts the oldest beyond `max_size` in total. Thread-safe.
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is None:
-                return None
-            self._items.move_to_end(key)
-            return hit[0]
-
-    def put(self, key: Any, value: Any, size: int) -> None:
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._size -= old[1]
-            self._items[key] = (value, size)
-            self._size += size
-            while len(self._items) > 1 and self._size > self.max_size:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._size -= dropped
+_NormalizedEntries = tuple[dict[str, TensorEntry], dict[str, list[str]]]
 
 
-# (store root, id a, id b, normalize_prefixes) -> (value stats, change figures): artifacts never change, so a
-# repeated values=true diff of two 1 GB checkpoints costs a lookup instead of reading both again.
-_VALUES_CACHE = _SizedLRU(400_000)
-# (fingerprint, dtype, shape) -> ||a||^2, for the unchanged keys of merges.
-_SQ_NORMS = _SizedLRU(1_000_000)
+class OperationCaches:
+    """What the operations remember about stored artifacts, owned by one `Operations` (so by one store).
+
+    Artifacts never change, so nothing here goes stale; a deleted artifact's entries age out (each lookup of a
+    stored pair checks that both still exist first).
+    """
+
+    def __init__(self) -> None:
+        # (id a, id b, normalize_prefixes) -> the diff of two stored artifacts.
+        self.diffs: LRUCache[tuple[str, str, NormalizeMode], ManifestDiff] = LRUCache(max_items=64)
+        # id -> normalized entries and collisions; bounded by the entries it holds.
+        self.normalized: LRUCache[str, _NormalizedEntries] = LRUCache(max_weight=400_000, weigh=lambda v: len(v[0]))
+        # (id a, id b, normalize_prefixes) -> (value stats, change figures): a repeated values=true diff of two
+        # 1 GB checkpoints costs a lookup instead of reading both again. Weighed by keys measured.
+        self.values: LRUCache[tuple[str, str, NormalizeMode], tuple[dict[str, Any], ChangeSummary]] = LRUCache(
+            max_weight=400_000, weigh=lambda v: len(v[1].keys))
+        # (fingerprint, dtype, shape) -> ||a||^2, for the unchanged keys of merges.
+        self.sq_norms: LRUCache[tuple[str, str, tuple[int, ...]], float] = LRUCache(max_weight=1_000_000)
 
 
 def _manifest_of(store: ArtifactStore, source: Source, *, safe_globals: Sequence[str] = ()) -> Manifest:
@@ -791,37 +781,19 @@ def _manifest_of(store: ArtifactStore, source: Source, *, safe_globals: Sequence
     return source.inspection.manifest
 
 
-_NormalizedEntries = tuple[dict[str, TensorEntry], dict[str, list[str]]]
-# (store root, artifact id) -> normalized entries and collisions; bounded by the entries it holds.
-_NORMALIZED_CACHE: OrderedDict[tuple[str, str], _NormalizedEntries] = OrderedDict()
-_NORMALIZED_CACHE_KEYS = 400_000
-_NORMALIZED_LOCK = threading.Lock()
-# (store root, id a, id b, normalize_prefixes) -> the diff of two stored artifacts.
-_DIFF_CACHE: OrderedDict[tuple[str, str, str, NormalizeMode], ManifestDiff] = OrderedDict()
-_DIFF_CACHE_ITEMS = 64
-
-
 def _normalized_entries(
-    store: ArtifactStore, artifact_id: str | None, manifest: Manifest, transform: KeyTransform
+    caches: OperationCaches, artifact_id: str | None, manifest: Manifest, transform: KeyTransform
 ) -> _NormalizedEntries:
     # The transform is a function of the artifact (its keys and whether Lightning wrote it), so the cache key
     # need not hold it.
     if artifact_id is None:
         return normalize_entries(manifest.entries, transform)
-    key = (str(store.root), artifact_id)
-    with _NORMALIZED_LOCK:
-        hit = _NORMALIZED_CACHE.get(key)
-        if hit is not None:
-            _NORMALIZED_CACHE.move_to_end(key)
-            return hit
+    hit = caches.normalized.get(artifact_id)
+    if hit is not None:
+        return hit
     # Stored artifacts are immutable, so their normalized table never goes stale.
     value = normalize_entries(manifest.entries, transform)
-    with _NORMALIZED_LOCK:
-        _NORMALIZED_CACHE[key] = value
-        total = sum(len(v[0]) for v in _NORMALIZED_CACHE.values())
-        while len(_NORMALIZED_CACHE) > 1 and total > _NORMALIZED_CACHE_KEYS:
-            _, evicted = _NORMALIZED_CACHE.popitem(last=False)
-            total -= len(evicted[0])
+    caches.normalized.put(artifact_id, value)
     return value
 
 
@@ -1150,6 +1122,7 @@ class Operations:
         self.max_upload_bytes = max_upload_bytes
         self.max_request_bytes = max_request_bytes if max_request_bytes is not None else 8 * max_upload_bytes
         self.importer = importer if importer is not None else ObjectImporter(())
+        self.caches = OperationCaches()
 
     @property
     def limits(self) -> ArchiveLimits:
@@ -1416,6 +1389,7 @@ class Operations:
                 options=options,
                 safe_globals=self.safe_globals,
                 limits=self.limits,
+                caches=self.caches,
             )
         finally:
             for source in (original, trained):
@@ -1443,4 +1417,5 @@ class Operations:
             frozen=frozen,
             safe_globals=self.safe_globals,
             limits=self.limits,
+            caches=self.caches,
         )

@@ -1,7 +1,19 @@
-"""Fixtures shared by every layer: settings(tmp_path) -> app -> client, and real tiny checkpoint files."""
+"""Fixtures shared by every layer: settings(tmp_path) -> app -> client, and real tiny checkpoint files.
+
+The metadata index backend: a test that uses `index_backend` (tests/store and tests/api do, autouse) runs once per
+backend named by ``CKPT_TEST_INDEX`` (``sqlite``, ``postgresql`` or ``both``, the default). PostgreSQL is a real
+server (scripts/services/postgres.sh, started once per session); each test gets a fresh database made from a
+migrated template, named by ``CKPT_DATABASE_URL`` (so `Settings()` and every server a test starts use it too).
+A test marked ``@pytest.mark.index("sqlite")`` runs with that backend only.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +29,97 @@ from tests.factories import make_original, make_trained
 # Real backing services (Ceph RGW for the S3 blob store), started only by the tests that use them.
 pytest_plugins = ["tests._services"]
 
+_BACKENDS = ("sqlite", "postgresql")
+_ROOT = Path(__file__).resolve().parent.parent
+_TEMPLATE = "ckpt_template"
+
+
+def _wanted_backends() -> list[str]:
+    mode = os.environ.get("CKPT_TEST_INDEX", "both").strip().lower()
+    if mode == "both":
+        return list(_BACKENDS)
+    if mode not in _BACKENDS:
+        raise pytest.UsageError(f"CKPT_TEST_INDEX must be sqlite, postgresql or both, not {mode!r}")
+    return [mode]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "index_backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("index")
+    backends = [b for b in _wanted_backends() if marker is None or b in marker.args]
+    metafunc.parametrize("index_backend", backends, indirect=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _admin(server: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server for the session (installed first if missing); yields its URL without a database."""
+    from service.store.index import MetadataIndex
+
+    # Under the system temp dir: as root the server runs as the user postgres, who must reach it.
+    directory = Path(tempfile.mkdtemp(prefix="ckpt-pg-"))
+    script = _ROOT / "scripts" / "services" / "postgres.sh"
+    env = {**os.environ, "PGPORT": str(_free_port())}
+    started = subprocess.run([str(script), "start", str(directory)], env=env, capture_output=True, text=True,
+                             timeout=900)
+    if started.returncode != 0:
+        raise RuntimeError(f"PostgreSQL did not start: {started.stderr[-2000:]}")
+    server = started.stdout.strip().splitlines()[-1]
+    try:
+        _admin(server, f"CREATE DATABASE {_TEMPLATE}")
+        template = MetadataIndex(f"{server}/{_TEMPLATE}")
+        template.migrate()
+        template.close()  # a template may have no open connections
+        yield server
+    finally:
+        subprocess.run([str(script), "stop", str(directory)], capture_output=True, timeout=120)
+        subprocess.run(["rm", "-rf", str(directory)], capture_output=True, timeout=120)
+
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data")
+def index_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
+    """The database URL of this test's index: None for SQLite in the data directory, else a fresh PostgreSQL
+    database (also exported as CKPT_DATABASE_URL)."""
+    if request.param == "sqlite":
+        monkeypatch.delenv("CKPT_DATABASE_URL", raising=False)
+        yield None
+        return
+    server: str = request.getfixturevalue("postgres_server")
+    name = f"t_{secrets.token_hex(8)}"
+    _admin(server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}")
+    url = f"{server}/{name}"
+    monkeypatch.setenv("CKPT_DATABASE_URL", url)
+    try:
+        yield url
+    finally:
+        _admin(server, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """The index of this test: `index_backend`'s URL where the test runs per backend, else None (SQLite)."""
+    if "index_backend" in request.fixturenames:
+        url: str | None = request.getfixturevalue("index_backend")
+        return url
+    return None
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str | None) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=database_url)
 
 
 @pytest.fixture

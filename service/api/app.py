@@ -24,7 +24,7 @@ from service.api.deps import AUTH_SCOPES, Services
 from service.api.guard import RequestGuard
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from service.api.routes import architectures, checkpoints, health, operations, ui
+from service.api.routes import admin, architectures, checkpoints, health, operations, ui
 from service.api.schemas import Problem
 from service.api.signing import DownloadSigner, load_signing_secret
 from service.api.work import WorkPool
@@ -54,6 +54,7 @@ OPENAPI_TAGS = [
     {"name": "operations", "description": "Strip wrapper prefixes, diff, and merge with strict verification."},
     {"name": "architectures", "description": "The model architectures merges are verified against."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+    {"name": "admin", "description": "Operator tasks (admin scope): the store's consistency check."},
 ]
 
 # Swagger UI and ReDoc assets ship inside the fastapi-offline wheel: no CDN, for air-gapped clusters.
@@ -99,6 +100,8 @@ def build_services(settings: Settings) -> Services:
         conversion_cache_bytes=settings.conversion_cache_bytes,
         conversion_cache_max_age_seconds=settings.conversion_cache_max_age_seconds,
         limits=limits,
+        database_url=settings.database_url,
+        retention_seconds=settings.artifact_retention_seconds,
     )
     hex_names = store.hex_names()
     if hex_names:
@@ -106,7 +109,8 @@ def build_services(settings: Settings) -> Services:
             "names made only of hex digits win over the id prefixes they look like (new ones are refused): %s",
             quote_keys(hex_names),
         )
-    registry = ArchitectureRegistry(specs_dir=settings.data_dir / "architectures", config_path=settings.config)
+    # Specs registered over the API live in the index, so every replica sharing it sees them.
+    registry = ArchitectureRegistry(spec_store=store.index, config_path=settings.config)
     for issue in registry.load():
         log.error("architecture %r (%s) is unavailable: %s", issue.name, issue.source, issue.error)
     operations = Operations(
@@ -195,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await task
             if services.sandbox is not None:
                 await anyio.to_thread.run_sync(services.sandbox.stop_workers)
+            await anyio.to_thread.run_sync(services.store.close)  # the index's pooled connections
 
     app = FastAPI(
         title="ckpt-service",
@@ -208,7 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_problem_handlers(app)
-    routers = [module.router for module in (checkpoints, operations, architectures, health, ui)]
+    routers = [module.router for module in (checkpoints, operations, architectures, health, admin, ui)]
     # Outermost first: metrics see every answer, then auth and the JSON limit run before any route reads a body.
     app.add_middleware(
         RequestGuard,
@@ -254,6 +259,7 @@ def _log_startup(services: Services) -> None:
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     log.info("data directory: %s (%d artifacts)", settings.data_dir.resolve(), artifacts)
+    log.info("metadata index: %s", services.store.describe()["index"])
     log.info("architectures loaded (%d): %s", len(loaded), ", ".join(loaded) or "none")
     if failed:
         log.warning("architectures that failed to load (%d): %s", len(failed),

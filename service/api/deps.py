@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -16,6 +14,7 @@ from service.api.metrics import Metrics
 from service.api.signing import DownloadSigner
 from service.api.work import WorkPool
 from service.config import Settings
+from service.core.lru import LRUCache
 from service.operations import Operations
 from service.registry import ArchitectureRegistry
 from service.sandbox import ParserSandbox
@@ -23,31 +22,19 @@ from service.store import ArtifactMeta, ArtifactStore
 
 
 class RenderedCache:
-    """A small LRU of response bodies, bounded by their total size; thread-safe."""
+    """Response bodies by key, least recently used out past `max_bytes` in total; a body over a quarter of the
+    bound is not kept (it would push out everything else). Thread-safe."""
 
     def __init__(self, *, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._bodies: LRUCache[Hashable, bytes] = LRUCache(max_weight=max_bytes, weigh=len)
 
     def get(self, key: Hashable) -> bytes | None:
-        with self._lock:
-            body = self._items.get(key)
-            if body is not None:
-                self._items.move_to_end(key)
-            return body
+        return self._bodies.get(key)
 
     def put(self, key: Hashable, body: bytes) -> None:
-        if len(body) > self.max_bytes // 4:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            self._bytes += len(body) - (len(old) if old is not None else 0)
-            self._items[key] = body
-            while self._bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= len(dropped)
+        if len(body) <= self.max_bytes // 4:
+            self._bodies.put(key, body)
 
 
 @dataclass(frozen=True)
@@ -164,7 +151,14 @@ def require_read_or_signature(
     )
 
 
+def require_admin(
+    request: Request, services: ServicesDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    authorize(services.tokens, request.headers.get("authorization"), "admin")
+
+
 ReadAuth = Depends(require_read)
 ReadOrSignedAuth = Depends(require_read_or_signature)
 WriteAuth = Depends(require_write)
-AUTH_SCOPES = {require_read: "read", require_write: "write"}
+AdminAuth = Depends(require_admin)
+AUTH_SCOPES = {require_read: "read", require_write: "write", require_admin: "admin"}

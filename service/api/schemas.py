@@ -278,3 +278,17 @@ class Readiness(BaseModel):
 
     status: ReadinessStatus
     checks: dict[str, ReadinessCheck]
+
+
+class FsckOut(BaseModel):
+    """POST /admin/fsck: whether the index and the blobs agree, and what was repaired."""
+
+    ok: bool = Field(description="No artifact is broken (orphan blobs alone do not make it false).")
+    checked: int = Field(description="Published artifacts checked.")
+    missing_blobs: list[str] = Field(description="Artifacts whose blob is gone.")
+    size_mismatches: list[str] = Field(description="Artifacts whose blob has another size than recorded.")
+    digest_mismatches: list[str] = Field(description="Artifacts whose bytes do not hash to their id (deep only).")
+    bad_manifests: list[str] = Field(description="Artifacts whose manifest is unreadable or not their key count.")
+    orphan_blobs: list[str] = Field(description="Blobs without an artifact (young ones may be uploads in flight).")
+    repaired: list[str] = Field(description="What `repair` did, one line each.")
+    names_removed: list[str] = Field(description="Names that pointed at unpublished broken artifacts.")

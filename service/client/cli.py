@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from service.client.maintenance import add_maintenance_parsers
 from service.client.serve import add_serve_parser
 from service.format_names import OUTPUT_FORMATS
 
@@ -449,6 +450,24 @@ def _cmd_rm(client: CheckpointClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fsck(client: CheckpointClient, args: argparse.Namespace) -> int:
+    report = client.fsck(repair=args.repair, deep=args.deep)
+    if args.json:
+        _emit_json(report.model_dump(mode="json"))
+        return 0 if report.ok else 1
+    print(f"checked {report.checked} artifacts: {'ok' if report.ok else 'PROBLEMS FOUND'}")
+    for label, ids in (("blob missing", report.missing_blobs), ("wrong size", report.size_mismatches),
+                       ("bytes do not hash to the id", report.digest_mismatches),
+                       ("bad manifest", report.bad_manifests), ("orphan blob (no artifact)", report.orphan_blobs)):
+        for artifact_id in ids:
+            print(f"  {label}: {artifact_id}")
+    for line in report.repaired:
+        print(f"  repaired: {line}")
+    if report.names_removed:
+        print(f"  names removed: {', '.join(report.names_removed)}")
+    return 0 if report.ok else 1
+
+
 def _cmd_arch_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
     archs = client.list_architectures(matches=args.matches)
     if args.json:
@@ -722,7 +741,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(name_sub, "rm", _cmd_name_rm, common, help="remove a name (the checkpoint stays)")
     p.add_argument("name", metavar="NAME")
 
+    p = _add(sub, "fsck", _cmd_fsck, common, help="check that the store's index and blobs agree (admin token)")
+    p.add_argument("--repair", action="store_true",
+                   help="unpublish broken artifacts and remove old orphan blobs (what is safe to repair)")
+    p.add_argument("--deep", action="store_true", help="also re-hash every blob (reads everything)")
+
     add_serve_parser(sub)
+    add_maintenance_parsers(sub)
     return parser
 
 

@@ -46,6 +46,7 @@ from service.api.schemas import (
     ArtifactOut,
     ArtifactPage,
     DiffOut,
+    FsckOut,
     Health,
     ManifestOut,
     NameOut,
@@ -1348,6 +1349,19 @@ class CheckpointClient:
             `status == "ok"` when the process answers.
         """
         return _parse(Health, self._send("GET", "/healthz", idempotent=True))
+
+    def fsck(self, *, repair: bool = False, deep: bool = False) -> FsckOut:
+        """Check that the store's index and blobs agree (`POST /admin/fsck`, admin scope).
+
+        Args:
+            repair: Unpublish broken artifacts and remove old orphan blobs (what is safe to repair).
+            deep: Re-hash every blob (reads everything).
+
+        Returns:
+            The report; `ok` is False when an artifact is broken.
+        """
+        params = {"repair": "true" if repair else None, "deep": "true" if deep else None}
+        return _parse(FsckOut, self._send("POST", "/admin/fsck", idempotent=not repair, params=params))
 
     def ready(self) -> Readiness:
         """Readiness (`GET /readyz`), asked once: a not-ready service is an answer, not an error.

@@ -7,6 +7,7 @@ from service.registry.registry import (
     ArchitectureRegistry,
     ArchitectureSource,
     RegistryIssue,
+    SpecStore,
     import_factory,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "ArchitectureRegistry",
     "ArchitectureSource",
     "RegistryIssue",
+    "SpecStore",
     "import_factory",
     "rank_architectures",
 ]

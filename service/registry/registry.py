@@ -6,8 +6,8 @@ Architectures come from four sources, in this order of precedence when two of th
 2. ``config``: ``[architectures.NAME]`` tables of the operator's TOML file (``factory = "module:callable"``,
    optional ``kwargs`` table and ``description``);
 3. ``entrypoint``: the ``ckpt_service.architectures`` entry-point group of installed distributions;
-4. ``spec``: code-free specs (key -> shape, dtype) registered at run time and persisted as one JSON file per
-   name in a directory that several server processes may share.
+4. ``spec``: code-free specs (key -> shape, dtype) registered at run time and persisted in the store's metadata
+   index (a `SpecStore`, shared by every replica of the service), or as one JSON file per name in a directory.
 
 Security: sources 1-3 import and call Python code. That code comes from the server's own installation and
 configuration, which the operator controls and trusts; nothing here ever imports a name taken from request
@@ -27,10 +27,10 @@ import sys
 import threading
 import tomllib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -113,10 +113,26 @@ class RegistryIssue:
         return {"name": self.name, "source": self.source, "error": self.error}
 
 
+class SpecStore(Protocol):
+    """Where registered specs persist (the store's `MetadataIndex` is one): documents by name, with a revision
+    that changes on every write so that a reader re-parses a spec only when it changed."""
+
+    def spec_revisions(self) -> dict[str, str]: ...
+
+    def spec_revision(self, name: str) -> str | None: ...
+
+    def read_spec(self, name: str) -> tuple[str, dict[str, Any]] | None: ...
+
+    def insert_spec(self, name: str, document: Mapping[str, Any]) -> bool: ...
+
+    def delete_spec(self, name: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class _SpecEntry:
     architecture: Architecture
-    stamp: tuple[int, int, int] | None  # (inode, mtime_ns, size) of the file; None when kept in memory
+    # (inode, mtime_ns, size) of the file, or the SpecStore's revision; None when kept in memory
+    stamp: tuple[int, int, int] | str | None
 
 
 class ArchitectureRegistry:
@@ -137,6 +153,7 @@ class ArchitectureRegistry:
         config_path: Path | None = None,
         entry_point_group: str = DEFAULT_ENTRY_POINT_GROUP,
         include_builtins: bool = True,
+        spec_store: SpecStore | None = None,
     ) -> None:
         """Create an empty registry; :meth:`load` (or the first lookup) fills it.
 
@@ -146,8 +163,11 @@ class ArchitectureRegistry:
             config_path: TOML file with ``[architectures.NAME]`` tables, or ``None``.
             entry_point_group: The entry-point group to scan.
             include_builtins: Register :data:`~service.registry.builtins.BUILTINS`.
+            spec_store: Persist specs here instead (the service passes its store's index); wins over
+                ``specs_dir``.
         """
-        self._specs_dir = specs_dir
+        self._spec_store = spec_store
+        self._specs_dir = specs_dir if spec_store is None else None
         self._config_path = config_path
         self._entry_point_group = entry_point_group
         self._include_builtins = include_builtins
@@ -158,7 +178,7 @@ class ArchitectureRegistry:
         self._specs: dict[str, _SpecEntry] = {}
         # Broken or shadowed spec files, by file name, with the stat stamp they were reported for, so that
         # a re-scan re-reads a file only when it changed.
-        self._spec_issues: dict[str, tuple[tuple[int, int, int], RegistryIssue]] = {}
+        self._spec_issues: dict[str, tuple[tuple[int, int, int] | str, RegistryIssue]] = {}
 
     def load(self) -> list[RegistryIssue]:
         """(Re)load every source.
@@ -183,7 +203,7 @@ class ArchitectureRegistry:
             self._load_entry_points()
             if self._specs_dir is not None:
                 self._specs_dir.mkdir(parents=True, exist_ok=True)
-                self._scan_specs()
+            self._scan_specs()
             self._loaded = True
             return self.issues
 
@@ -257,6 +277,19 @@ class ArchitectureRegistry:
             self._ensure_loaded()
             if name in self._static:
                 raise _conflict(name, f"Architecture {name!r} already exists ({self._static[name].source})")
+            payload = {
+                "format": _SPEC_FORMAT,
+                "name": name,
+                "description": description,
+                "keys": _keys_to_json(spec),
+            }
+            if self._spec_store is not None:
+                if not self._spec_store.insert_spec(name, payload):
+                    self._refresh_spec(name)
+                    raise _conflict(name, f"Architecture {name!r} already exists (spec)")
+                self._specs[name] = _SpecEntry(architecture, self._spec_store.spec_revision(name))
+                self._spec_issues.pop(f"{name}{_SPEC_SUFFIX}", None)
+                return architecture
             if self._specs_dir is None:
                 if name in self._specs:
                     raise _conflict(name, f"Architecture {name!r} already exists (spec)")
@@ -264,12 +297,6 @@ class ArchitectureRegistry:
                 return architecture
             self._specs_dir.mkdir(parents=True, exist_ok=True)
             path = self._spec_path(name)
-            payload = {
-                "format": _SPEC_FORMAT,
-                "name": name,
-                "description": description,
-                "keys": _keys_to_json(spec),
-            }
             if not _publish_exclusive(path, json.dumps(payload, indent=1).encode()):
                 self._refresh_spec(name)
                 raise _conflict(name, f"Architecture {name!r} already exists (spec)")
@@ -296,6 +323,12 @@ class ArchitectureRegistry:
                 )
             if not _NAME_RE.fullmatch(name):
                 raise self._not_found(name)
+            if self._spec_store is not None:
+                self._specs.pop(name, None)
+                self._spec_issues.pop(f"{name}{_SPEC_SUFFIX}", None)
+                if not self._spec_store.delete_spec(name):
+                    raise self._not_found(name)
+                return
             if self._specs_dir is None:
                 if self._specs.pop(name, None) is None:
                     raise self._not_found(name)
@@ -391,6 +424,15 @@ class ArchitectureRegistry:
         return self._specs_dir / f"{name}{_SPEC_SUFFIX}"
 
     def _scan_specs(self) -> None:
+        if self._spec_store is not None:
+            revisions = self._spec_store.spec_revisions()
+            for name in sorted(revisions):
+                self._refresh_stored_spec(name, revisions[name])
+            for name in set(self._specs) - set(revisions):
+                del self._specs[name]
+            for file_name in set(self._spec_issues) - {f"{n}{_SPEC_SUFFIX}" for n in revisions}:
+                del self._spec_issues[file_name]
+            return
         if self._specs_dir is None:
             return
         try:
@@ -409,7 +451,38 @@ class ArchitectureRegistry:
         for file_name in set(self._spec_issues) - {p.name for p in files}:
             del self._spec_issues[file_name]
 
+    def _refresh_stored_spec(self, name: str, revision: str | None) -> None:
+        # The SpecStore twin of _refresh_spec: the revision plays the file's stat stamp.
+        assert self._spec_store is not None
+        key = f"{name}{_SPEC_SUFFIX}"
+        cached = self._specs.get(name)
+        reported = self._spec_issues.get(key)
+        if revision is not None and (
+            (cached is not None and cached.stamp == revision) or (cached is None and reported is not None
+                                                                  and reported[0] == revision)
+        ):
+            return
+        self._specs.pop(name, None)
+        self._spec_issues.pop(key, None)
+        found = self._spec_store.read_spec(name) if revision is not None else None
+        if found is None:
+            return
+        revision, document = found
+        if name in self._static:
+            error = f"name already defined by {self._static[name].source}; ignored"
+            self._spec_issues[key] = (revision, RegistryIssue(name, "spec", error))
+            return
+        try:
+            architecture = _spec_from_document(document, name, key)
+        except Exception as exc:  # a bad stored spec is reported, not raised
+            self._spec_issues[key] = (revision, RegistryIssue(name, "spec", _describe(exc)))
+            return
+        self._specs[name] = _SpecEntry(architecture, revision)
+
     def _refresh_spec(self, name: str) -> None:
+        if self._spec_store is not None:
+            self._refresh_stored_spec(name, self._spec_store.spec_revision(name))
+            return
         if self._specs_dir is None:
             return
         path = self._spec_path(name)
@@ -502,11 +575,14 @@ def _spec_from_json(keys: Any) -> ArchitectureSpec:
 
 
 def _read_spec_file(path: Path, name: str) -> Architecture:
-    data = json.loads(path.read_bytes())
+    return _spec_from_document(json.loads(path.read_bytes()), name, path.name)
+
+
+def _spec_from_document(data: Any, name: str, where: str) -> Architecture:
     if not isinstance(data, dict) or data.get("format") != _SPEC_FORMAT:
-        raise InvalidArchitecture(f"unsupported spec file format in {path.name!r}")
+        raise InvalidArchitecture(f"unsupported spec file format in {where!r}")
     if data.get("name") != name:
-        raise InvalidArchitecture(f"{path.name!r} holds the spec of {data.get('name')!r}")
+        raise InvalidArchitecture(f"{where!r} holds the spec of {data.get('name')!r}")
     description = data.get("description")
     return Architecture(
         name=name,

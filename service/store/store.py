@@ -1,6 +1,7 @@
-"""The artifact store: a content-addressed directory of checkpoints, safe with several processes on one root.
+"""The artifact store: a facade over a blob store (bytes by digest) and a metadata index (SQL), with a staging area.
 
-The layout and the on-disk format are described in docs/artifact-store.md.
+The layout and the backends are described in docs/artifact-store.md. The API and the operations talk to this
+class only; which blob store and which index run behind it, they cannot tell.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import json
 import logging
 import os
 import re
-import threading
+import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
-from dataclasses import replace
-from datetime import UTC, datetime
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,6 +29,7 @@ import torch
 from service.core.expansion import expansion_budget
 from service.core.formats import writer_for
 from service.core.load import load_checkpoint
+from service.core.lru import LRUCache
 from service.core.manifest import fingerprint_tensor, is_quantized_dtype
 from service.core.pthzip import StorageRecords
 from service.core.save import save_checkpoint_hashed
@@ -45,7 +46,6 @@ from service.errors import (
     ArtifactNotFound,
     DigestMismatch,
     InvalidCheckpoint,
-    InvalidReference,
     InvalidRequest,
     NameNotFound,
     StoreError,
@@ -54,17 +54,18 @@ from service.errors import (
 from service.format_names import OutputFormat
 from service.store._fs import (
     CHUNK,
-    file_lock,
-    fsync_dir,
     is_no_space,
     locked_work_dir,
     publish_bytes,
     remove_if_unlocked,
     storage_full,
-    unlink_quietly,
 )
+from service.store.blobs.base import BlobStore
+from service.store.blobs.local import LocalBlobStore
 from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import is_id, is_id_prefix, validate_id, validate_name, validate_new_name
+from service.store.index import ListFilters, MetadataIndex, open_index, redact
+from service.store.index.legacy import has_legacy_files, import_legacy
 from service.store.inspection import inspect_checkpoint
 from service.store.types import (
     LINEAGE_OPERATIONS,
@@ -90,6 +91,7 @@ _MANIFEST_CACHE_KEYS = 400_000
 _MANIFEST_CACHE_ITEMS = 256
 _LOADED_CACHE_ITEMS = 4
 _LOADED_CACHE_KEYS = 200_000
+_GC_BATCH = 1000
 
 
 def _shallow_copy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,17 +164,58 @@ def _label_filter(label: str) -> tuple[str, str | None]:
     return key, (value if sep else None)
 
 
-class ArtifactStore:
-    """A content-addressed directory of checkpoints: the id of an artifact is the sha256 of its bytes.
 
-    Publication order is blob, then manifest, then metadata; the metadata file is the publication point, so
-    a reader never sees an artifact whose bytes or manifest are incomplete. A stored blob is read-only and
-    never rewritten or truncated (another process may have it mmapped). Several processes may share one
-    root: writers of one artifact serialise on a flock (striped by the id's first byte), temp files are
-    flock'ed by their writer, and every publication step is a link or a rename.
+@dataclass(frozen=True)
+class StoreHealth:
+    """The store's readiness: can it stage uploads, and does its index answer."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    """What `ArtifactStore.fsck` found (and, with `repair`, what it repaired)."""
+
+    checked: int  # published artifacts looked at
+    missing_blobs: list[str] = field(default_factory=list)  # rows whose blob is gone
+    size_mismatches: list[str] = field(default_factory=list)  # blob size differs from the recorded size
+    digest_mismatches: list[str] = field(default_factory=list)  # blob bytes do not hash to the id (deep only)
+    bad_manifests: list[str] = field(default_factory=list)  # manifest missing, unreadable, or not the row's keys
+    orphan_blobs: list[str] = field(default_factory=list)  # blobs without a row (any age)
+    repaired: list[str] = field(default_factory=list)  # "unpublished ID" / "removed orphan ID" lines
+    names_removed: list[str] = field(default_factory=list)  # names that pointed at unpublished broken artifacts
+
+    @property
+    def ok(self) -> bool:
+        """No problem found (orphan blobs younger than the grace period may be uploads in flight: reported only)."""
+        return not (self.missing_blobs or self.size_mismatches or self.digest_mismatches or self.bad_manifests)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "missing_blobs": list(self.missing_blobs),
+            "size_mismatches": list(self.size_mismatches),
+            "digest_mismatches": list(self.digest_mismatches),
+            "bad_manifests": list(self.bad_manifests),
+            "orphan_blobs": list(self.orphan_blobs),
+            "repaired": list(self.repaired),
+            "names_removed": list(self.names_removed),
+        }
+
+
+class ArtifactStore:
+    """Checkpoints by the sha256 of their bytes: a `BlobStore` for the bytes, a `MetadataIndex` for the rest.
+
+    Publication order is blob, then the index row; the row is the publication point, so a reader never sees an
+    artifact whose bytes are incomplete. Deletion goes the other way (row, then blob). Writers of one id
+    serialise on the index's artifact lock (a flock for SQLite, an advisory lock for PostgreSQL), which orphan
+    collection takes too, so a row never outlives its blob. Uploads are staged in `<root>/tmp` (flock'ed temp
+    files, swept by `collect_garbage`); the conversion cache lives in `<root>/cache`.
     """
 
-    LAYOUT_VERSION = 1
+    LAYOUT_VERSION = 2  # 1: metadata as JSON files (imported on open); 2: metadata in the index
 
     def __init__(
         self,
@@ -183,11 +226,15 @@ class ArtifactStore:
         conversion_cache_bytes: int = 8 << 30,
         conversion_cache_max_age_seconds: float = 7 * 86400,
         limits: ArchiveLimits | None = None,
+        database_url: str | None = None,
+        blobs: BlobStore | None = None,
+        index: MetadataIndex | None = None,
+        retention_seconds: float | None = None,
     ) -> None:
-        """Open (and create if needed) a store.
+        """Open (and create if needed) a store; a data directory of layout 1 is imported into the index first.
 
         Args:
-            root: The store directory.
+            root: The local data directory: staging, caches, locks, and (by default) the blobs and the SQLite index.
             inspector: Parses an upload into an `Inspection`; defaults to `inspect_checkpoint`, in-process, with
                 `limits`.
             tmp_grace_seconds: Age after which unlocked temp files and orphan blobs are garbage.
@@ -196,34 +243,39 @@ class ArtifactStore:
             limits: The parse limits of the default inspector and of every load of a stored blob
                 (`CKPT_MAX_KEYS`, archive limits); their expansion bound also holds every safetensors file the
                 store writes (`store_state_dict`, `convert`).
+            database_url: The index (``postgresql://...`` or ``sqlite:///...``); None: SQLite in `root`.
+            blobs: The blob store; None: `LocalBlobStore` in `<root>/blobs`.
+            index: An index to use instead of opening `database_url` (it is migrated here).
+            retention_seconds: `collect_garbage` deletes artifacts unreferenced (no name, no lineage child) for
+                this long; None keeps every artifact.
 
         Raises:
-            StoreError: The directory holds a store of a newer layout version, or its marker is unreadable.
+            StoreError: The directory or the index holds a store of a newer version, or its marker is unreadable.
+            InvalidSettings: `database_url` is not a supported database.
         """
         self.root = Path(root)
         self.limits = limits if limits is not None else ArchiveLimits()
         self._inspector: Inspector = (
             inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
         )
+        self.tmp_grace_seconds = float(tmp_grace_seconds)
+        self.retention_seconds = retention_seconds
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
-        self._manifest_cache: OrderedDict[str, Manifest] = OrderedDict()
-        self._manifest_cache_keys = 0
-        self._manifest_cache_lock = threading.Lock()
-        # Recent memory-mapped loads by (id, safe globals); see `load`.
-        self._loaded_cache: OrderedDict[tuple[str, tuple[str, ...], str | None], LoadedCheckpoint] = OrderedDict()
-        self.tmp_grace_seconds = float(tmp_grace_seconds)
-        self._blobs = self.root / "blobs"
-        self._manifests = self.root / "manifests"
-        self._meta = self.root / "meta"
-        self._names = self.root / "names"
+        self._manifests: LRUCache[str, Manifest] = LRUCache(
+            max_items=_MANIFEST_CACHE_ITEMS, max_weight=_MANIFEST_CACHE_KEYS, weigh=lambda m: len(m.entries))
+        # Recent memory-mapped loads by (id, safe globals, container key); see `load`.
+        self._loaded: LRUCache[tuple[str, tuple[str, ...], str | None], LoadedCheckpoint] = LRUCache(
+            max_items=_LOADED_CACHE_ITEMS, max_weight=_LOADED_CACHE_KEYS, weigh=lambda c: len(c.state_dict))
         self._tmp = self.root / "tmp"
-        self._locks = self.root / "locks"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._check_marker()
-            for d in (self._blobs, self._manifests, self._meta, self._names, self._tmp, self._locks):
-                d.mkdir(exist_ok=True)
+            self._tmp.mkdir(exist_ok=True)
+            (self.root / "locks").mkdir(exist_ok=True)
+            self.blobs: BlobStore = blobs if blobs is not None else LocalBlobStore(self.root / "blobs",
+                                                                                  tmp_dir=self._tmp)
+            self.index = index if index is not None else open_index(self.root, database_url)
+            self._open_layout()
             # Converted downloads: beside the artifacts, never listed, disposable.
             self.conversions = ConversionCache(
                 self.root / "cache" / "conversions",
@@ -236,17 +288,19 @@ class ArtifactStore:
                 raise storage_full(exc) from exc
             raise StoreError(f"cannot open the artifact store at {str(self.root)!r}: {exc.strerror}") from exc
 
+    def close(self) -> None:
+        """Release the index's connections (the store can still be used; they are opened again)."""
+        self.index.close()
+
     # ---- layout -------------------------------------------------------------------------------------------
 
-    def _check_marker(self) -> None:
-        marker = self.root / _MARKER
-        if not marker.exists():
-            data = {"kind": "ckpt-service artifact store", "layout_version": self.LAYOUT_VERSION}
-            tmp = self.root / "tmp"
-            tmp.mkdir(exist_ok=True)
-            publish_bytes(tmp, marker, _dump(data), mode=0o444, replace=False)  # link: a racing creator wins
+    def _read_marker(self) -> int | None:
         try:
-            version = json.loads(marker.read_bytes())["layout_version"]
+            raw = (self.root / _MARKER).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            version = json.loads(raw)["layout_version"]
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"unreadable store marker {_MARKER!r}") from exc
         if not isinstance(version, int) or version > self.LAYOUT_VERSION:
@@ -254,68 +308,25 @@ class ArtifactStore:
                 f"the store at {str(self.root)!r} has layout version {version!r}; this service supports "
                 f"up to {self.LAYOUT_VERSION}"
             )
+        return version
 
-    # Paths: only ever built from a validated id or name.
-    def _blob(self, artifact_id: str) -> Path:
-        return self._blobs / artifact_id[:2] / artifact_id
-
-    def _manifest_file(self, artifact_id: str) -> Path:
-        return self._manifests / artifact_id[:2] / f"{artifact_id}.json"
-
-    def _meta_file(self, artifact_id: str) -> Path:
-        return self._meta / artifact_id[:2] / f"{artifact_id}.json"
-
-    def _name_file(self, name: str) -> Path:
-        return self._names / name
-
-    def _id_lock(self, artifact_id: str) -> AbstractContextManager[None]:
-        # Striped by the first byte: bounded lock files, and writers of one id always meet on the same lock.
-        return file_lock(self._locks / f"{artifact_id[:2]}.lock")
-
-    def _names_lock(self) -> AbstractContextManager[None]:
-        return file_lock(self._locks / "names.lock")
+    def _open_layout(self) -> None:
+        version = self._read_marker()
+        self.index.migrate()
+        if version is None or version < self.LAYOUT_VERSION or has_legacy_files(self.root):
+            if has_legacy_files(self.root):
+                import_legacy(self.root, self.index)
+            data = _dump({"kind": "ckpt-service artifact store", "layout_version": self.LAYOUT_VERSION})
+            # A fresh directory: link (a racing creator wins). An upgraded one: the rename replaces layout 1.
+            publish_bytes(self._tmp, self.root / _MARKER, data, mode=0o444, replace=version is not None)
 
     # ---- reading ------------------------------------------------------------------------------------------
 
-    def _read_meta(self, artifact_id: str) -> ArtifactMeta | None:
-        try:
-            raw = self._meta_file(artifact_id).read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return ArtifactMeta.from_dict(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"corrupt metadata for artifact {artifact_id}") from exc
-
     def _require_meta(self, artifact_id: str) -> ArtifactMeta:
-        meta = self._read_meta(validate_id(artifact_id))
+        meta = self.index.get(validate_id(artifact_id))
         if meta is None:
             raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
         return meta
-
-    def _read_names(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        try:
-            entries = list(os.scandir(self._names))
-        except FileNotFoundError:
-            return out
-        for entry in entries:
-            try:
-                validate_name(entry.name)
-            except InvalidReference:
-                continue  # a stray file: never a name we wrote
-            try:
-                target = Path(entry.path).read_text().strip()
-            except FileNotFoundError:
-                continue
-            if is_id(target):
-                out[entry.name] = target
-        return out
-
-    def _with_names(self, meta: ArtifactMeta, names: Mapping[str, str] | None = None) -> ArtifactMeta:
-        names = self._read_names() if names is None else names
-        own = tuple(sorted(n for n, i in names.items() if i == meta.id))
-        return replace(meta, names=own)
 
     def resolve(self, ref: str) -> str:
         """Turn an id or a name into the id of an existing artifact.
@@ -348,21 +359,16 @@ class ArtifactStore:
             raise ArtifactNotFound(f"name {ref!r} points to a missing artifact {artifact_id}", ref=ref)
         return artifact_id
 
+
     def _resolve_prefix(self, prefix: str) -> str:
-        try:
-            entries = os.listdir(self._meta / prefix[:2])
-        except FileNotFoundError:
-            entries = []
-        found = sorted(
-            stem for stem, ext in map(os.path.splitext, entries) if ext == ".json" and is_id(stem)
-            and stem.startswith(prefix)
-        )
+        found = self.index.ids_with_prefix(prefix, limit=101)
         if not found:
             raise ArtifactNotFound(f"no artifact id starts with {prefix!r}, and no name {prefix!r}", ref=prefix)
         if len(found) > 1:
             shown = ", ".join(f[:16] for f in found[:10])
+            more = "" if len(found) <= 100 else "more than 100"
             raise AmbiguousReference(
-                f"{len(found)} artifact ids start with {prefix!r} ({shown}); give more digits", ref=prefix,
+                f"{more or len(found)} artifact ids start with {prefix!r} ({shown}); give more digits", ref=prefix,
                 candidates=found[:100],
             )
         return found[0]
@@ -373,7 +379,7 @@ class ArtifactStore:
         Returns:
             Those names, sorted.
         """
-        return sorted(n for n in self._read_names() if is_id_prefix(n))
+        return sorted(n for n in self.index.names() if is_id_prefix(n))
 
     def exists(self, artifact_id: str) -> bool:
         """Tell whether an artifact is published.
@@ -382,12 +388,12 @@ class ArtifactStore:
             artifact_id: A 64-hex id.
 
         Returns:
-            True when its metadata (the publication point) exists.
+            True when its index row (the publication point) exists.
 
         Raises:
             InvalidReference: Not a well-formed id.
         """
-        return self._meta_file(validate_id(artifact_id)).exists()
+        return self.index.exists(validate_id(artifact_id))
 
     def metadata(self, artifact_id: str) -> ArtifactMeta:
         """Read an artifact's metadata, with the names that point to it.
@@ -402,10 +408,18 @@ class ArtifactStore:
             InvalidReference: Not a well-formed id.
             ArtifactNotFound: No such artifact.
         """
-        return self._with_names(self._require_meta(artifact_id))
+        return self._require_meta(artifact_id)
+
+    def made_from(self, artifact_id: str) -> builtins.list[str]:
+        """The artifacts derived from this one (their lineage names it as an input), sorted.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+        """
+        return self.index.made_from(validate_id(artifact_id))
 
     def manifest(self, artifact_id: str) -> Manifest:
-        """Read the manifest kept beside the blob (the blob is not opened).
+        """Read the manifest kept in the index (the blob is not opened).
 
         Args:
             artifact_id: A 64-hex id.
@@ -418,29 +432,28 @@ class ArtifactStore:
             InvalidReference: Not a well-formed id.
             ArtifactNotFound: No such artifact.
         """
-        # Existence only: the metadata may carry a large lineage report that is not needed here.
-        if not self.exists(artifact_id):
-            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-        with self._manifest_cache_lock:
-            cached = self._manifest_cache.get(artifact_id)
-            if cached is not None:
-                self._manifest_cache.move_to_end(artifact_id)
+        validate_id(artifact_id)
+        cached = self._manifests.get(artifact_id)
+        if cached is not None and not self.index.exists(artifact_id):
+            self._forget(artifact_id)  # deleted by another process
+            cached = None
         if cached is None:
+            data = self.index.manifest(artifact_id)
+            if data is None:
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
             try:
-                cached = Manifest.from_dict(json.loads(self._manifest_file(artifact_id).read_bytes()))
-            except FileNotFoundError as exc:
-                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
+                cached = Manifest.from_dict(data)
             except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"corrupt manifest for artifact {artifact_id}") from exc
             if cached.fingerprint_version < CURRENT_FINGERPRINT_VERSION:
                 cached = self._upgrade_manifest(artifact_id, cached)
-            self._cache_manifest(artifact_id, cached)
+            self._manifests.put(artifact_id, cached)
         # A copy of the entry table: callers may change theirs without touching the cache.
         return Manifest(dict(cached.entries), cached.schema_fingerprint, cached.fingerprint_version)
 
     def _upgrade_manifest(self, artifact_id: str, manifest: Manifest) -> Manifest:
         # Version 1 hashed a quantized tensor's int_repr only; every other tensor hashes the same in version 2, so
-        # only quantized entries are recomputed (from the blob) and only then is the file rewritten.
+        # only quantized entries are recomputed (from the blob) and only then is the manifest rewritten.
         stale = [k for k, e in manifest.entries.items() if is_quantized_dtype(e.dtype)]
         if not stale:
             return replace(manifest, fingerprint_version=CURRENT_FINGERPRINT_VERSION)
@@ -457,56 +470,56 @@ class ArtifactStore:
                 return manifest
             entries[key] = replace(entries[key], fingerprint=fingerprint_tensor(tensor))
         upgraded = Manifest(entries, manifest.schema_fingerprint, CURRENT_FINGERPRINT_VERSION)
-        with self._id_lock(artifact_id):
-            if self._read_meta(artifact_id) is not None:  # not deleted meanwhile
-                publish_bytes(self._tmp, self._manifest_file(artifact_id), _dump(upgraded.to_dict()), mode=0o444,
-                              replace=True)
+        self.index.update_manifest(artifact_id, upgraded.to_dict())  # a no-op when deleted meanwhile
         log.info("recomputed %d quantized fingerprints of artifact %s", len(stale), artifact_id)
         return upgraded
 
-    def _cache_manifest(self, artifact_id: str, manifest: Manifest) -> None:
-        with self._manifest_cache_lock:
-            old = self._manifest_cache.pop(artifact_id, None)
-            if old is not None:
-                self._manifest_cache_keys -= len(old.entries)
-            self._manifest_cache[artifact_id] = manifest
-            self._manifest_cache_keys += len(manifest.entries)
-            cache = self._manifest_cache
-            while len(cache) > 1 and (self._manifest_cache_keys > _MANIFEST_CACHE_KEYS
-                                      or len(cache) > _MANIFEST_CACHE_ITEMS):
-                _, evicted = cache.popitem(last=False)
-                self._manifest_cache_keys -= len(evicted.entries)
+    def _forget(self, artifact_id: str) -> None:
+        # a deleted blob stays mapped (and its disk space taken) while a cached load holds it
+        self._loaded.discard_where(lambda key: key[0] == artifact_id)
+        self._manifests.discard(artifact_id)
 
-    def _forget_manifest(self, artifact_id: str) -> None:
-        with self._manifest_cache_lock:
-            # a deleted blob stays mapped (and its disk space taken) while a cached load holds it
-            for key in [k for k in self._loaded_cache if k[0] == artifact_id]:
-                del self._loaded_cache[key]
-            old = self._manifest_cache.pop(artifact_id, None)
-            if old is not None:
-                self._manifest_cache_keys -= len(old.entries)
-
-    def blob_path(self, artifact_id: str) -> Path:
-        """The path of an artifact's bytes, for mmap loading. The file is read-only; never write to it.
+    @contextmanager
+    def local_path(self, artifact_id: str) -> Iterator[Path]:
+        """Pin a local, read-only copy of an artifact's bytes while the context is held (for mmap, sendfile).
 
         Args:
             artifact_id: A 64-hex id.
 
-        Returns:
-            The blob path.
+        Yields:
+            A path whose bytes stay unchanged until the context exits, even if the artifact is deleted meanwhile.
 
         Raises:
             InvalidReference: Not a well-formed id.
             ArtifactNotFound: No such artifact.
         """
         self._require_meta(artifact_id)
-        return self._blob(artifact_id)
+        with self.blobs.local_path(artifact_id) as path:
+            yield path
 
-    def open_blob(self, artifact_id: str) -> BinaryIO:
-        """Open an artifact's bytes for streaming. The caller closes the file.
+    def blob_path(self, artifact_id: str) -> Path:
+        """The path of an artifact's bytes in a local blob store. The file is read-only; never write to it.
+
+        For tools and tests of the local layout; the service itself uses `local_path`, which works with every
+        blob store and pins the bytes.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+            StoreError: The blob store is not local.
+        """
+        self._require_meta(artifact_id)
+        if not isinstance(self.blobs, LocalBlobStore):
+            raise StoreError("the blob store is not local; use local_path()")
+        return self.blobs.path(artifact_id)
+
+    def open_blob(self, artifact_id: str, *, start: int = 0, end: int | None = None) -> BinaryIO:
+        """Open an artifact's bytes (or the range `[start, end)`) for streaming. The caller closes the file.
 
         Args:
             artifact_id: A 64-hex id.
+            start: The first byte.
+            end: One past the last byte; None: to the end.
 
         Returns:
             A binary file opened for reading.
@@ -515,10 +528,10 @@ class ArtifactStore:
             InvalidReference: Not a well-formed id.
             ArtifactNotFound: No such artifact (also when it is deleted concurrently).
         """
-        path = self.blob_path(artifact_id)
+        self._require_meta(artifact_id)
         try:
-            return open(path, "rb")
-        except FileNotFoundError as exc:
+            return self.blobs.open(artifact_id, start=start, end=end)
+        except ArtifactNotFound as exc:
             raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id) from exc
 
     def load(
@@ -542,31 +555,22 @@ class ArtifactStore:
             InvalidCheckpoint: From the loader.
         """
         meta = self._require_meta(artifact_id)
-        path = self._blob(artifact_id)
         use_mmap = mmap  # a format that cannot be mapped (legacy .pth) loads unmapped, and is not cached
-        if not path.exists():
-            raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
         chosen = container_key if container_key is not None else meta.container_key
         key = (artifact_id, tuple(safe_globals), chosen)
-        with self._manifest_cache_lock:
-            hit = self._loaded_cache.get(key) if use_mmap else None
-            if hit is not None:
-                self._loaded_cache.move_to_end(key)
+        hit = self._loaded.get(key) if use_mmap else None
         if hit is not None:
             return replace(hit, state_dict=_shallow_copy(hit.state_dict))
-        loaded = load_checkpoint(
-            path, mmap=use_mmap, container_key=chosen, safe_globals=safe_globals, limits=self.limits
-        )
+        # The mapping (and the storage records' own descriptor) keep the bytes after the pin is released.
+        with self.blobs.local_path(artifact_id) as path:
+            loaded = load_checkpoint(
+                path, mmap=use_mmap, container_key=chosen, safe_globals=safe_globals, limits=self.limits
+            )
         if loaded.mmapped:
             # torch.load costs ~100 us a tensor, and the original of a merge is loaded again for every trained
             # checkpoint merged into it. A mapped load holds no tensor memory of its own (the pages are the
             # blob's page cache), and the blob never changes, so recent ones are kept, bounded by tensor count.
-            with self._manifest_cache_lock:
-                self._loaded_cache[key] = loaded
-                cache = self._loaded_cache
-                while len(cache) > 1 and (len(cache) > _LOADED_CACHE_ITEMS
-                                          or sum(len(c.state_dict) for c in cache.values()) > _LOADED_CACHE_KEYS):
-                    cache.popitem(last=False)
+            self._loaded.put(key, loaded)
             return replace(loaded, state_dict=_shallow_copy(loaded.state_dict))
         return loaded
 
@@ -606,8 +610,12 @@ class ArtifactStore:
 
         return self.conversions.get_or_convert(artifact_id, format, write)
 
+    def cached_conversion(self, artifact_id: str, format: OutputFormat) -> ConvertedBlob | None:
+        """The conversion of an artifact to `format` if it is cached (a cheap read: no conversion runs)."""
+        return self.conversions.get(validate_id(artifact_id), format)
+
     def verify(self, artifact_id: str) -> VerifyBlobResult:
-        """Re-hash a blob to detect corruption on disk.
+        """Re-hash a blob to detect corruption.
 
         Args:
             artifact_id: A 64-hex id.
@@ -620,15 +628,18 @@ class ArtifactStore:
             ArtifactNotFound: No such artifact.
         """
         meta = self._require_meta(artifact_id)
+        actual, size = self._hash_blob(artifact_id)
+        return VerifyBlobResult(id=artifact_id, ok=actual == artifact_id and size == meta.size,
+                                actual_sha256=actual, expected_size=meta.size, actual_size=size)
+
+    def _hash_blob(self, artifact_id: str) -> tuple[str, int]:
         digest = hashlib.sha256()
         size = 0
-        with self.open_blob(artifact_id) as f:
+        with self.blobs.open(artifact_id) as f:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
-        actual = digest.hexdigest()
-        return VerifyBlobResult(id=artifact_id, ok=actual == artifact_id and size == meta.size,
-                                actual_sha256=actual, expected_size=meta.size, actual_size=size)
+        return digest.hexdigest(), size
 
     def list(
         self,
@@ -660,58 +671,21 @@ class ArtifactStore:
         if not 1 <= limit <= _MAX_LIMIT:
             raise InvalidRequest(f"limit must be between 1 and {_MAX_LIMIT}")
         after = _decode_cursor(cursor) if cursor is not None else None
-        names = self._read_names()
         wanted_id: str | None = None
         if name is not None:
-            wanted_id = names.get(validate_name(name))
+            wanted_id = self.index.get_name(validate_name(name))
             if wanted_id is None:
                 return Page(items=[], next_cursor=None, total=0)
-        label_key, label_value = _label_filter(label) if label is not None else ("", None)
-        matches: builtins.list[ArtifactMeta] = []
-        for meta in self._iter_meta(wanted_id):
-            if label is not None and (
-                label_key not in meta.labels
-                or (label_value is not None and meta.labels[label_key] != label_value)
-            ):
-                continue
-            if operation is not None and (meta.lineage is None or meta.lineage.operation != operation):
-                continue
-            if format is not None and meta.format != format:
-                continue
-            matches.append(meta)
-        matches.sort(key=lambda m: (m.created, m.id), reverse=True)
-        start = 0
-        if after is not None:
-            start = next((i for i, m in enumerate(matches) if (m.created, m.id) < after), len(matches))
-        page = matches[start:start + limit]
-        more = start + limit < len(matches)
-        return Page(
-            items=[self._with_names(m, names) for m in page],
-            next_cursor=_encode_cursor(page[-1]) if more and page else None,
-            total=len(matches),
-        )
-
-    def _iter_meta(self, only: str | None = None) -> Iterator[ArtifactMeta]:
-        if only is not None:
-            meta = self._read_meta(only)
-            if meta is not None:
-                yield meta
-            return
-        for shard in sorted(os.scandir(self._meta), key=lambda e: e.name):
-            if not shard.is_dir(follow_symlinks=False):
-                continue
-            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
-                stem, ext = os.path.splitext(entry.name)
-                if ext != ".json" or not is_id(stem):
-                    continue
-                meta = self._read_meta(stem)  # None: deleted meanwhile
-                if meta is not None:
-                    yield meta
+        label_key, label_value = _label_filter(label) if label is not None else (None, None)
+        filters = ListFilters(artifact_id=wanted_id, label_key=label_key, label_value=label_value,
+                              operation=operation, format=format)
+        items, total, more = self.index.list(filters, limit=limit, after=after)
+        return Page(items=items, next_cursor=_encode_cursor(items[-1]) if more and items else None, total=total)
 
     # ---- writing ------------------------------------------------------------------------------------------
 
     def open_upload(self, *, max_bytes: int | None = None) -> PendingUpload:
-        """Start a streaming upload into a flock'ed temp file inside the root.
+        """Start a streaming upload into a flock'ed temp file in the staging area (`<root>/tmp`).
 
         Args:
             max_bytes: Reject the upload as soon as it grows past this size.
@@ -763,12 +737,12 @@ class ArtifactStore:
             artifact_id = upload.finish()
             if expected_sha256 is not None:
                 self.check_digest(upload, expected_sha256)
-            existing = self._read_meta(artifact_id)
+            existing = self.index.get(artifact_id)
             if existing is not None:
-                return IngestResult(self._with_names(existing), created=False)
+                return IngestResult(existing, created=False)
             if inspection is None:
                 inspection = self._inspector(upload.path)
-            return self._publish(artifact_id, upload.path, upload.fd, upload.size, inspection,
+            return self._publish(artifact_id, upload.path, upload.size, inspection,
                                  filename=filename_, labels=labels_, lineage=lineage_)
 
     def inspect_upload(self, upload: PendingUpload, *, container_key: str | None = None) -> Inspection:
@@ -870,6 +844,7 @@ class ArtifactStore:
             return self.ingest(iter(lambda: f.read(CHUNK), b""), expected_sha256=expected_sha256,
                                filename=filename, labels=labels, lineage=lineage, max_bytes=max_bytes)
 
+
     def store_state_dict(
         self,
         state_dict: Mapping[str, torch.Tensor],
@@ -924,28 +899,24 @@ class ArtifactStore:
                 if is_no_space(exc):
                     raise storage_full(exc) from exc
                 raise
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                existing = self._read_meta(artifact_id)
-                if existing is not None:
-                    return IngestResult(self._with_names(existing), created=False)
-                if manifest is not None:
-                    # safetensors has no place for `_metadata`; torch.save keeps it
-                    has_md = writer.holds_module_metadata and has_metadata(state_dict)
-                    inspection = Inspection(format=writer.name, container_key=None, extras={}, has_metadata=has_md,
-                                            manifest=manifest)
-                else:
-                    inspection = self._inspector(path)
-                return self._publish(artifact_id, path, fd, size, inspection, filename=filename_,
-                                     labels=labels_, lineage=lineage_)
-            finally:
-                os.close(fd)
+            existing = self.index.get(artifact_id)
+            if existing is not None:
+                return IngestResult(existing, created=False)
+            if manifest is not None:
+                # safetensors has no place for `_metadata`; torch.save keeps it
+                has_md = writer.holds_module_metadata and has_metadata(state_dict)
+                inspection = Inspection(format=writer.name, container_key=None, extras={}, has_metadata=has_md,
+                                        manifest=manifest)
+            else:
+                inspection = self._inspector(path)
+            return self._publish(artifact_id, path, size, inspection, filename=filename_,
+                                 labels=labels_, lineage=lineage_)
+
 
     def _publish(
         self,
         artifact_id: str,
         src: Path,
-        src_fd: int,
         size: int,
         inspection: Inspection,
         *,
@@ -953,9 +924,6 @@ class ArtifactStore:
         labels: dict[str, str],
         lineage: Lineage | None,
     ) -> IngestResult:
-        blob = self._blob(artifact_id)
-        manifest_file = self._manifest_file(artifact_id)
-        meta_file = self._meta_file(artifact_id)
         meta = ArtifactMeta(
             id=artifact_id,
             size=size,
@@ -967,49 +935,34 @@ class ArtifactStore:
             tensor_bytes=inspection.manifest.tensor_bytes,
             schema_fingerprint=inspection.manifest.schema_fingerprint,
             has_metadata=inspection.has_metadata,
-            extras=dict(inspection.extras),
-            labels=labels,
+            extras=dict(sorted(inspection.extras.items())),
+            labels=dict(sorted(labels.items())),
             lineage=lineage,
-            candidates=dict(inspection.candidates),
+            candidates=dict(sorted(inspection.candidates.items())),
         )
-        record = meta.to_dict()
-        del record["names"]  # names live under names/ and are joined in on read
-        meta_bytes = _dump(record)
-        manifest_bytes = _dump(inspection.manifest.to_dict())
-        with self._id_lock(artifact_id):
-            existing = self._read_meta(artifact_id)
+        manifest = inspection.manifest.to_dict()
+        _dump(manifest)  # JSON-serialisable, before anything is written
+        with self.index.artifact_lock(artifact_id):
+            existing = self.index.get(artifact_id)
             if existing is not None:  # another process published the same bytes first
-                return IngestResult(self._with_names(existing), created=False)
-            wrote_blob = False
+                return IngestResult(existing, created=False)
             try:
-                for d in (blob.parent, manifest_file.parent, meta_file.parent):
-                    d.mkdir(exist_ok=True)
-                os.fchmod(src_fd, 0o444)  # read-only before it gets its public name
-                os.fsync(src_fd)
-                try:
-                    os.link(src, blob)  # never clobbers
-                except FileExistsError:
-                    # No metadata under our lock: a leftover of a crash or of an interrupted delete. Our bytes
-                    # are durable and hash to the id, so they take its place (a rename leaves readers intact).
-                    os.replace(src, blob)
-                wrote_blob = True
-                fsync_dir(blob.parent)
-                publish_bytes(self._tmp, manifest_file, manifest_bytes, mode=0o444, replace=True)
+                self.blobs.put_file(artifact_id, src)
                 # the publication point: from here on the artifact exists
-                publish_bytes(self._tmp, meta_file, meta_bytes, mode=0o444, replace=False)
-            except BaseException as exc:
-                if wrote_blob:
-                    unlink_quietly(blob)
-                    unlink_quietly(manifest_file)
-                if isinstance(exc, OSError) and is_no_space(exc):
-                    raise storage_full(exc) from exc
+                created = self.index.insert(meta, manifest)
+            except BaseException:
+                # No row under our lock: the blob is ours to remove (a crash here leaves an orphan for GC).
+                if not self.index.exists(artifact_id):
+                    self.blobs.delete(artifact_id)
                 raise
-        self._cache_manifest(artifact_id, Manifest(dict(inspection.manifest.entries),
-                                                   inspection.manifest.schema_fingerprint))
-        return IngestResult(self._with_names(meta), created=True)
+        if not created:
+            return IngestResult(self._require_meta(artifact_id), created=False)
+        self._manifests.put(artifact_id, Manifest(dict(inspection.manifest.entries),
+                                                  inspection.manifest.schema_fingerprint))
+        return IngestResult(meta, created=True)
 
     def delete(self, artifact_id: str, *, force: bool = False) -> builtins.list[str]:
-        """Delete an artifact: metadata first (unpublish), then manifest and blob (unlinked, never truncated).
+        """Delete an artifact: its index row first (unpublish), then its blob (unlinked, never truncated).
 
         Args:
             artifact_id: A 64-hex id.
@@ -1024,24 +977,10 @@ class ArtifactStore:
             ArtifactInUse: Names point to it and `force` is False.
         """
         validate_id(artifact_id)
-        with ExitStack() as stack:
-            stack.enter_context(self._id_lock(artifact_id))  # lock order: id stripe, then names
-            stack.enter_context(self._names_lock())
-            if not self._meta_file(artifact_id).exists():
-                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-            pointing = sorted(n for n, i in self._read_names().items() if i == artifact_id)
-            if pointing and not force:
-                raise ArtifactInUse(f"names point to artifact {artifact_id}: {quote_keys(pointing)}",
-                                    names=pointing)
-            for n in pointing:
-                unlink_quietly(self._name_file(n))
-            if pointing:
-                fsync_dir(self._names)
-            unlink_quietly(self._meta_file(artifact_id))
-            fsync_dir(self._meta_file(artifact_id).parent)
-            self._forget_manifest(artifact_id)
-            unlink_quietly(self._manifest_file(artifact_id))
-            unlink_quietly(self._blob(artifact_id))
+        with self.index.artifact_lock(artifact_id):
+            pointing = self.index.delete(artifact_id, force=force)
+            self._forget(artifact_id)
+            self.blobs.delete(artifact_id)
         self.conversions.forget(artifact_id)
         return pointing
 
@@ -1057,15 +996,9 @@ class ArtifactStore:
         Raises:
             InvalidReference: Bad name or id.
             ArtifactNotFound: No such artifact.
-            StorageFull: No space for the name file.
         """
         self.check_settable_name(name)
-        validate_id(artifact_id)
-        with self._names_lock():
-            if not self.exists(artifact_id):
-                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
-            publish_bytes(self._tmp, self._name_file(name), f"{artifact_id}\n".encode(), mode=0o644,
-                          replace=True)
+        self.index.set_name(name, validate_id(artifact_id))
 
     def check_settable_name(self, name: str) -> str:
         """Check that `set_name` would accept `name` (call it before heavy work that ends in naming).
@@ -1080,7 +1013,7 @@ class ArtifactStore:
             InvalidReference: Not a valid name, or a new name made only of 8 or more hex digits.
         """
         validate_name(name)
-        if not self._name_file(name).exists():
+        if self.index.get_name(name) is None:
             validate_new_name(name)  # an existing all-hex name may move; a new one could hide an id prefix
         return name
 
@@ -1097,13 +1030,9 @@ class ArtifactStore:
             InvalidReference: Not a valid name (or an id).
             NameNotFound: No such name.
         """
-        validate_name(name)
-        try:
-            target = self._name_file(name).read_text().strip()
-        except FileNotFoundError as exc:
-            raise NameNotFound(f"no name {name!r}", name=name) from exc
-        if not is_id(target):
-            raise StoreError(f"corrupt name file for {name!r}")
+        target = self.index.get_name(validate_name(name))
+        if target is None:
+            raise NameNotFound(f"no name {name!r}", name=name)
         return target
 
     def delete_name(self, name: str) -> None:
@@ -1116,13 +1045,8 @@ class ArtifactStore:
             InvalidReference: Not a valid name.
             NameNotFound: No such name.
         """
-        validate_name(name)
-        with self._names_lock():
-            try:
-                os.unlink(self._name_file(name))
-            except FileNotFoundError as exc:
-                raise NameNotFound(f"no name {name!r}", name=name) from exc
-            fsync_dir(self._names)
+        if not self.index.delete_name(validate_name(name)):
+            raise NameNotFound(f"no name {name!r}", name=name)
 
     def names(self) -> dict[str, str]:
         """All names.
@@ -1130,22 +1054,48 @@ class ArtifactStore:
         Returns:
             name -> artifact id, sorted by name.
         """
-        return dict(sorted(self._read_names().items()))
+        return self.index.names()
 
     # ---- maintenance --------------------------------------------------------------------------------------
 
-    def collect_garbage(self, *, grace_seconds: float | None = None) -> int:
-        """Remove crash leftovers: unlocked temp files and orphan blobs/manifests older than the grace period.
 
-        A live upload (its writer holds the flock) is never removed, whatever its age. The conversion cache
-        is trimmed too: conversions of deleted artifacts, unused past their maximum age, and the least recently
-        used past its size bound.
+    # ---- maintenance --------------------------------------------------------------------------------------
+
+    def ready(self) -> StoreHealth:
+        """The readiness probe: a temp file can be created in the staging area, and the index answers."""
+        try:
+            # In tmp/, where garbage collection finds it should the process die right here.
+            fd, path = tempfile.mkstemp(dir=self._tmp, prefix="ready-")
+            os.close(fd)
+            os.unlink(path)
+        except OSError as exc:
+            return StoreHealth(False, f"the store is not writable: {type(exc).__name__}: {exc.strerror}")
+        try:
+            self.index.ping()
+        except Exception as exc:  # any driver error means the same: the index does not answer
+            return StoreHealth(False, f"the index ({self.index.dialect}) does not answer: {type(exc).__name__}")
+        return StoreHealth(True, "the store is writable")
+
+    def describe(self) -> dict[str, str]:
+        """Where the data is, for logs and `ckpt` tools (never a password)."""
+        return {"data_dir": str(self.root), "index": redact(self.index.url), "blobs": type(self.blobs).__name__}
+
+    def collect_garbage(self, *, grace_seconds: float | None = None) -> int:
+        """Remove crash leftovers, orphan blobs and (with a retention) unreferenced artifacts.
+
+        GC has two parts. The blob listing: blobs without an index row older than the grace period (a crash
+        between the two steps of a publication) go, each under the artifact lock. The index query: with
+        `retention_seconds`, artifacts created longer ago than that which no name points to and no artifact was
+        made from are deleted. Unlocked temp files in the staging area older than the grace period go too (a live
+        upload's writer holds its flock, so it is never removed, whatever its age), and the conversion cache is
+        trimmed: conversions of deleted artifacts, unused past their maximum age, the least recently used past
+        its size bound.
 
         Args:
             grace_seconds: Minimum age (by mtime); defaults to the store's `tmp_grace_seconds`.
 
         Returns:
-            How many files or directories were removed.
+            How many files, directories and artifacts were removed.
         """
         grace = self.tmp_grace_seconds if grace_seconds is None else float(grace_seconds)
         cutoff = time.time() - grace
@@ -1158,24 +1108,108 @@ class ArtifactStore:
                 continue
             if remove_if_unlocked(Path(entry.path)):
                 removed += 1
-        for kind_dir, suffix in ((self._blobs, ""), (self._manifests, ".json")):
-            for shard in list(os.scandir(kind_dir)):
-                if not shard.is_dir(follow_symlinks=False):
-                    continue
-                for entry in list(os.scandir(shard.path)):
-                    stem = entry.name[: len(entry.name) - len(suffix)] if suffix else entry.name
-                    if not entry.name.endswith(suffix) or not is_id(stem) or stem[:2] != shard.name:
-                        continue
-                    if self._meta_file(stem).exists():
-                        continue
-                    with self._id_lock(stem):  # a publish in progress holds it and finishes first
-                        try:
-                            if self._meta_file(stem).exists() or os.lstat(entry.path).st_mtime > cutoff:
-                                continue
-                            os.unlink(entry.path)
-                            removed += 1
-                        except FileNotFoundError:
-                            continue
+        removed += len(self._remove_orphans(cutoff))
+        if self.retention_seconds is not None:
+            removed += len(self.remove_unreferenced(self.retention_seconds))
         removed += self.conversions.trim(exists=self.exists)
         return removed
 
+    def _orphans(self, cutoff: float | None) -> Iterator[str]:
+        # Blobs without a row, older than the cutoff (None: any age), checked against the index in batches.
+        batch: dict[str, float] = {}
+
+        def flush() -> Iterator[str]:
+            published = self.index.existing(batch)
+            yield from sorted(d for d, m in batch.items() if d not in published and (cutoff is None or m <= cutoff))
+            batch.clear()
+
+        for info in self.blobs.iter_blobs():
+            batch[info.digest] = info.modified
+            if len(batch) >= _GC_BATCH:
+                yield from flush()
+        yield from flush()
+
+    def _remove_orphans(self, cutoff: float) -> builtins.list[str]:
+        removed = []
+        for digest in builtins.list(self._orphans(cutoff)):
+            with self.index.artifact_lock(digest):  # a publication in progress holds it and finishes first
+                if self.index.exists(digest):
+                    continue
+                self.blobs.delete(digest)
+                removed.append(digest)
+        return removed
+
+    def remove_unreferenced(self, retention_seconds: float) -> builtins.list[str]:
+        """Delete artifacts older than `retention_seconds` that no name points to and nothing was made from.
+
+        Returns:
+            The ids deleted.
+        """
+        before = (datetime.now(UTC) - timedelta(seconds=retention_seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        removed: builtins.list[str] = []
+        while True:
+            candidates = self.index.unreferenced(created_before=before, limit=_GC_BATCH)
+            for artifact_id in candidates:
+                try:
+                    self.delete(artifact_id)  # refused (ArtifactInUse) if a name was set meanwhile
+                except (ArtifactNotFound, ArtifactInUse):
+                    continue
+                removed.append(artifact_id)
+            if len(candidates) < _GC_BATCH or not set(candidates) & set(removed):
+                return removed
+
+    def fsck(self, *, repair: bool = False, deep: bool = False) -> FsckReport:
+        """Check that the index and the blobs agree.
+
+        Finds rows whose blob is missing or has another size than recorded, manifests that are unreadable or do
+        not hold the row's key count, blobs without a row, and with `deep` blobs whose bytes do not hash to their
+        id (reads every blob).
+
+        Args:
+            repair: Do what is safe: unpublish broken artifacts (missing, truncated or corrupt blob, bad manifest;
+                the names pointing at them go too and are reported), and remove orphan blobs older than the grace
+                period (younger ones may be publications in flight).
+            deep: Re-hash every blob.
+
+        Returns:
+            The report.
+        """
+        report = FsckReport(checked=0)
+        broken: set[str] = set()
+        checked = 0
+        for artifact_id in self.index.iter_ids():
+            checked += 1
+            meta = self.index.get(artifact_id)
+            if meta is None:
+                continue  # deleted meanwhile
+            try:
+                size = self.blobs.size(artifact_id)
+            except ArtifactNotFound:
+                report.missing_blobs.append(artifact_id)
+                broken.add(artifact_id)
+                continue
+            if size != meta.size:
+                report.size_mismatches.append(artifact_id)
+                broken.add(artifact_id)
+            elif deep and self._hash_blob(artifact_id)[0] != artifact_id:
+                report.digest_mismatches.append(artifact_id)
+                broken.add(artifact_id)
+            data = self.index.manifest(artifact_id)
+            try:
+                manifest = Manifest.from_dict(data) if data is not None else None
+            except (ValueError, KeyError, TypeError):
+                manifest = None
+            if manifest is None or len(manifest.entries) != meta.key_count:
+                report.bad_manifests.append(artifact_id)
+                broken.add(artifact_id)
+        report.orphan_blobs.extend(self._orphans(None))
+        if repair:
+            for artifact_id in sorted(broken):
+                try:
+                    report.names_removed.extend(self.delete(artifact_id, force=True))
+                except ArtifactNotFound:
+                    continue
+                report.repaired.append(f"unpublished {artifact_id}")
+            cutoff = time.time() - self.tmp_grace_seconds
+            report.repaired.extend(f"removed orphan {d}" for d in self._remove_orphans(cutoff))
+        return replace(report, checked=checked)

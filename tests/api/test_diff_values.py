@@ -56,10 +56,12 @@ def test_value_figures_are_computed_once_per_pair(
     torch.save(sd, tmp_path / "b.pth")
     b = _upload(client, tmp_path / "b.pth")
     store = app.state.services.store
-    first = diff_checkpoints(store, Source(artifact_id=a), Source(artifact_id=b), values=True)
-    second = diff_checkpoints(store, Source(artifact_id=a), Source(artifact_id=b), values=True, frozen=["head."])
+    caches = app.state.services.operations.caches  # the caches belong to the service's Operations
+    first = diff_checkpoints(store, Source(artifact_id=a), Source(artifact_id=b), values=True, caches=caches)
+    second = diff_checkpoints(store, Source(artifact_id=a), Source(artifact_id=b), values=True, frozen=["head."],
+                              caches=caches)
     assert first.changes is not None and second.changes is first.changes  # the cached object, not a recomputation
     assert second.frozen is not None and second.frozen["changed"] == ["head.bias"]
     assert abs(second.frozen["max_abs"]["head.bias"] - 1.0) < 1e-6
-    other = diff_checkpoints(store, Source(artifact_id=b), Source(artifact_id=a), values=True)
+    other = diff_checkpoints(store, Source(artifact_id=b), Source(artifact_id=a), values=True, caches=caches)
     assert other.changes is not first.changes  # (a, b) and (b, a) differ: rel change is relative to a

@@ -194,7 +194,7 @@ def test_an_oversized_multipart_boundary_is_a_400(inproc: TestClient, route: str
 def test_a_poison_key_stored_before_the_check_gives_no_5xx(tmp_path: Path) -> None:
     # An artifact stored by an older version, which accepted the key: its manifest is given, so no parse refuses it.
     data = tmp_path / "data"
-    store = ArtifactStore(data)
+    store = ArtifactStore(data, database_url=Settings(data_dir=data).database_url)
     sd = {"w\ud800": torch.ones(2), "b": torch.ones(1)}
     art = store.store_state_dict(sd, manifest=build_manifest(sd)).artifact.id
     plain = store.store_state_dict({"b": torch.ones(1)}).artifact.id

@@ -118,13 +118,11 @@ def test_frozen_atol_accepts_a_bfloat16_round_trip(client: TestClient, recipe_fi
 def test_unchanged_norms_are_remembered_across_merges_of_one_original(
     app: FastAPI, client: TestClient, recipe_files: dict[str, Path]
 ) -> None:
-    from service.operations import _SQ_NORMS
-
     orig = _upload(client, recipe_files["original"])
     first = _merge(client, orig, _trained_bytes(recipe_files))
     entry = app.state.services.store.manifest(orig).entries["features.0.weight"]
     original = torch.load(recipe_files["original"], weights_only=True)
-    remembered = _SQ_NORMS.get((entry.fingerprint, entry.dtype, tuple(entry.shape)))
+    remembered = app.state.services.operations.caches.sq_norms.get((entry.fingerprint, entry.dtype, tuple(entry.shape)))
     assert remembered == pytest.approx(float(original["features.0.weight"].double().pow(2).sum()), rel=1e-12)
     again = _merge(client, orig, _trained_bytes(recipe_files, {"module.head.bias": torch.zeros(10)}))
     assert again.status_code == 201

@@ -10,9 +10,9 @@ OPERATION_IDS = {
     "diff_checkpoints", "diff_uploaded", "merge_checkpoints", "list_architectures", "get_architecture",
     "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url",
     "import_checkpoint",
-    "get_shard_index", "download_shard",
+    "get_shard_index", "download_shard", "fsck",
 }
-TAGS = ["checkpoints", "names", "operations", "architectures", "health"]
+TAGS = ["checkpoints", "names", "operations", "architectures", "health", "admin"]
 
 
 def test_every_operation_has_one_tag_and_a_human_summary(client: TestClient) -> None:

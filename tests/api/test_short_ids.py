@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,10 +44,10 @@ def test_an_ambiguous_prefix_is_a_409_listing_the_candidates(
 ) -> None:
     full = _upload(client, recipe_files["original"])
     # A second artifact whose id shares the first 10 digits (32+ bits of collision cannot be made for real):
-    # its metadata file, published as the store publishes it.
+    # its index row, published through the index as the store publishes one.
     twin = full[:10] + ("0" if full[10] != "0" else "1") + full[11:]
-    meta_dir = Path(settings.data_dir) / "meta" / full[:2]
-    shutil.copy(meta_dir / f"{full}.json", meta_dir / f"{twin}.json")
+    store: ArtifactStore = client.app.state.services.store  # type: ignore[attr-defined]
+    assert store.index.insert(replace(store.metadata(full), id=twin), store.manifest(full).to_dict())
     r = client.get(f"/checkpoints/{full[:10]}")
     assert r.status_code == 409, r.text
     problem = r.json()
@@ -61,10 +61,10 @@ def test_new_all_hex_names_are_refused_existing_ones_keep_working(
     tmp_path: Path, recipe_files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    store = ArtifactStore(settings.data_dir)
+    store = ArtifactStore(settings.data_dir, database_url=settings.database_url)
     artifact = store.ingest_file(recipe_files["original"]).artifact
-    # A name from before short ids, written as the store writes names.
-    (Path(settings.data_dir) / "names" / "deadbeef").write_text(artifact.id + "\n")
+    # A name from before short ids (the index takes it; only the store's API refuses new ones).
+    store.index.set_name("deadbeef", artifact.id)
     with caplog.at_level(logging.WARNING, logger="ckpt.service"), TestClient(create_app(settings)) as client:
         assert client.get("/checkpoints/deadbeef").json()["id"] == artifact.id  # the name wins over a prefix
         assert client.put("/names/deadbeef", json={"id": artifact.id}).status_code == 200  # and may move

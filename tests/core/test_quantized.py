@@ -5,8 +5,6 @@ Also the fingerprint version of stored manifests: a manifest written before it e
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,15 +123,13 @@ def _v1(tensor: torch.Tensor) -> str:
     return blake3.blake3(tensor.int_repr().contiguous().numpy().tobytes()).hexdigest(length=16)
 
 
-def _rewrite_as_v1(store_root: Path, artifact_id: str, quantized: dict[str, torch.Tensor]) -> Path:
-    path = store_root / "manifests" / artifact_id[:2] / f"{artifact_id}.json"
-    data = json.loads(path.read_bytes())
+def _rewrite_as_v1(store: ArtifactStore, artifact_id: str, quantized: dict[str, torch.Tensor]) -> None:
+    # The manifest as version 1 wrote it (no fingerprint_version, int_repr hashes), stored in its place.
+    data = store.manifest(artifact_id).to_dict()
     del data["fingerprint_version"]
     for key, tensor in quantized.items():
         data["entries"][key]["fingerprint"] = _v1(tensor)
-    os.chmod(path, 0o644)
-    path.write_text(json.dumps(data))
-    return path
+    assert store.index.update_manifest(artifact_id, data)
 
 
 @pytest.fixture
@@ -151,8 +147,9 @@ def test_an_old_manifest_is_recomputed_on_first_use(
 ) -> None:
     pa, pb, a, b = two_scales
     root = tmp_path / "store"
-    old_id = ArtifactStore(root).ingest_file(pa).artifact.id
-    path = _rewrite_as_v1(root, old_id, {"q.weight": a["q.weight"]})
+    first = ArtifactStore(root)
+    old_id = first.ingest_file(pa).artifact.id
+    _rewrite_as_v1(first, old_id, {"q.weight": a["q.weight"]})
     store = ArtifactStore(root)  # a new process: nothing cached
     new_id = store.ingest_file(pb).artifact.id
 
@@ -162,8 +159,9 @@ def test_an_old_manifest_is_recomputed_on_first_use(
     assert old.entries["bias"] == build_manifest(a).entries["bias"]
     # The old artifact vs the new one differs in scale only: a change, not "unchanged".
     assert diff_manifests(old, store.manifest(new_id)).changed == ("q.weight",)
-    # The file is rewritten once, so the next process does not recompute it.
-    rewritten = json.loads(path.read_bytes())
+    # The stored manifest is rewritten once, so the next process does not recompute it.
+    rewritten = store.index.manifest(old_id)
+    assert rewritten is not None
     assert rewritten["fingerprint_version"] == FINGERPRINT_VERSION
     assert rewritten["entries"]["q.weight"]["fingerprint"] == fingerprint_tensor(a["q.weight"])
     assert ArtifactStore(root).manifest(old_id) == old
@@ -173,10 +171,11 @@ def test_an_old_manifest_without_quantized_tensors_is_kept(tmp_path: Path) -> No
     root = tmp_path / "store"
     src = tmp_path / "plain.pth"
     torch.save({"w": torch.ones(3), "n": torch.arange(3)}, src)
-    artifact_id = ArtifactStore(root).ingest_file(src).artifact.id
-    path = _rewrite_as_v1(root, artifact_id, {})
-    before = path.read_bytes()
+    first = ArtifactStore(root)
+    artifact_id = first.ingest_file(src).artifact.id
+    _rewrite_as_v1(first, artifact_id, {})
+    before = first.index.manifest(artifact_id)
     manifest = ArtifactStore(root).manifest(artifact_id)
     assert manifest.fingerprint_version == FINGERPRINT_VERSION
     assert manifest.entries == build_manifest(torch.load(src, weights_only=True)).entries
-    assert path.read_bytes() == before  # the same fingerprints: no rewrite needed
+    assert first.index.manifest(artifact_id) == before  # the same fingerprints: no rewrite needed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import signal
 import socket
@@ -475,21 +474,19 @@ class DiskState:
 
 
 def disk_state(data_dir: Path) -> DiskState:
-    """Compare meta/, blobs/ and manifests/: every published artifact has its blob (of the recorded size) and
-    manifest, and no blob or manifest lacks its metadata (a partial artifact, or an uncollected leftover)."""
-    state = DiskState()
-    metas = {p.stem: p for p in (data_dir / "meta").glob("*/*.json")}
-    blobs = {p.name: p for p in (data_dir / "blobs").glob("*/*")}
-    manifests = {p.stem: p for p in (data_dir / "manifests").glob("*/*.json")}
-    state.published = set(metas)
-    for artifact_id, meta_path in sorted(metas.items()):
-        blob = blobs.get(artifact_id)
-        if blob is None:
-            state.problems.append(f"{artifact_id}: metadata without blob")
-        elif blob.stat().st_size != json.loads(meta_path.read_bytes())["size"]:
-            state.problems.append(f"{artifact_id}: blob size differs from the metadata")
-        if artifact_id not in manifests:
-            state.problems.append(f"{artifact_id}: metadata without manifest")
-    for artifact_id in sorted((set(blobs) | set(manifests)) - set(metas)):
-        state.problems.append(f"{artifact_id}: blob or manifest without metadata")
+    """Compare the index with the blobs (the store's fsck): every published artifact has its blob (of the
+    recorded size) and a manifest of its key count, and no blob lacks its index row (a partial artifact, or an
+    uncollected leftover)."""
+    from service.store import ArtifactStore
+
+    store = ArtifactStore(data_dir)
+    try:
+        report = store.fsck()
+        state = DiskState(published=set(store.index.iter_ids()))
+    finally:
+        store.close()
+    state.problems.extend(f"{i}: index row without blob" for i in report.missing_blobs)
+    state.problems.extend(f"{i}: blob size differs from the index" for i in report.size_mismatches)
+    state.problems.extend(f"{i}: bad manifest" for i in report.bad_manifests)
+    state.problems.extend(f"{i}: blob without index row" for i in report.orphan_blobs)
     return state

@@ -28,8 +28,8 @@ def context() -> Any:
     return _CTX
 
 
-def ingest_after_barrier(root: str, path: str, barrier: Barrier, results: Any) -> None:
-    store = ArtifactStore(Path(root))
+def ingest_after_barrier(root: str, path: str, barrier: Barrier, results: Any, database_url: str | None) -> None:
+    store = ArtifactStore(Path(root), database_url=database_url)
     barrier.wait()
     result = store.ingest_file(Path(path))
     results.put((result.artifact.id, result.created))
@@ -43,11 +43,11 @@ def _fresh_checkpoint(rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
-def churn(root: str, sources: list[str], seed: int, started: Event) -> None:
+def churn(root: str, sources: list[str], seed: int, started: Event, database_url: str | None) -> None:
     """Ingest, derive, name and delete forever, until killed."""
     torch.set_num_threads(1)  # several churners share two cores; idle OpenMP workers would spin
     rng = random.Random(seed)
-    store = ArtifactStore(Path(root))
+    store = ArtifactStore(Path(root), database_url=database_url)
     started.set()
     while True:
         try:
@@ -80,9 +80,9 @@ def _churn_once(store: ArtifactStore, rng: random.Random, sources: list[str], se
         store.collect_garbage(grace_seconds=0)  # a concurrent collector must not break a writer
 
 
-def hold_upload(root: str, ready: Event) -> None:
+def hold_upload(root: str, ready: Event, database_url: str | None) -> None:
     """Open an upload, write part of it and hang: the test kills this process."""
-    store = ArtifactStore(Path(root))
+    store = ArtifactStore(Path(root), database_url=database_url)
     upload = store.open_upload()
     upload.write(b"partial upload")
     ready.set()

@@ -25,9 +25,14 @@ def tmp_entries(store: ArtifactStore) -> list[str]:
     return sorted(os.listdir(store.root / "tmp"))
 
 
+@pytest.fixture(autouse=True)
+def _per_index_backend(index_backend: str | None) -> None:
+    """Every store test runs against each metadata index backend (see tests/conftest.py)."""
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store")
+def store(tmp_path: Path, database_url: str | None) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "store", database_url=database_url)
 
 
 @pytest.fixture

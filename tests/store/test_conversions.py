@@ -15,7 +15,8 @@ from tests.factories import make_original
 
 
 def _store_with_artifact(tmp_path: Path, **kwargs: float) -> tuple[ArtifactStore, str]:
-    store = ArtifactStore(tmp_path / "store", **kwargs)  # type: ignore[arg-type]
+    store = ArtifactStore(tmp_path / "store", database_url=os.environ.get("CKPT_DATABASE_URL"),
+                          **kwargs)  # type: ignore[arg-type]
     path = tmp_path / "m.pth"
     torch.save(make_original().state_dict(), path)
     return store, store.ingest_file(path).artifact.id

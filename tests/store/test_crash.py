@@ -21,9 +21,9 @@ ROUNDS = 25
 CHURNERS = 2
 
 
-def check_consistent(root: Path) -> int:
+def check_consistent(root: Path, database_url: str | None) -> int:
     """Everything a fresh store shows is complete: bytes hash to the id, metadata and manifest parse."""
-    store = ArtifactStore(root)
+    store = ArtifactStore(root, database_url=database_url)
     page = store.list(limit=1000)
     assert page.next_cursor is None
     for meta in page.items:
@@ -31,35 +31,35 @@ def check_consistent(root: Path) -> int:
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == meta.id
         assert blob.stat().st_size == meta.size
         assert stat.S_IMODE(blob.stat().st_mode) == 0o444
-        manifest_file = root / "manifests" / meta.id[:2] / f"{meta.id}.json"
-        manifest = Manifest.from_dict(json.loads(manifest_file.read_text()))
-        assert manifest == store.manifest(meta.id)
+        manifest = store.manifest(meta.id)
+        assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
         assert len(manifest.entries) == meta.key_count
         assert ArtifactMeta.from_dict(meta.to_dict()) == meta
     for name, target in store.names().items():
         assert store.exists(target), f"name {name!r} points to a missing artifact"
+    report = store.fsck(deep=True)
+    assert report.ok, report.to_dict()
     return page.total
 
 
-def orphans(root: Path) -> list[str]:
-    published = {p.stem for p in (root / "meta").glob("*/*.json")}
-    blobs = {p.name for p in (root / "blobs").glob("*/*")}
-    manifests = {p.stem for p in (root / "manifests").glob("*/*.json")}
-    return sorted((blobs | manifests) - published)
+def orphans(root: Path, database_url: str | None) -> list[str]:
+    """Blobs without an index row (a crash between the blob and the row)."""
+    return ArtifactStore(root, database_url=database_url).fsck().orphan_blobs
 
 
-def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path,
-                                                                  ckpt: Callable[..., Path]) -> None:
+def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path, ckpt: Callable[..., Path],
+                                                                  database_url: str | None) -> None:
     ctx = context()
     root = tmp_path / "store"
-    ArtifactStore(root)
+    ArtifactStore(root, database_url=database_url)
     sources = [str(ckpt(i)) for i in range(3)]
     rng = random.Random(1234)
     leftovers_seen = 0
     stored_seen = 0
     for round_ in range(ROUNDS):
         events = [ctx.Event() for _ in range(CHURNERS)]
-        procs = [ctx.Process(target=churn, args=(str(root), sources, round_ * 10 + k, ev), daemon=True)
+        procs = [ctx.Process(target=churn, args=(str(root), sources, round_ * 10 + k, ev, database_url),
+                             daemon=True)
                  for k, ev in enumerate(events)]
         for p in procs:
             p.start()
@@ -72,17 +72,17 @@ def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path
             p.join(30)
             assert p.exitcode == -signal.SIGKILL  # it was still churning: no unexpected error killed it
 
-        stored_seen = max(stored_seen, check_consistent(root))
-        store = ArtifactStore(root, tmp_grace_seconds=3600)
+        stored_seen = max(stored_seen, check_consistent(root, database_url))
+        store = ArtifactStore(root, tmp_grace_seconds=3600, database_url=database_url)
         young = tmp_entries(store)
-        leftovers_seen += len(young) + len(orphans(root))
+        leftovers_seen += len(young) + len(orphans(root, database_url))
         assert store.collect_garbage() == 0  # leftovers younger than the grace period are kept
         assert tmp_entries(store) == young
         store.collect_garbage(grace_seconds=0)
         assert tmp_entries(store) == []
-        assert orphans(root) == []
-        check_consistent(root)
-    check_consistent(root)
+        assert orphans(root, database_url) == []
+        check_consistent(root, database_url)
+    check_consistent(root, database_url)
     # sanity of the test itself: some round saw published artifacts (a busy machine may have deleted them all
     # by the last round, so not only the end state counts)
     assert stored_seen > 0
@@ -90,12 +90,13 @@ def test_sigkill_at_random_moments_leaves_only_complete_artifacts(tmp_path: Path
     assert leftovers_seen > 0
 
 
-def test_a_killed_upload_is_kept_until_the_grace_period_then_collected(tmp_path: Path) -> None:
+def test_a_killed_upload_is_kept_until_the_grace_period_then_collected(tmp_path: Path,
+                                                                       database_url: str | None) -> None:
     ctx = context()
     root = tmp_path / "store"
-    store = ArtifactStore(root)
+    store = ArtifactStore(root, database_url=database_url)
     ready = ctx.Event()
-    p = ctx.Process(target=hold_upload, args=(str(root), ready), daemon=True)
+    p = ctx.Process(target=hold_upload, args=(str(root), ready, database_url), daemon=True)
     p.start()
     assert ready.wait(60)
     [name] = tmp_entries(store)

@@ -7,10 +7,13 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import service.store._fs as fs
+import service.store.blobs.local as local_blobs
 import service.store.upload as upload_module
 from service.errors import StorageFull
 from service.store import ArtifactStore
@@ -42,8 +45,8 @@ def _assert_intact(store: ArtifactStore, artifact_id: str) -> None:
     assert [p.name for p in (store.root / "blobs").glob("*/*")] == [artifact_id]
 
 
-def test_real_full_disk(tiny_fs: Path, ckpt: Callable[..., Path]) -> None:
-    store = ArtifactStore(tiny_fs / "store")
+def test_real_full_disk(tiny_fs: Path, ckpt: Callable[..., Path], database_url: str | None) -> None:
+    store = ArtifactStore(tiny_fs / "store", database_url=database_url)
     kept = store.ingest_file(ckpt(0)).artifact.id
     with pytest.raises(StorageFull):
         store.ingest(iter([b"\0" * (64 << 10)] * 16))  # 1 MiB into a 512 KiB filesystem
@@ -73,18 +76,43 @@ def test_enospc_while_streaming(store: ArtifactStore, ckpt: Callable[..., Path],
     _assert_intact(store, kept)
 
 
-@pytest.mark.parametrize("budget", [0, 10])  # the manifest write fails / the metadata write fails
-def test_enospc_while_publishing(store: ArtifactStore, ckpt: Callable[..., Path],
-                                 monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+def test_enospc_while_putting_the_blob(store: ArtifactStore, ckpt: Callable[..., Path],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     kept = store.ingest_file(ckpt(0)).artifact.id
     path = ckpt(1)
-    manifest_size = len((store.root / "manifests" / kept[:2] / f"{kept}.json").read_bytes())
-    monkeypatch.setattr(fs, "write_all", _fail_after(budget and manifest_size + budget, fs.write_all))
+    # The copy into the blob directory fails as a full disk fails it (a staged file on another filesystem).
+    monkeypatch.setattr(local_blobs, "write_all", _fail_after(0, fs.write_all))
+    monkeypatch.setattr(local_blobs.os, "link", _cross_device)
     with pytest.raises(StorageFull):
         store.ingest_file(path)
     monkeypatch.undo()
     _assert_intact(store, kept)
-    assert list((store.root / "manifests").glob("*/*.json")) == [
-        store.root / "manifests" / kept[:2] / f"{kept}.json"
-    ]
+    assert store.ingest_file(path).created
+
+
+def _cross_device(src: object, dst: object, **_: object) -> None:
+    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+
+@pytest.mark.index("sqlite")  # SQLite's own limit on the database's pages
+def test_a_full_index_stores_nothing(store: ArtifactStore, ckpt: Callable[..., Path]) -> None:
+    kept = store.ingest_file(ckpt(0)).artifact.id
+    path = ckpt(1)
+    # SQLite's own "database or disk is full": the database may not grow by a page.
+    engine = store.index.engine
+
+    def cap(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        pages = cursor.execute("PRAGMA page_count").fetchone()[0]
+        cursor.execute(f"PRAGMA max_page_count = {pages}")
+        cursor.close()
+
+    sa.event.listen(engine, "connect", cap)
+    engine.dispose()
+    labels = {f"k{i}": "v" * 256 for i in range(64)}  # 16 KiB: more than the free room of the last pages
+    with pytest.raises(StorageFull):
+        store.ingest_file(path, labels=labels)
+    sa.event.remove(engine, "connect", cap)
+    engine.dispose()
+    _assert_intact(store, kept)
     assert store.ingest_file(path).created

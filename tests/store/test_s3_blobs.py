@@ -30,6 +30,9 @@ from service.store.blobs.cache import BlobCache
 from service.store.blobs.s3 import MIB, S3BlobStore
 from tests._services import S3Service
 
+# A blob store alone: no metadata index involved, so one run (tests/store runs each test per index backend).
+pytestmark = pytest.mark.index("sqlite")
+
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["s3"]
 # The smallest part S3 allows, so that a few MiB already make a multipart upload.

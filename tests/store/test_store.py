@@ -239,10 +239,10 @@ def test_newer_layout_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "store"
     ArtifactStore(root)
     marker = json.loads((root / "ckpt-store.json").read_text())
-    assert marker["layout_version"] == ArtifactStore.LAYOUT_VERSION == 1
+    assert marker["layout_version"] == ArtifactStore.LAYOUT_VERSION == 2
     os.chmod(root / "ckpt-store.json", 0o644)
-    (root / "ckpt-store.json").write_text(json.dumps({"layout_version": 2}))
-    with pytest.raises(StoreError, match="layout version 2"):
+    (root / "ckpt-store.json").write_text(json.dumps({"layout_version": 3}))
+    with pytest.raises(StoreError, match="layout version 3"):
         ArtifactStore(root)
 
 
@@ -441,8 +441,8 @@ def test_gc_never_removes_a_live_upload(store: ArtifactStore, ckpt: Callable[...
 
 
 def test_gc_removes_old_leftovers_and_orphans(store: ArtifactStore, ckpt: Callable[..., Path]) -> None:
-    # The states a crash leaves behind: an unlocked temp file, a work dir, a blob and a manifest without
-    # metadata (crash between blob and metadata).
+    # The states a crash leaves behind: an unlocked temp file, a work dir, and a blob without an index row
+    # (crash between blob and row).
     (store.root / "tmp" / "upload-dead").write_bytes(b"partial")
     (store.root / "tmp" / "work-dead").mkdir()
     (store.root / "tmp" / "work-dead" / ".tmp-x").write_bytes(b"partial")
@@ -450,12 +450,10 @@ def test_gc_removes_old_leftovers_and_orphans(store: ArtifactStore, ckpt: Callab
     orphan_id = sha256_of(path)
     (store.root / "blobs" / orphan_id[:2]).mkdir()
     (store.root / "blobs" / orphan_id[:2] / orphan_id).write_bytes(path.read_bytes()[:50])  # even damaged
-    (store.root / "manifests" / orphan_id[:2]).mkdir()
-    (store.root / "manifests" / orphan_id[:2] / f"{orphan_id}.json").write_text("{}")
     kept = store.ingest_file(ckpt(1)).artifact.id
 
     assert store.collect_garbage() == 0  # all younger than the default grace of an hour
-    assert store.collect_garbage(grace_seconds=0) == 4
+    assert store.collect_garbage(grace_seconds=0) == 3
     assert tmp_entries(store) == []
     assert not (store.root / "blobs" / orphan_id[:2] / orphan_id).exists()
     assert store.verify(kept).ok

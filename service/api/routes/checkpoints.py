@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path as LocalPath
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.api.deps import ArtifactDep, ReadAuth, ReadOrSignedAuth, RefPath, ServicesDep, StoreDep, WriteAuth
 from service.api.problems import problem_responses
@@ -379,6 +382,20 @@ def get_manifest(artifact: ArtifactDep, store: StoreDep) -> ManifestOut:
     )
 
 
+class PinnedFileResponse(FileResponse):
+    """A FileResponse that releases the pin on its file when the response is done, however it ends."""
+
+    def __init__(self, pin: ExitStack, path: LocalPath, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._pin = pin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await anyio.to_thread.run_sync(self._pin.close)
+
+
 def _stored_format(artifact: ArtifactMeta) -> Format:
     # Every stored artifact was read by a format of the table; the zip .pth stands in for one from elsewhere.
     return find_format(artifact.format) or PTH_ZIP
@@ -418,7 +435,7 @@ async def download_checkpoint(
     suffix, media_type = stored.suffix, stored.media_type
     if format is not None and format != stored.output:
         # A read stores nothing: the converted bytes come from the conversion cache, converted once.
-        converted = await anyio.to_thread.run_sync(store.conversions.get, artifact.id, format)
+        converted = await anyio.to_thread.run_sync(store.cached_conversion, artifact.id, format)
         if converted is None:
             converted = await services.read_pool.run(
                 lambda: services.operations.convert(artifact.id, output_format=format)
@@ -430,8 +447,13 @@ async def download_checkpoint(
     cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
-    return FileResponse(
-        path if path is not None else store.blob_path(artifact.id),
+    pin = ExitStack()
+    if path is None:
+        # The blob store's local copy, pinned until the response is sent (the file itself, or a cache entry).
+        path = await anyio.to_thread.run_sync(pin.enter_context, store.local_path(artifact.id))
+    return PinnedFileResponse(
+        pin,
+        path,
         media_type=media_type,
         filename=f"{digest[:16]}{suffix}",
         headers={

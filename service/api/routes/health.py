@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
@@ -57,15 +54,8 @@ def readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
 
 
 def _store_check(services: Services) -> ReadinessCheck:
-    try:
-        # In tmp/, where garbage collection finds it should the process die right here.
-        fd, path = tempfile.mkstemp(dir=services.store.root / "tmp", prefix="ready-")
-        os.close(fd)
-        os.unlink(path)
-    except OSError as exc:
-        return ReadinessCheck(status="unavailable", detail=f"the store is not writable: {type(exc).__name__}: "
-                                                           f"{exc.strerror}")
-    return ReadinessCheck(status="ok", detail="the store is writable")
+    health = services.store.ready()
+    return ReadinessCheck(status="ok" if health.ok else "unavailable", detail=health.detail)
 
 
 def _architectures_check(services: Services) -> ReadinessCheck:
