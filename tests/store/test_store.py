@@ -232,11 +232,14 @@ def test_bad_labels_filename_and_lineage(store: ArtifactStore, ckpt: Callable[..
         {"filename": "a\nb"},
         {"lineage": Lineage("explode", {"original": "0" * 64}, {}, {})},
         {"lineage": Lineage("merge", {"original": "0" * 64}, {"x": object()}, {})},
+        {"filename": "a\udcff.pth"},  # no database holds a lone surrogate
+        {"labels": {"k": "v\ud800"}},
     ):
         with pytest.raises(InvalidRequest):
             store.ingest_file(path, **kwargs)
     assert store.list().total == 0
     assert tmp_entries(store) == []
+    assert list(store.blobs.iter_blobs()) == []
 
 
 def test_newer_layout_is_refused(tmp_path: Path) -> None:

@@ -26,7 +26,15 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from service.errors import ArtifactInUse, ArtifactNotFound, InvalidSettings, StorageFull, StoreError, quote_keys
+from service.errors import (
+    ArtifactInUse,
+    ArtifactNotFound,
+    InvalidRequest,
+    InvalidSettings,
+    StorageFull,
+    StoreError,
+    quote_keys,
+)
 from service.store._fs import file_lock
 from service.store.index.schema import (
     MIGRATIONS,
@@ -743,15 +751,28 @@ class RetentionPolicy:
     label_keys: tuple[str, ...] = ()
 
 
+def _text(value: str | None, what: str) -> str | None:
+    # Both databases hold UTF-8 text only: a lone surrogate (from a file name or a pickle's keys) is refused here,
+    # before anything is written, instead of failing inside the driver.
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"{what} is not valid Unicode text (it holds a lone surrogate)") from exc
+    return value
+
+
 def _artifact_row(meta: ArtifactMeta) -> dict[str, Any]:
+    for key, value in meta.labels.items():
+        _text(value, f"the value of label {key!r}")
     return {
         "id": meta.id,
         "created": meta.created,
         "size": meta.size,
         "format": meta.format,
         "operation": meta.lineage.operation if meta.lineage is not None else None,
-        "filename": meta.filename,
-        "container_key": meta.container_key,
+        "filename": _text(meta.filename, "filename"),
+        "container_key": _text(meta.container_key, "container_key"),
         "key_count": meta.key_count,
         "tensor_bytes": meta.tensor_bytes,
         "schema_fingerprint": meta.schema_fingerprint,
