@@ -10,7 +10,8 @@ The blob store backend comes with it: the parameter is an (index, blobs) pair, `
 the local directory, and ``postgresql+s3`` with `S3BlobStore` on a real Ceph RGW (tests/_services.py; a fresh
 bucket per test, named by ``CKPT_STORAGE_URL`` with the ``AWS_*`` settings, so servers a test starts use it too).
 ``CKPT_TEST_BLOBS`` (``local``, ``s3`` or ``both``, the default) picks the blob backends; a test marked
-``@pytest.mark.blobs("local")`` (it looks at files of the local layout) runs with that one only.
+``@pytest.mark.blobs("local")`` (it looks at files of the local layout) runs with that one only. In tests/api
+the S3 pair runs for a representative subset of modules unless ``CKPT_TEST_S3_API=all`` (see `_API_S3_MODULES`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ _BACKENDS = ("sqlite", "postgresql")
 _BLOBS = ("local", "s3")
 # (index, blobs) pairs: the S3 store runs with PostgreSQL, the index a team's replicas share with it.
 _PAIRS = (("sqlite", "local"), ("postgresql", "local"), ("postgresql", "s3"))
+# The API suite's S3 runs cost about 8 minutes on a loaded 2-core machine for all of tests/api; by default they cover
+# a representative subset (upload, download with Range, merge, diff, strip, names, delete, GC, fsck, conversions,
+# short ids), tests/store runs fully. CKPT_TEST_S3_API=all runs every API test on S3 too.
+_API_S3_MODULES = frozenset({
+    "test_checkpoints", "test_operations", "test_s3_downloads", "test_admin", "test_download_url",
+    "test_conversions", "test_short_ids", "test_real_server",
+})
 _ROOT = Path(__file__).resolve().parent.parent
 _TEMPLATE = "ckpt_template"
 
@@ -66,12 +74,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     index_marker = metafunc.definition.get_closest_marker("index")
     blobs_marker = metafunc.definition.get_closest_marker("blobs")
+    module = metafunc.definition.path
+    s3_skipped_here = (
+        module.parent.name == "api" and module.stem not in _API_S3_MODULES
+        and os.environ.get("CKPT_TEST_S3_API", "").strip().lower() != "all"
+    )
     params = [
         index if blobs == "local" else f"{index}+{blobs}"
         for index, blobs in _PAIRS
         if index in _wanted_backends() and blobs in _wanted_blobs()
         and (index_marker is None or index in index_marker.args)
         and (blobs_marker is None or blobs in blobs_marker.args)
+        and not (blobs == "s3" and s3_skipped_here)
     ]
     metafunc.parametrize("index_backend", params, indirect=True)
 
