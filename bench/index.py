@@ -8,7 +8,8 @@ Every artifact is a real (tiny) checkpoint stored with `ArtifactStore.store_stat
 (`team` of 10 values, a unique `run`), every 5th derived from the one before (lineage), every 100th named. Then
 each query is timed (median of `--rounds`, milliseconds, in-process, warm): the first page of `list` (what
 `GET /checkpoints` serves), a label filter, a name filter, name resolution, one artifact's lineage (its metadata
-and what was made from it), GC's index query (unreferenced artifacts past retention), and opening the store
+and what was made from it), GC's index query (unreferenced artifacts past retention), the retention policy's
+query (every artifact past its age), and opening the store
 (start-up: it must not read every artifact). PostgreSQL is a real server, started with
 scripts/services/postgres.sh unless `--database-url` names one. Asserts nothing about time.
 """
@@ -35,10 +36,11 @@ import torch
 
 from service.core.manifest import build_manifest
 from service.store import ArtifactStore, Lineage
+from service.store.index.sql import RetentionPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 GOALS_MS = {"first_page": 50.0, "label_filter": 50.0, "name_filter": 50.0, "name_resolution": 5.0,
-            "lineage": 50.0, "gc_query": 50.0}
+            "lineage": 50.0, "gc_query": 50.0, "retention_query": 2000.0}
 LABELS = {
     "first_page": "first page (`list`, 50 items)",
     "label_filter": "label filter (`team=t3`, 50 items)",
@@ -46,6 +48,7 @@ LABELS = {
     "name_resolution": "name resolution (`resolve`)",
     "lineage": "one artifact's lineage (metadata + made from)",
     "gc_query": "GC's index query (1,000 unreferenced)",
+    "retention_query": "retention policy (every artifact a candidate: names, lineage, keep-last 5 per `team`)",
     "open_store": "opening the store (start-up)",
 }
 
@@ -87,6 +90,7 @@ def measure(root: Path, database_url: str | None, seeded: dict[str, Any], rounds
     store = ArtifactStore(root, database_url=database_url)
     derived = seeded["derived"]
     future = "9999-01-01T00:00:00.000000Z"
+    policy = RetentionPolicy(created_before=future, keep_last=5, label_keys=("team",))  # the worst case: no age
     figures = {
         "first_page": _median_ms(lambda: store.list(limit=50), rounds),
         "label_filter": _median_ms(lambda: store.list(label="team=t3", limit=50), rounds),
@@ -94,6 +98,7 @@ def measure(root: Path, database_url: str | None, seeded: dict[str, Any], rounds
         "name_resolution": _median_ms(lambda: store.resolve("model-100"), rounds),
         "lineage": _median_ms(lambda: (store.metadata(derived).lineage, store.made_from(derived)), rounds),
         "gc_query": _median_ms(lambda: store.index.unreferenced(created_before=future, limit=1000), rounds),
+        "retention_query": _median_ms(lambda: store.index.retention_candidates(policy), max(3, rounds // 10)),
         "open_store": open_ms,
     }
     # The pages must hold what they claim (a benchmark of an empty answer would be fast and wrong).

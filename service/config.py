@@ -15,6 +15,8 @@ from service.s3url import S3Location, parse_import_allowlist
 SCOPES = ("read", "write", "admin")
 # A prefix before the first ':' that is one short word is meant as a scope, whatever its case: "READ:abc" or
 # "reader:abc" must never silently become a write token named "READ:abc".
+# What a label key may be (the store validates labels with it; CKPT_RETENTION_LABEL_KEYS too).
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _SCOPE_LIKE = re.compile(r"[A-Za-z][A-Za-z_-]{0,15}")
 
 
@@ -218,7 +220,39 @@ class Settings(BaseSettings):
         description="Garbage collection deletes artifacts older than this that no name points to and nothing "
         "was made from; unset: artifacts are kept until deleted.",
     )
-    gc_interval_seconds: int = 600
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Retention policy: garbage collection deletes unnamed artifacts older than this many days "
+        "that the policy does not keep (see docs/artifact-store.md); overrides CKPT_ARTIFACT_RETENTION_SECONDS; "
+        "unset: off.",
+    )
+    retention_keep_last: int = Field(
+        0, ge=0, description="Retention policy: also keep the newest this many artifacts per (key, value) of each "
+        "key in CKPT_RETENTION_LABEL_KEYS."
+    )
+    retention_label_keys: str | None = Field(
+        None, description="Retention policy: label keys (comma separated) whose values keep their newest "
+        "CKPT_RETENTION_KEEP_LAST artifacts, e.g. `stage,run`."
+    )
+    gc_lease_seconds: float = Field(
+        6 * 3600, gt=0, description="How long an operation's hold on its inputs protects them from retention GC "
+        "if the process dies without releasing it."
+    )
+    gc_interval_seconds: int = Field(
+        600, ge=0, description="How often the server collects garbage (and applies the retention policy); 0: only "
+        "at start-up and on POST /admin/gc."
+    )
+
+    def retention_age_seconds(self) -> float | None:
+        """The retention policy's age: `retention_days`, else `artifact_retention_seconds`; None: off."""
+        if self.retention_days is not None:
+            return self.retention_days * 86400
+        return self.artifact_retention_seconds
+
+    def retention_keys(self) -> tuple[str, ...]:
+        """The `retention_label_keys`, split."""
+        return tuple(k.strip() for k in (self.retention_label_keys or "").split(",") if k.strip())
 
     def cors_origin_list(self) -> list[str]:
         """The configured CORS origins (empty: CORS is off)."""
@@ -228,6 +262,14 @@ class Settings(BaseSettings):
     @classmethod
     def _known_scopes(cls, value: str | None) -> str | None:
         parse_tokens(value)
+        return value
+
+    @field_validator("retention_label_keys")
+    @classmethod
+    def _valid_label_keys(cls, value: str | None) -> str | None:
+        bad = [k.strip() for k in (value or "").split(",") if k.strip() and not LABEL_KEY.fullmatch(k.strip())]
+        if bad:
+            raise ValueError(f"not label keys: {', '.join(repr(k) for k in bad)}")
         return value
 
     @field_validator("import_allowed")

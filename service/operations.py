@@ -78,6 +78,7 @@ from service.store import (
     Lineage,
     PendingUpload,
 )
+from service.store.types import LabelChanges
 
 # False: keys as stored; True: known wrappers stripped (and a Lightning file's module attribute); "align": the
 # transform of each side that gives the most keys in common.
@@ -119,6 +120,7 @@ class OperationResult:
     artifact: ArtifactMeta
     created: bool
     report: dict[str, Any]
+    labels_changed: LabelChanges | None = None  # the result existed and labels were given: what they changed
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,11 @@ def _strip(
 def import_lineage(origin: RemoteObject) -> Lineage:
     """The lineage of an artifact imported by reference: no inputs, the object it was read from in `params`."""
     return Lineage(operation="import", inputs={}, params=origin.lineage_params())
+
+
+def _stored(sources: Iterable[Source]) -> list[str]:
+    """The ids of the sources that are stored artifacts (to lease while an operation reads them)."""
+    return [s.artifact_id for s in sources if s.artifact_id is not None]
 
 
 def _commit_inputs(store: ArtifactStore, sources: Iterable[Source]) -> None:
@@ -400,7 +407,7 @@ def merge_checkpoints(
         sources=_records(o, t),
         expanded_from=[original.artifact_id, trained.artifact_id],
     )
-    return OperationResult(stored.artifact, stored.created, report)
+    return OperationResult(stored.artifact, stored.created, report, stored.labels_changed)
 
 
 def _source_size(store: ArtifactStore, source: Source) -> int:
@@ -605,7 +612,7 @@ def strip_checkpoint(
         out, format=output_format, lineage=lineage, manifest=_manifest_or_none(entries, out),
         sources=_records(opened), expanded_from=[artifact_id],
     )
-    return OperationResult(stored.artifact, stored.created, report)
+    return OperationResult(stored.artifact, stored.created, report, stored.labels_changed)
 
 
 def extract_state_dict(
@@ -1339,11 +1346,12 @@ class Operations:
         container_key: str | None = None,
         like: StripTarget | None = None,
     ) -> OperationResult:
-        """`strip_checkpoint` with the service's allowlist and limits."""
-        return strip_checkpoint(
-            self.store, artifact_id, prefixes=prefixes, output_format=output_format, safe_globals=self.safe_globals,
-            container_key=container_key, like=like,
-        )
+        """`strip_checkpoint` with the service's allowlist and limits, its input leased (safe from retention GC)."""
+        with self.store.lease([artifact_id]):
+            return strip_checkpoint(
+                self.store, artifact_id, prefixes=prefixes, output_format=output_format,
+                safe_globals=self.safe_globals, container_key=container_key, like=like,
+            )
 
     def strip_target(self, *, like: str | None = None, like_architecture: str | None = None) -> StripTarget:
         """The keys `POST /strip` lines a checkpoint up with: another stored checkpoint's, or an architecture's.
@@ -1377,20 +1385,22 @@ class Operations:
         """`merge_checkpoints` with the service's registry, allowlist and limits.
 
         Inputs given by `url` are read first, both at once (`read_import`); a merge that fails stores nothing, and
-        one that succeeds stores them too, as imported artifacts (lineage `import`).
+        one that succeeds stores them too, as imported artifacts (lineage `import`). Stored inputs are leased
+        while it runs: retention GC does not delete them under it.
         """
         self._read_imports({"original": original, "trained": trained})
         try:
-            result = merge_checkpoints(
-                self.store,
-                self.registry,
-                original=original,
-                trained=trained,
-                options=options,
-                safe_globals=self.safe_globals,
-                limits=self.limits,
-                caches=self.caches,
-            )
+            with self.store.lease(_stored((original, trained))):
+                result = merge_checkpoints(
+                    self.store,
+                    self.registry,
+                    original=original,
+                    trained=trained,
+                    options=options,
+                    safe_globals=self.safe_globals,
+                    limits=self.limits,
+                    caches=self.caches,
+                )
         finally:
             for source in (original, trained):
                 if source.url is not None and source.upload is not None:
@@ -1407,15 +1417,16 @@ class Operations:
         values: bool = False,
         frozen: Sequence[str] | None = None,
     ) -> DiffResult:
-        """`diff_checkpoints` with the service's allowlist and limits."""
-        return diff_checkpoints(
-            self.store,
-            a,
-            b,
-            normalize_prefixes=normalize_prefixes,
-            values=values,
-            frozen=frozen,
-            safe_globals=self.safe_globals,
-            limits=self.limits,
-            caches=self.caches,
-        )
+        """`diff_checkpoints` with the service's allowlist and limits, its stored inputs leased."""
+        with self.store.lease(_stored((a, b))):
+            return diff_checkpoints(
+                self.store,
+                a,
+                b,
+                normalize_prefixes=normalize_prefixes,
+                values=values,
+                frozen=frozen,
+                safe_globals=self.safe_globals,
+                limits=self.limits,
+                caches=self.caches,
+            )

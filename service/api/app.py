@@ -110,7 +110,10 @@ def build_services(settings: Settings) -> Services:
         conversion_cache_max_age_seconds=settings.conversion_cache_max_age_seconds,
         limits=limits,
         database_url=settings.database_url,
-        retention_seconds=settings.artifact_retention_seconds,
+        retention_seconds=settings.retention_age_seconds(),
+        retention_keep_last=settings.retention_keep_last,
+        retention_label_keys=settings.retention_keys(),
+        lease_seconds=settings.gc_lease_seconds,
     )
     hex_names = store.hex_names()
     if hex_names:
@@ -251,7 +254,7 @@ def _install_cors(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=origins,
-        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "If-None-Match", "Range"],
         expose_headers=["ETag", "X-Checkpoint-Id", "Retry-After", "Content-Disposition"],
         max_age=600,
@@ -281,12 +284,14 @@ def _log_startup(services: Services) -> None:
 
 
 async def _collect_periodically(services: Services) -> None:
+    if services.settings.gc_interval_seconds <= 0:
+        return
     while True:
         await asyncio.sleep(services.settings.gc_interval_seconds)
         try:
             removed = await anyio.to_thread.run_sync(services.store.collect_garbage)
             if removed:
-                log.info("collected %d stale temp files", removed)
+                log.info("garbage collection removed %d files and artifacts", removed)
         except Exception:  # keep collecting on the next round; the log has the cause
             log.exception("garbage collection failed")
 

@@ -51,6 +51,14 @@ class LineageOut(BaseModel):
     report: dict[str, Any]
 
 
+class LabelsChangedOut(BaseModel):
+    """Which label keys a request added, changed (new value) and removed."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str] = []
+
+
 class ArtifactOut(BaseModel):
     id: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int
@@ -69,6 +77,9 @@ class ArtifactOut(BaseModel):
     candidates: dict[str, int] = Field(
         {}, description="Every state_dict in the file: container key ('' = top level) -> tensor count.")
     download_url: str
+    labels_changed: LabelsChangedOut | None = Field(
+        None, description="Bytes already stored, labels given: the keys merged into the artifact's labels (a new "
+        "value wins); PATCH: what the patch did. Absent otherwise.")
 
 
 class DownloadUrlOut(BaseModel):
@@ -278,6 +289,38 @@ class Readiness(BaseModel):
 
     status: ReadinessStatus
     checks: dict[str, ReadinessCheck]
+
+
+class LabelsPatchIn(BaseModel):
+    """PATCH /checkpoints/{ref}: label keys to set (a string) or delete (null)."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: dict[str, str | None] = Field(description="key -> new value, or null to delete the key.")
+
+
+class GcIn(BaseModel):
+    """POST /admin/gc."""
+
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = Field(True, description="Only report what the retention policy would remove.")
+
+
+class GcItemOut(BaseModel):
+    id: str
+    size: int
+    created: str
+
+
+class GcOut(BaseModel):
+    """POST /admin/gc: what the retention policy removed, or would remove (dry run)."""
+
+    dry_run: bool
+    enabled: bool = Field(description="False: no retention age is configured (CKPT_RETENTION_DAYS), nothing goes.")
+    reason: str | None = Field(description="Why the listed artifacts go: the policy in words.")
+    removed: list[GcItemOut] = Field(description="Artifacts removed (or that would be), oldest first.")
+    count: int
+    bytes: int = Field(description="Their total size.")
+    skipped: list[str] = Field(description="Candidates named or leased by an operation when their turn came.")
 
 
 class FsckOut(BaseModel):

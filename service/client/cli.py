@@ -468,6 +468,47 @@ def _cmd_fsck(client: CheckpointClient, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_label(client: CheckpointClient, args: argparse.Namespace) -> int:
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for item in args.changes:
+        if "=" not in item and item.endswith("-") and len(item) > 1:
+            remove.append(item[:-1])
+        else:
+            set_.update(_labels([item]))
+    art = client.label(args.ref, set=set_, remove=remove)
+    if args.json:
+        _emit_json(art.model_dump(mode="json"))
+        return 0
+    changed = art.labels_changed
+    if changed is not None:
+        for what, keys in (("added", changed.added), ("changed", changed.changed), ("removed", changed.removed)):
+            if keys:
+                print(f"{what}: {', '.join(keys)}")
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(art.labels.items())) or "(none)"
+    print(f"{art.id}: {labels}")
+    return 0
+
+
+def _cmd_gc(client: CheckpointClient, args: argparse.Namespace) -> int:
+    report = client.gc(apply=args.apply)
+    if args.json:
+        _emit_json(report.model_dump(mode="json"))
+        return 0
+    if not report.enabled:
+        print("retention is off (set CKPT_RETENTION_DAYS on the server): nothing is removed")
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} {report.count} artifacts, {report.bytes} bytes ({report.reason})")
+    for item in report.removed:
+        print(f"  {item.id}  {item.size:>12}  {item.created}")
+    if report.skipped:
+        print(f"skipped (named or in use meanwhile): {', '.join(report.skipped)}")
+    if report.dry_run and report.count:
+        print("dry run: nothing was deleted; run `ckpt gc --apply` to delete")
+    return 0
+
+
 def _cmd_arch_ls(client: CheckpointClient, args: argparse.Namespace) -> int:
     archs = client.list_architectures(matches=args.matches)
     if args.json:
@@ -745,6 +786,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="unpublish broken artifacts and remove old orphan blobs (what is safe to repair)")
     p.add_argument("--deep", action="store_true", help="also re-hash every blob (reads everything)")
+
+    p = _add(sub, "label", _cmd_label, common, help="set (k=v) and delete (k-) labels of a checkpoint")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-", help="set a label, or delete it (trailing -)")
+
+    p = _add(sub, "gc", _cmd_gc, common,
+             help="apply the retention policy: list what goes (dry run), --apply to delete (admin token)")
+    p.add_argument("--apply", action="store_true", help="delete (default: only report what would go)")
 
     add_serve_parser(sub)
     add_maintenance_parsers(sub)

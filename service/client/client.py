@@ -47,6 +47,7 @@ from service.api.schemas import (
     ArtifactPage,
     DiffOut,
     FsckOut,
+    GcOut,
     Health,
     ManifestOut,
     NameOut,
@@ -994,6 +995,28 @@ class CheckpointClient:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ClientError(f"unexpected delete response: {response.text[:200]!r}") from exc
 
+    def label(
+        self, ref: str, *, set: Mapping[str, str] | None = None, remove: Sequence[str] = ()  # noqa: A002
+    ) -> ArtifactOut:
+        """Set and delete labels of an artifact in one transaction (`PATCH /checkpoints/{ref}`).
+
+        Args:
+            ref: An artifact id or a name.
+            set: Keys to add or overwrite.
+            remove: Keys to delete (absent ones are ignored).
+
+        Returns:
+            The artifact as it is now; `labels_changed` says which keys were added, changed and removed.
+
+        Raises:
+            NotFoundError: No such artifact or name.
+            BadRequestError: A bad key or value.
+        """
+        body: dict[str, str | None] = {k: None for k in remove}
+        body.update(set or {})
+        return _parse(ArtifactOut, self._send("PATCH", f"/checkpoints/{_quote(ref)}", idempotent=True,
+                                              json_body={"labels": body}))
+
     # -- names ----------------------------------------------------------------------------------------------
 
     def set_name(self, name: str, ref: str) -> NameOut:
@@ -1399,6 +1422,14 @@ class CheckpointClient:
         """
         params = {"repair": "true" if repair else None, "deep": "true" if deep else None}
         return _parse(FsckOut, self._send("POST", "/admin/fsck", idempotent=not repair, params=params))
+
+    def gc(self, *, apply: bool = False) -> GcOut:
+        """Run the retention policy (`POST /admin/gc`, admin scope): a dry run unless `apply`.
+
+        Returns:
+            What was removed (or would be) and how many bytes.
+        """
+        return _parse(GcOut, self._send("POST", "/admin/gc", idempotent=not apply, json_body={"dry_run": not apply}))
 
     def ready(self) -> Readiness:
         """Readiness (`GET /readyz`), asked once: a not-ready service is an answer, not an error.

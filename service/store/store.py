@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-import re
+import secrets
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from service.config import LABEL_KEY
 from service.core.expansion import expansion_budget
 from service.core.formats import writer_for
 from service.core.load import load_checkpoint
@@ -42,7 +43,6 @@ from service.core.types import (
 )
 from service.errors import (
     AmbiguousReference,
-    ArtifactInUse,
     ArtifactNotFound,
     DigestMismatch,
     InvalidCheckpoint,
@@ -66,6 +66,7 @@ from service.store.conversions import ConversionCache, ConvertedBlob
 from service.store.ids import is_id, is_id_prefix, validate_id, validate_name, validate_new_name
 from service.store.index import ListFilters, MetadataIndex, open_index, redact
 from service.store.index.legacy import has_legacy_files, import_legacy
+from service.store.index.sql import RetentionPolicy
 from service.store.inspection import inspect_checkpoint
 from service.store.types import (
     LINEAGE_OPERATIONS,
@@ -73,6 +74,7 @@ from service.store.types import (
     IngestResult,
     Inspection,
     Inspector,
+    LabelChanges,
     Lineage,
     Page,
     VerifyBlobResult,
@@ -81,7 +83,7 @@ from service.store.upload import Chunk, PendingUpload
 
 log = logging.getLogger("ckpt.store")
 _MARKER = "ckpt-store.json"
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+_LABEL_KEY = LABEL_KEY
 _MAX_LABELS = 64
 _MAX_LABEL_VALUE = 256
 _MAX_FILENAME = 1024
@@ -114,14 +116,18 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     out = dict(labels or {})
     if len(out) > _MAX_LABELS:
         raise InvalidRequest(f"at most {_MAX_LABELS} labels")
-    bad = [k for k in out if not isinstance(k, str) or _LABEL_KEY.fullmatch(k) is None]
-    if bad:
-        raise InvalidRequest(f"invalid label keys (need {_LABEL_KEY.pattern}): {quote_keys(map(str, bad))}")
+    _check_label_keys(out)
     bad = [k for k, v in out.items() if not isinstance(v, str) or len(v) > _MAX_LABEL_VALUE]
     if bad:
         raise InvalidRequest(f"label values must be strings of at most {_MAX_LABEL_VALUE} characters: "
                              f"{quote_keys(bad)}")
     return out
+
+
+def _check_label_keys(keys: Iterable[object]) -> None:
+    bad = [k for k in keys if not isinstance(k, str) or _LABEL_KEY.fullmatch(k) is None]
+    if bad:
+        raise InvalidRequest(f"invalid label keys (need {_LABEL_KEY.pattern}): {quote_keys(map(str, bad))}")
 
 
 def _check_filename(filename: str | None) -> str | None:
@@ -205,6 +211,44 @@ class FsckReport:
         }
 
 
+@dataclass(frozen=True)
+class RetainedItem:
+    """An artifact the retention policy removed (or would remove)."""
+
+    id: str
+    size: int
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "size": self.size, "created": self.created}
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """The outcome of `ArtifactStore.retain`."""
+
+    dry_run: bool
+    enabled: bool  # False: no retention age is configured, nothing is ever removed
+    reason: str | None  # why the removed artifacts go (the policy in words)
+    removed: list[RetainedItem]
+    skipped: list[str]  # candidates named or leased by the time they were deleted
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.size for r in self.removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "enabled": self.enabled,
+            "reason": self.reason,
+            "removed": [r.to_dict() for r in self.removed],
+            "count": len(self.removed),
+            "bytes": self.bytes,
+            "skipped": list(self.skipped),
+        }
+
+
 class ArtifactStore:
     """Checkpoints by the sha256 of their bytes: a `BlobStore` for the bytes, a `MetadataIndex` for the rest.
 
@@ -230,6 +274,9 @@ class ArtifactStore:
         blobs: BlobStore | None = None,
         index: MetadataIndex | None = None,
         retention_seconds: float | None = None,
+        retention_keep_last: int = 0,
+        retention_label_keys: Sequence[str] = (),
+        lease_seconds: float = 6 * 3600,
     ) -> None:
         """Open (and create if needed) a store; a data directory of layout 1 is imported into the index first.
 
@@ -246,8 +293,12 @@ class ArtifactStore:
             database_url: The index (``postgresql://...`` or ``sqlite:///...``); None: SQLite in `root`.
             blobs: The blob store; None: `LocalBlobStore` in `<root>/blobs`.
             index: An index to use instead of opening `database_url` (it is migrated here).
-            retention_seconds: `collect_garbage` deletes artifacts unreferenced (no name, no lineage child) for
-                this long; None keeps every artifact.
+            retention_seconds: The retention policy's age: `collect_garbage` (and `retain`) delete artifacts
+                older than this that the policy does not keep (see `retain`); None keeps every artifact.
+            retention_keep_last: The policy also keeps the newest this many artifacts per (key, value) of each of
+                `retention_label_keys`.
+            retention_label_keys: See `retention_keep_last`.
+            lease_seconds: How long a lease (`lease`) protects artifacts if its holder never releases it (a crash).
 
         Raises:
             StoreError: The directory or the index holds a store of a newer version, or its marker is unreadable.
@@ -259,10 +310,13 @@ class ArtifactStore:
             inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
         )
         self.tmp_grace_seconds = float(tmp_grace_seconds)
-        # A put holds its lease this long at most (a writer that died is forgotten then); at least an hour, since
-        # a multipart upload of a large blob takes a while.
-        self.lease_seconds = max(self.tmp_grace_seconds, 3600.0)
+        # A put holds its blob lease this long at most (a writer that died is forgotten then); at least an hour,
+        # since a multipart upload of a large blob takes a while.
+        self.blob_lease_seconds = max(self.tmp_grace_seconds, 3600.0)
         self.retention_seconds = retention_seconds
+        self.retention_keep_last = int(retention_keep_last)
+        self.retention_label_keys = tuple(retention_label_keys)
+        self.lease_seconds = float(lease_seconds)
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
         self._manifests: LRUCache[str, Manifest] = LRUCache(
@@ -744,8 +798,8 @@ class ArtifactStore:
             inspection: The result of `inspect_upload` on this upload, so that it is not parsed twice.
 
         Returns:
-            The artifact and whether it was created. For bytes already stored nothing is rewritten, and
-            the new filename, labels and lineage are ignored.
+            The artifact and whether it was created. For bytes already stored nothing is rewritten, the new
+            filename and lineage are ignored, and the labels are merged into the artifact's (`labels_changed`).
 
         Raises:
             DigestMismatch: The bytes do not hash to `expected_sha256`; nothing is kept.
@@ -764,7 +818,7 @@ class ArtifactStore:
                 self.check_digest(upload, expected_sha256)
             existing = self.index.get(artifact_id)
             if existing is not None:
-                return IngestResult(existing, created=False)
+                return self._existing(existing, labels_)
             if inspection is None:
                 inspection = self._inspector(upload.path)
             return self._publish(artifact_id, upload.path, upload.size, inspection,
@@ -926,7 +980,7 @@ class ArtifactStore:
                 raise
             existing = self.index.get(artifact_id)
             if existing is not None:
-                return IngestResult(existing, created=False)
+                return self._existing(existing, labels_)
             if manifest is not None:
                 # safetensors has no place for `_metadata`; torch.save keeps it
                 has_md = writer.holds_module_metadata and has_metadata(state_dict)
@@ -967,29 +1021,89 @@ class ArtifactStore:
         )
         manifest = inspection.manifest.to_dict()
         _dump(manifest)  # JSON-serialisable, before anything is written
+        created = False
         with self.index.artifact_lock(artifact_id):
-            existing = self.index.get(artifact_id)
-            if existing is not None:  # another process published the same bytes first
-                return IngestResult(existing, created=False)
-            # A lease, written before the put: orphan GC skips the digest while the bytes are in flight (a
-            # multipart upload to an object store may take minutes), however the replicas share the blob store.
-            lease = self.index.add_lease(artifact_id, seconds=self.lease_seconds)
-            try:
-                self.blobs.put_file(artifact_id, src)
-                # the publication point: from here on the artifact exists
-                created = self.index.insert(meta, manifest)
-            except BaseException:
-                # No row under our lock: the blob is ours to remove (a crash here leaves an orphan for GC).
-                if not self.index.exists(artifact_id):
-                    self.blobs.delete(artifact_id)
-                raise
-            finally:
-                self.index.drop_lease(artifact_id, lease)
+            if not self.index.exists(artifact_id):  # else another process published the same bytes first
+                # A lease, written before the put: orphan GC skips the digest while the bytes are in flight (a
+                # multipart upload to an object store may take minutes), however the replicas share the blobs.
+                lease = self.index.add_blob_lease(artifact_id, seconds=self.blob_lease_seconds)
+                try:
+                    self.blobs.put_file(artifact_id, src)
+                    # the publication point: from here on the artifact exists
+                    created = self.index.insert(meta, manifest)
+                except BaseException:
+                    # No row under our lock: the blob is ours to remove (a crash here leaves an orphan for GC).
+                    if not self.index.exists(artifact_id):
+                        self.blobs.delete(artifact_id)
+                    raise
+                finally:
+                    self.index.drop_blob_lease(artifact_id, lease)
         if not created:
-            return IngestResult(self._require_meta(artifact_id), created=False)
+            return self._existing(self._require_meta(artifact_id), labels)
         self._manifests.put(artifact_id, Manifest(dict(inspection.manifest.entries),
                                                   inspection.manifest.schema_fingerprint))
         return IngestResult(meta, created=True)
+
+    def _existing(self, meta: ArtifactMeta, labels: Mapping[str, str]) -> IngestResult:
+        # The same bytes again: labels given with them are merged into the artifact's (a new value wins).
+        if not labels:
+            return IngestResult(meta, created=False)
+        try:
+            meta, changes = self.update_labels(meta.id, set_=labels)
+        except ArtifactNotFound:  # deleted meanwhile: report what was there
+            return IngestResult(meta, created=False)
+        return IngestResult(meta, created=False, labels_changed=replace(changes, removed=[]))
+
+    def update_labels(
+        self, artifact_id: str, *, set_: Mapping[str, str] | None = None, remove: Iterable[str] = ()
+    ) -> tuple[ArtifactMeta, LabelChanges]:
+        """Set and delete labels of an artifact in one transaction (a key both set and removed is set).
+
+        Args:
+            artifact_id: A 64-hex id.
+            set_: Keys to add or overwrite, validated as the labels of an upload.
+            remove: Keys to delete (absent ones are ignored).
+
+        Returns:
+            The artifact as it is now, and which keys were added, changed and removed.
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            InvalidRequest: A bad key or value, or more than the maximum number of labels afterwards.
+            ArtifactNotFound: No such artifact.
+        """
+        validate_id(artifact_id)
+        wanted = _check_labels(set_)
+        gone = sorted(set(remove))
+        _check_label_keys(gone)
+        current = self._require_meta(artifact_id).labels
+        after = (set(current) - set(gone)) | set(wanted)
+        if len(after) > _MAX_LABELS:
+            raise InvalidRequest(f"at most {_MAX_LABELS} labels (the artifact would have {len(after)})")
+        return self.index.update_labels(artifact_id, wanted, gone)
+
+    @contextmanager
+    def lease(self, artifact_ids: Iterable[str]) -> Iterator[None]:
+        """Hold artifacts in use while the context runs: retention GC never deletes a leased artifact.
+
+        Taking the lease proves the artifacts still exist (GC deletes under the same row lock), so an operation
+        that holds it over its inputs sees them until it has published its result. A holder that crashes leaves
+        rows that expire after `lease_seconds`.
+
+        Raises:
+            ArtifactNotFound: One of them is gone; nothing is held.
+        """
+        ids = sorted({validate_id(i) for i in artifact_ids})
+        if not ids:
+            yield
+            return
+        holder = secrets.token_hex(16)
+        expires = (datetime.now(UTC) + timedelta(seconds=self.lease_seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        self.index.lease(holder, ids, expires=expires)
+        try:
+            yield
+        finally:
+            self.index.release(holder)
 
     def delete(self, artifact_id: str, *, force: bool = False) -> builtins.list[str]:
         """Delete an artifact: its index row first (unpublish), then its blob (unlinked, never truncated).
@@ -1115,11 +1229,10 @@ class ArtifactStore:
 
         GC has two parts. The blob listing: blobs without an index row older than the grace period (a crash
         between the two steps of a publication) go, each under the artifact lock. The index query: with
-        `retention_seconds`, artifacts created longer ago than that which no name points to and no artifact was
-        made from are deleted. Unlocked temp files in the staging area older than the grace period go too (a live
-        upload's writer holds its flock, so it is never removed, whatever its age), and the conversion cache is
-        trimmed: conversions of deleted artifacts, unused past their maximum age, the least recently used past
-        its size bound.
+        `retention_seconds`, the retention policy runs (`retain`). Unlocked temp files in the staging area older
+        than the grace period go too (a live upload's writer holds its flock, so it is never removed, whatever its
+        age), and the conversion cache is trimmed: conversions of deleted artifacts, unused past their maximum age,
+        the least recently used past its size bound.
 
         Args:
             grace_seconds: Minimum age (by mtime); defaults to the store's `tmp_grace_seconds`.
@@ -1139,13 +1252,13 @@ class ArtifactStore:
             if remove_if_unlocked(Path(entry.path)):
                 removed += 1
         removed += len(self._remove_orphans(cutoff))
-        self.index.drop_expired_leases()
+        self.index.drop_expired_blob_leases()
         # Multipart uploads of writers that died (an object store's parts cost space and are invisible otherwise).
         abort_stale_uploads = getattr(self.blobs, "abort_stale_uploads", None)
         if abort_stale_uploads is not None:
             removed += int(abort_stale_uploads(older_than_seconds=grace))
         if self.retention_seconds is not None:
-            removed += len(self.remove_unreferenced(self.retention_seconds))
+            removed += len(self.retain(dry_run=False).removed)
         removed += self.conversions.trim(exists=self.exists)
         return removed
 
@@ -1155,7 +1268,7 @@ class ArtifactStore:
 
         def flush() -> Iterator[str]:
             # Published, or leased by a writer whose put is in flight: not an orphan (whatever its age).
-            kept = self.index.existing(batch) | self.index.leased(batch)
+            kept = self.index.existing(batch) | self.index.blob_leased(batch)
             yield from sorted(d for d, m in batch.items() if d not in kept and (cutoff is None or m <= cutoff))
             batch.clear()
 
@@ -1175,24 +1288,52 @@ class ArtifactStore:
                 removed.append(digest)
         return removed
 
-    def remove_unreferenced(self, retention_seconds: float) -> builtins.list[str]:
-        """Delete artifacts older than `retention_seconds` that no name points to and nothing was made from.
+    def retention_policy(self) -> RetentionPolicy | None:
+        """The configured policy as of now (its age cutoff moves with the clock); None: retention is off."""
+        if self.retention_seconds is None:
+            return None
+        before = (datetime.now(UTC) - timedelta(seconds=self.retention_seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return RetentionPolicy(created_before=before, keep_last=self.retention_keep_last,
+                               label_keys=self.retention_label_keys)
+
+    def retain(self, *, dry_run: bool = True) -> RetentionReport:
+        """Apply the retention policy: find (and unless `dry_run`, delete) the artifacts it does not keep.
+
+        Kept: every named artifact; every artifact created within `retention_seconds`; the newest
+        `retention_keep_last` per (key, value) of each key in `retention_label_keys`; every leased artifact (an
+        operation or upload in flight, see `lease`); and, transitively, every lineage input of a kept artifact.
+        The rest goes, each under its artifact lock, re-checked in the deleting transaction: an artifact that is
+        named or leased after the query, or that something named, leased or new was made from, is skipped. One
+        run at a time across processes and replicas (`gc_lock`).
 
         Returns:
-            The ids deleted.
+            What went (or would go, for a dry run) and how many bytes.
         """
-        before = (datetime.now(UTC) - timedelta(seconds=retention_seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        removed: builtins.list[str] = []
-        while True:
-            candidates = self.index.unreferenced(created_before=before, limit=_GC_BATCH)
-            for artifact_id in candidates:
-                try:
-                    self.delete(artifact_id)  # refused (ArtifactInUse) if a name was set meanwhile
-                except (ArtifactNotFound, ArtifactInUse):
-                    continue
-                removed.append(artifact_id)
-            if len(candidates) < _GC_BATCH or not set(candidates) & set(removed):
-                return removed
+        policy = self.retention_policy()
+        if policy is None:
+            return RetentionReport(dry_run=dry_run, enabled=False, reason=None, removed=[], skipped=[])
+        reason = (f"unnamed, created before {policy.created_before}, not among the newest {policy.keep_last} per "
+                  f"label of {quote_keys(policy.label_keys) or 'no keys'}, in no kept artifact's lineage")
+        with self.index.gc_lock():
+            candidates = self.index.retention_candidates(policy)
+            if dry_run:
+                return RetentionReport(dry_run=True, enabled=True, reason=reason,
+                                       removed=[RetainedItem(i, size, created) for i, size, created in candidates],
+                                       skipped=[])
+            removed: builtins.list[RetainedItem] = []
+            skipped: builtins.list[str] = []
+            for artifact_id, size, created in candidates:
+                with self.index.artifact_lock(artifact_id):
+                    if not self.index.delete_collectable(artifact_id, created_before=policy.created_before):
+                        skipped.append(artifact_id)
+                        continue
+                    self._forget(artifact_id)
+                    self.blobs.delete(artifact_id)
+                self.conversions.forget(artifact_id)
+                removed.append(RetainedItem(artifact_id, size, created))
+        if removed:
+            log.info("retention removed %d artifacts (%d bytes)", len(removed), sum(r.size for r in removed))
+        return RetentionReport(dry_run=False, enabled=True, reason=reason, removed=removed, skipped=skipped)
 
     def fsck(self, *, repair: bool = False, deep: bool = False) -> FsckReport:
         """Check that the index and the blobs agree.

@@ -149,12 +149,28 @@ class ArtifactMeta:
 
 
 @dataclass(frozen=True)
+class LabelChanges:
+    """The label keys an update added, changed (another value) and removed, each sorted."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"added": list(self.added), "changed": list(self.changed), "removed": list(self.removed)}
+
+
+
+@dataclass(frozen=True)
 class IngestResult:
     artifact: ArtifactMeta
     created: bool  # False: the same bytes were already stored and nothing was rewritten
+    # bytes already stored, with labels given: the keys those labels added or changed (merged into the artifact's)
+    labels_changed: LabelChanges | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"artifact": self.artifact.to_dict(), "created": self.created}
+        changed = self.labels_changed.to_dict() if self.labels_changed is not None else None
+        return {"artifact": self.artifact.to_dict(), "created": self.created, "labels_changed": changed}
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ def make_app(tmp_path: Path, aws_env: S3Service) -> Iterator[AppFactory]:
     clients: list[TestClient] = []
 
     def make(*, name: str = "data", **settings: Any) -> TestClient:
+        if name != "data":
+            # Another service with a store of its own: its own index too (CKPT_DATABASE_URL names this test's).
+            settings.setdefault("database_url", f"sqlite:///{tmp_path / name / 'index.sqlite3'}")
         client = TestClient(create_app(Settings(data_dir=tmp_path / name, **settings)))
         clients.append(client.__enter__())
         return client

@@ -24,13 +24,13 @@ def test_a_leased_orphan_survives_gc_until_the_lease_ends(store: ArtifactStore) 
     data = b"bytes of an upload in flight"
     digest = hashlib.sha256(data).hexdigest()
     put_raw_blob(store, digest, data)
-    token = store.index.add_lease(digest, seconds=600)
-    assert store.index.leased([digest, "0" * 64]) == {digest}
+    token = store.index.add_blob_lease(digest, seconds=600)
+    assert store.index.blob_leased([digest, "0" * 64]) == {digest}
     store.collect_garbage(grace_seconds=0)
     assert digest in blob_digests(store)  # no row, older than the grace period: kept for its lease
     assert digest not in store.fsck(repair=True).orphan_blobs  # in flight, not an orphan: fsck leaves it too
     assert digest in blob_digests(store)
-    store.index.drop_lease(digest, token)
+    store.index.drop_blob_lease(digest, token)
     store.collect_garbage(grace_seconds=0)
     assert digest not in blob_digests(store)
 
@@ -39,8 +39,8 @@ def test_an_expired_lease_protects_nothing_and_is_removed(store: ArtifactStore) 
     data = b"a writer that died"
     digest = hashlib.sha256(data).hexdigest()
     put_raw_blob(store, digest, data)
-    store.index.add_lease(digest, seconds=-1)
-    assert store.index.leased([digest]) == set()
+    store.index.add_blob_lease(digest, seconds=-1)
+    assert store.index.blob_leased([digest]) == set()
     store.collect_garbage(grace_seconds=0)
     assert digest not in blob_digests(store)
     assert _lease_rows(store) == 0
@@ -65,9 +65,9 @@ def test_a_publication_holds_a_lease_while_it_puts_the_blob(
     put_file = store.blobs.put_file
 
     def observed_put(d: str, p: Path) -> None:
-        seen.append(store.index.leased([d]))  # before the bytes go
+        seen.append(store.index.blob_leased([d]))  # before the bytes go
         put_file(d, p)
-        seen.append(store.index.leased([d]))  # after: until the row is written
+        seen.append(store.index.blob_leased([d]))  # after: until the row is written
 
     monkeypatch.setattr(store.blobs, "put_file", observed_put)
     assert store.ingest_file(path).created

@@ -74,10 +74,14 @@ def test_ingest_is_idempotent_and_rewrites_nothing(store: ArtifactStore, ckpt: C
     path = ckpt(0)
     first = store.ingest_file(path, labels={"a": "1"})
     before = tree(store.root)
-    second = store.ingest(iter([path.read_bytes()]), labels={"b": "2"}, filename="other.pth")
+    second = store.ingest(iter([path.read_bytes()]), filename="other.pth")
     assert not second.created
-    assert second.artifact == first.artifact  # the second call's labels and filename are ignored
+    assert second.artifact == first.artifact  # the second call's filename is ignored
     assert tree(store.root) == before  # same inodes, same mtimes, no new files
+    assert store.list().total == 1
+    # labels given with the same bytes are merged into the artifact's (tests/store/test_retention.py)
+    third = store.ingest(iter([path.read_bytes()]), labels={"b": "2"})
+    assert not third.created and third.artifact.labels == {"a": "1", "b": "2"}
     assert store.list().total == 1
 
 
@@ -226,11 +230,14 @@ def test_bad_labels_filename_and_lineage(store: ArtifactStore, ckpt: Callable[..
         {"filename": "a\nb"},
         {"lineage": Lineage("explode", {"original": "0" * 64}, {}, {})},
         {"lineage": Lineage("merge", {"original": "0" * 64}, {"x": object()}, {})},
+        {"filename": "a\udcff.pth"},  # no database holds a lone surrogate
+        {"labels": {"k": "v\ud800"}},
     ):
         with pytest.raises(InvalidRequest):
             store.ingest_file(path, **kwargs)
     assert store.list().total == 0
     assert tmp_entries(store) == []
+    assert list(store.blobs.iter_blobs()) == []
 
 
 def test_newer_layout_is_refused(tmp_path: Path) -> None:

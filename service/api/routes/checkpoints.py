@@ -6,6 +6,7 @@ import functools
 import json
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path as LocalPath
 from typing import Annotated, Any, Literal
@@ -33,6 +34,7 @@ from service.api.schemas import (
     DeletedOut,
     DownloadUrlOut,
     ImportIn,
+    LabelsPatchIn,
     ManifestOut,
     NameIn,
     NameOut,
@@ -57,6 +59,7 @@ from service.store import (
     PendingUpload,
     is_id,
 )
+from service.store.types import LabelChanges
 
 router = APIRouter()
 
@@ -129,9 +132,10 @@ def parse_labels(raw: str | None) -> dict[str, str]:
     return out
 
 
-def artifact_out(request: Request, meta: ArtifactMeta) -> ArtifactOut:
+def artifact_out(request: Request, meta: ArtifactMeta, changes: LabelChanges | None = None) -> ArtifactOut:
     data = meta.to_dict()
     data["names"] = list(meta.names)
+    data["labels_changed"] = changes.to_dict() if changes is not None else None
     data["download_url"] = str(request.url_for("download_checkpoint", ref=meta.id))
     return ArtifactOut.model_validate(data)
 
@@ -175,14 +179,14 @@ async def ingest(
     if result.created:
         services.metrics.bytes_ingested.inc(result.artifact.size)
     if name is not None:
-        result = IngestResult(await point_name(store, name, result.artifact.id), result.created)
+        result = replace(result, artifact=await point_name(store, name, result.artifact.id))
     return result
 
 
 def _ingested(request: Request, response: Response, result: IngestResult) -> ArtifactOut:
     response.status_code = 201 if result.created else 200
     response.headers["Location"] = str(request.url_for("get_checkpoint", ref=result.artifact.id))
-    return artifact_out(request, result.artifact)
+    return artifact_out(request, result.artifact, result.labels_changed)
 
 
 @router.post(
@@ -646,6 +650,27 @@ def delete_checkpoint(artifact: ArtifactDep, store: StoreDep, force: bool = Fals
     """Delete an artifact; refused with 409 while names point to it, unless `force`."""
     removed = store.delete(artifact.id, force=force)
     return DeletedOut(deleted=artifact.id, names_removed=removed)
+
+
+@router.patch(
+    "/checkpoints/{ref}",
+    response_model=ArtifactOut,
+    operation_id="update_labels",
+    summary="Set or delete labels of a checkpoint",
+    tags=["checkpoints"],
+    dependencies=[WriteAuth],
+    responses=problem_responses(400, 401, 403, 404, 422),
+)
+def update_labels(request: Request, artifact: ArtifactDep, body: LabelsPatchIn, store: StoreDep) -> ArtifactOut:
+    """Set labels (`{"labels": {"k": "v"}}`) and delete them (`{"labels": {"old": null}}`) in one transaction.
+
+    The response is the artifact as it is now, with `labels_changed` saying which keys were added, changed and
+    removed (deleting an absent key is not an error, and changes nothing).
+    """
+    set_ = {k: v for k, v in body.labels.items() if v is not None}
+    remove = [k for k, v in body.labels.items() if v is None]
+    meta, changes = store.update_labels(artifact.id, set_=set_, remove=remove)
+    return artifact_out(request, meta, changes)
 
 
 @router.put(

@@ -28,7 +28,7 @@ router = APIRouter()
 
 
 def _operation_out(request: Request, result: OperationResult) -> OperationOut:
-    art = artifact_out(request, result.artifact)
+    art = artifact_out(request, result.artifact, result.labels_changed)
     return OperationOut(
         id=art.id, created=result.created, download_url=art.download_url, artifact=art, report=result.report
     )

@@ -100,6 +100,18 @@ store_state = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+# Leases: an operation that resolved its inputs, or an upload about to reference an artifact, holds a row here
+# until it finishes (or the row expires, for a crashed holder); retention GC never deletes a leased artifact. The
+# foreign key makes taking a lease also prove that the artifact still exists (GC deletes under a row lock).
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("holder", sa.String(64), primary_key=True),
+    sa.Column("artifact_id", sa.String(64), sa.ForeignKey("artifacts.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("expires", sa.String(32), nullable=False),
+    sa.Index("ix_leases_artifact_expires", "artifact_id", "expires"),
+)
+
 # Leases on blobs being written: a row (with an expiry) is inserted before a put and deleted at publication, and
 # orphan collection skips a leased digest, so a blob in flight to an object store is never collected.
 blob_leases = sa.Table(
@@ -133,12 +145,17 @@ def _create_v1(conn: sa.Connection) -> None:
 
 
 def _create_v2(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[leases], checkfirst=True)
+
+
+def _create_v3(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[blob_leases], checkfirst=True)
 
 
 # Append only: a released step never changes (a database records which ones it ran).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "artifacts, labels, names, manifests, lineage inputs, architecture specs", _create_v1),
-    Migration(2, "leases on blobs being written (orphan GC skips them)", _create_v2),
+    Migration(2, "leases: artifacts in use by operations and uploads, skipped by retention GC", _create_v2),
+    Migration(3, "blob leases: blobs being written, skipped by orphan GC", _create_v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

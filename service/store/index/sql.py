@@ -27,7 +27,15 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from service.errors import ArtifactInUse, ArtifactNotFound, InvalidSettings, StorageFull, StoreError, quote_keys
+from service.errors import (
+    ArtifactInUse,
+    ArtifactNotFound,
+    InvalidRequest,
+    InvalidSettings,
+    StorageFull,
+    StoreError,
+    quote_keys,
+)
 from service.store._fs import file_lock
 from service.store.index.schema import (
     MIGRATIONS,
@@ -36,13 +44,14 @@ from service.store.index.schema import (
     artifacts,
     blob_leases,
     labels,
+    leases,
     lineage_inputs,
     manifests,
     names,
     schema_migrations,
     store_state,
 )
-from service.store.types import ArtifactMeta, Lineage
+from service.store.types import ArtifactMeta, LabelChanges, Lineage
 
 log = logging.getLogger("ckpt.store.index")
 
@@ -51,6 +60,7 @@ SQLITE_FILE = "index.sqlite3"
 _PG_LOCK_CLASS = 0x636B7074  # "ckpt"
 _PG_MIGRATION_KEY = 0
 _PG_MAINTENANCE_KEY = 1
+_PG_GC_KEY = 2
 _BATCH = 500  # ids per IN (...) list
 
 
@@ -199,6 +209,12 @@ class MetadataIndex:
         if self.dialect == "postgresql":
             return self._pg_lock(0x100 + int(artifact_id[:2], 16))
         return file_lock(self._lock_dir / f"{artifact_id[:2]}.lock")
+
+    def gc_lock(self) -> AbstractContextManager[None]:
+        """One retention GC at a time across processes and replicas (the others wait, then find little to do)."""
+        if self.dialect == "postgresql":
+            return self._pg_lock(_PG_GC_KEY)
+        return file_lock(self._lock_dir / "gc.lock")
 
     def maintenance_lock(self) -> AbstractContextManager[None]:
         """One holder at a time across processes: the import of an old data directory, restores."""
@@ -375,7 +391,7 @@ class MetadataIndex:
                 conn.execute(names.delete().where(names.c.artifact_id == artifact_id))
             try:
                 # SQLite enforces ON DELETE CASCADE only with PRAGMA foreign_keys (set on connect); say it anyway.
-                for table in (labels, lineage_inputs, manifests):
+                for table in (labels, lineage_inputs, manifests, leases):
                     conn.execute(table.delete().where(table.c.artifact_id == artifact_id))
                 conn.execute(artifacts.delete().where(artifacts.c.id == artifact_id))
             except sa.exc.IntegrityError as exc:  # a name was set meanwhile (PostgreSQL)
@@ -465,6 +481,128 @@ class MetadataIndex:
                 sa.select(artifacts.c.id).where(artifacts.c.created < created_before, ~named.exists(), ~used.exists())
                 .order_by(artifacts.c.created, artifacts.c.id).limit(limit)
             ).scalars())
+
+    # ---- labels, leases and retention (issue 19) ---------------------------------------------------------
+
+    def update_labels(
+        self, artifact_id: str, set_: Mapping[str, str], remove: Iterable[str] = ()
+    ) -> tuple[ArtifactMeta, LabelChanges]:
+        """Set and delete labels of a published artifact in one transaction; a new value wins over the old one.
+
+        Returns:
+            The artifact as it is now, and which keys were added, changed and removed.
+
+        Raises:
+            ArtifactNotFound: No such artifact (also when it is deleted concurrently).
+        """
+        with self._write() as conn:
+            row = conn.execute(sa.select(artifacts.c.created).where(artifacts.c.id == artifact_id)).first()
+            if row is None:
+                raise ArtifactNotFound(f"no artifact {artifact_id}", ref=artifact_id)
+            old = {str(k): str(v) for k, v in conn.execute(
+                sa.select(labels.c.key, labels.c.value).where(labels.c.artifact_id == artifact_id))}
+            gone = sorted(k for k in set(remove) if k in old and k not in set_)
+            changes = LabelChanges(
+                added=sorted(k for k in set_ if k not in old),
+                changed=sorted(k for k, v in set_.items() if k in old and old[k] != v),
+                removed=gone,
+            )
+            if gone:
+                conn.execute(labels.delete().where(labels.c.artifact_id == artifact_id, labels.c.key.in_(gone)))
+            for key in changes.added + changes.changed:
+                self._upsert(conn, labels, {"artifact_id": artifact_id, "key": key, "value": set_[key],
+                                            "created": row[0]}, ["artifact_id", "key"])
+            current = conn.execute(sa.select(artifacts).where(artifacts.c.id == artifact_id)).mappings().one()
+            return self._hydrate(conn, [current])[0], changes
+
+    def lease(self, holder: str, ids: Iterable[str], *, expires: str) -> None:
+        """Mark artifacts as in use by `holder` until `expires` (or `release`): retention GC skips them.
+
+        Raises:
+            ArtifactNotFound: One of them is not published (GC deleted it first); no lease is taken then.
+        """
+        wanted = sorted(set(ids))
+        try:
+            with self._write() as conn:
+                for artifact_id in wanted:
+                    self._upsert(conn, leases, {"holder": holder, "artifact_id": artifact_id, "expires": expires},
+                                 ["holder", "artifact_id"])
+        except sa.exc.IntegrityError as exc:  # the foreign key: an artifact is gone
+            missing = sorted(set(wanted) - self.existing(wanted)) or wanted
+            raise ArtifactNotFound(f"no artifact {missing[0]}", ref=missing[0]) from exc
+
+    def release(self, holder: str) -> None:
+        """Drop `holder`'s leases, and every expired one."""
+        with self._write() as conn:
+            conn.execute(leases.delete().where(sa.or_(leases.c.holder == holder, leases.c.expires <= now())))
+
+    def retention_candidates(self, policy: RetentionPolicy) -> builtins.list[tuple[str, int, str]]:
+        """What the retention policy drops: (id, size, created) of every artifact outside the kept set, oldest first.
+
+        Kept: named artifacts, leased ones, those created at or after `policy.created_before`, the newest
+        `policy.keep_last` per (key, value) of each key in `policy.label_keys`, and, transitively, every lineage
+        input of a kept artifact (a recursive CTE over `lineage_inputs`, on both backends).
+        """
+        roots: builtins.list[Any] = [
+            sa.select(names.c.artifact_id.label("id")),
+            sa.select(leases.c.artifact_id.label("id")).where(leases.c.expires > now()),
+            sa.select(artifacts.c.id.label("id")).where(artifacts.c.created >= policy.created_before),
+        ]
+        if policy.keep_last > 0 and policy.label_keys:
+            rank = sa.func.row_number().over(
+                partition_by=(labels.c.key, labels.c.value),
+                order_by=(labels.c.created.desc(), labels.c.artifact_id.desc()),
+            ).label("rank")
+            ranked = sa.select(labels.c.artifact_id, rank).where(labels.c.key.in_(policy.label_keys)).subquery()
+            roots.append(sa.select(ranked.c.artifact_id.label("id")).where(ranked.c.rank <= policy.keep_last))
+        # UNION, not UNION ALL: a shared input is walked once, and the walk ends on a cycle too.
+        kept = roots[0].cte("kept", recursive=True)
+        kept = kept.union(
+            *roots[1:],
+            sa.select(lineage_inputs.c.input_id.label("id")).join(kept, lineage_inputs.c.artifact_id == kept.c.id),
+        )
+        query = (
+            sa.select(artifacts.c.id, artifacts.c.size, artifacts.c.created)
+            .where(~sa.exists(sa.select(kept.c.id).where(kept.c.id == artifacts.c.id)))
+            .order_by(artifacts.c.created, artifacts.c.id)
+        )
+        with self._read() as conn:
+            return [(str(i), int(size), str(created)) for i, size, created in conn.execute(query)]
+
+    def delete_collectable(self, artifact_id: str, *, created_before: str) -> bool:
+        """Delete an artifact's rows unless it is still held (retention GC), re-checked in this transaction.
+
+        Held: a name points to it or to anything made from it (transitively), a live lease holds one of those,
+        or one of those was created at or after `created_before` (made since the policy's query, say).
+
+        Returns:
+            True when it was deleted; False when it is held or gone.
+        """
+        with self._write() as conn:
+            row = sa.select(artifacts.c.id).where(artifacts.c.id == artifact_id)
+            if self.dialect == "postgresql":
+                # A lease or a name being inserted holds a key-share lock on this row: we wait for it, then see it.
+                row = row.with_for_update()
+            if conn.execute(row).first() is None:
+                return False
+            below = sa.select(artifacts.c.id.label("id")).where(artifacts.c.id == artifact_id)
+            made = below.cte("made", recursive=True)
+            made = made.union(
+                sa.select(lineage_inputs.c.artifact_id.label("id")).join(made, lineage_inputs.c.input_id == made.c.id)
+            )
+            held = sa.select(made.c.id).where(sa.or_(
+                sa.exists(sa.select(names.c.name).where(names.c.artifact_id == made.c.id)),
+                sa.exists(sa.select(leases.c.holder).where(leases.c.artifact_id == made.c.id,
+                                                           leases.c.expires > now())),
+                sa.exists(sa.select(artifacts.c.id).where(artifacts.c.id == made.c.id,
+                                                          artifacts.c.created >= created_before)),
+            )).limit(1)
+            if conn.execute(held).first() is not None:
+                return False
+            for table in (labels, lineage_inputs, manifests, leases):
+                conn.execute(table.delete().where(table.c.artifact_id == artifact_id))
+            conn.execute(artifacts.delete().where(artifacts.c.id == artifact_id))
+            return True
 
     # ---- manifests ---------------------------------------------------------------------------------------
 
@@ -564,19 +702,19 @@ class MetadataIndex:
 
     # ---- leases on blobs being written --------------------------------------------------------------------
 
-    def add_lease(self, digest: str, *, seconds: float) -> str:
+    def add_blob_lease(self, digest: str, *, seconds: float) -> str:
         """Lease a blob about to be written for `seconds` (orphan GC skips it meanwhile). Returns the lease's token."""
         token = secrets.token_hex(16)
         with self._write() as conn:
             conn.execute(blob_leases.insert().values(digest=digest, token=token, expires=time.time() + seconds))
         return token
 
-    def drop_lease(self, digest: str, token: str) -> None:
+    def drop_blob_lease(self, digest: str, token: str) -> None:
         """End a lease (at publication, or when the write failed); ending a missing one is a no-op."""
         with self._write() as conn:
             conn.execute(blob_leases.delete().where(blob_leases.c.digest == digest, blob_leases.c.token == token))
 
-    def leased(self, digests: Iterable[str]) -> set[str]:
+    def blob_leased(self, digests: Iterable[str]) -> set[str]:
         """The subset of `digests` with a lease that has not expired."""
         wanted = sorted(set(digests))
         out: set[str] = set()
@@ -589,7 +727,7 @@ class MetadataIndex:
                 out.update(conn.execute(query).scalars())
         return out
 
-    def drop_expired_leases(self) -> int:
+    def drop_expired_blob_leases(self) -> int:
         """Remove the leases of writers that died (expired). Returns how many."""
         with self._write() as conn:
             return int(conn.execute(blob_leases.delete().where(blob_leases.c.expires <= time.time())).rowcount)
@@ -638,15 +776,37 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """What retention GC keeps besides named and leased artifacts (see `MetadataIndex.retention_candidates`)."""
+
+    created_before: str  # only artifacts created before this (index time format) may go
+    keep_last: int = 0
+    label_keys: tuple[str, ...] = ()
+
+
+def _text(value: str | None, what: str) -> str | None:
+    # Both databases hold UTF-8 text only: a lone surrogate (from a file name or a pickle's keys) is refused here,
+    # before anything is written, instead of failing inside the driver.
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"{what} is not valid Unicode text (it holds a lone surrogate)") from exc
+    return value
+
+
 def _artifact_row(meta: ArtifactMeta) -> dict[str, Any]:
+    for key, value in meta.labels.items():
+        _text(value, f"the value of label {key!r}")
     return {
         "id": meta.id,
         "created": meta.created,
         "size": meta.size,
         "format": meta.format,
         "operation": meta.lineage.operation if meta.lineage is not None else None,
-        "filename": meta.filename,
-        "container_key": meta.container_key,
+        "filename": _text(meta.filename, "filename"),
+        "container_key": _text(meta.container_key, "container_key"),
         "key_count": meta.key_count,
         "tensor_bytes": meta.tensor_bytes,
         "schema_fingerprint": meta.schema_fingerprint,
