@@ -51,21 +51,13 @@ _ROOT = Path(__file__).resolve().parent.parent
 _TEMPLATE = "ckpt_template"
 
 
-def _wanted_backends() -> list[str]:
-    mode = os.environ.get("CKPT_TEST_INDEX", "both").strip().lower()
+def _wanted(variable: str, choices: tuple[str, ...]) -> list[str]:
+    # CKPT_TEST_INDEX / CKPT_TEST_BLOBS: one of the choices, or "both" (the default).
+    mode = os.environ.get(variable, "both").strip().lower()
     if mode == "both":
-        return list(_BACKENDS)
-    if mode not in _BACKENDS:
-        raise pytest.UsageError(f"CKPT_TEST_INDEX must be sqlite, postgresql or both, not {mode!r}")
-    return [mode]
-
-
-def _wanted_blobs() -> list[str]:
-    mode = os.environ.get("CKPT_TEST_BLOBS", "both").strip().lower()
-    if mode == "both":
-        return list(_BLOBS)
-    if mode not in _BLOBS:
-        raise pytest.UsageError(f"CKPT_TEST_BLOBS must be local, s3 or both, not {mode!r}")
+        return list(choices)
+    if mode not in choices:
+        raise pytest.UsageError(f"{variable} must be {', '.join(choices)} or both, not {mode!r}")
     return [mode]
 
 
@@ -82,7 +74,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = [
         index if blobs == "local" else f"{index}+{blobs}"
         for index, blobs in _PAIRS
-        if index in _wanted_backends() and blobs in _wanted_blobs()
+        if index in _wanted("CKPT_TEST_INDEX", _BACKENDS) and blobs in _wanted("CKPT_TEST_BLOBS", _BLOBS)
         and (index_marker is None or index in index_marker.args)
         and (blobs_marker is None or blobs in blobs_marker.args)
         and not (blobs == "s3" and s3_skipped_here)
