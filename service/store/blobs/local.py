@@ -40,6 +40,17 @@ _SHARD = re.compile(r"^[0-9a-f]{2}$")
 _PROC_FD = Path("/proc/self/fd")
 
 
+@contextmanager
+def _full_disk() -> Iterator[None]:
+    # ENOSPC or EDQUOT at any step is the store's StorageFull (507 at the API).
+    try:
+        yield
+    except OSError as exc:
+        if is_no_space(exc):
+            raise storage_full(exc) from exc
+        raise
+
+
 def _not_found(digest: str) -> ArtifactNotFound:
     return ArtifactNotFound(f"no artifact {digest}", ref=digest)
 
@@ -102,25 +113,22 @@ class LocalBlobStore:
         except FileNotFoundError as exc:
             raise StoreError(f"the staged file of {digest} is gone") from exc
         try:
-            size = os.fstat(fd).st_size
-            if self._has(dest, size):
-                return
-            dest.parent.mkdir(exist_ok=True)
-            os.fchmod(fd, 0o444)  # read-only before it gets its public name
-            os.fsync(fd)
-            try:
-                self._link(Path(path), dest, size)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                # Another filesystem: a copy into our own staging directory first, then the same link.
-                self._put_copy(digest, fd)
-                return
-            fsync_dir(dest.parent)
-        except OSError as exc:
-            if is_no_space(exc):
-                raise storage_full(exc) from exc
-            raise
+            with _full_disk():
+                size = os.fstat(fd).st_size
+                if self._has(dest, size):
+                    return
+                dest.parent.mkdir(exist_ok=True)
+                os.fchmod(fd, 0o444)  # read-only before it gets its public name
+                os.fsync(fd)
+                try:
+                    self._link(Path(path), dest, size)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    # Another filesystem: a copy into our own staging directory first, then the same link.
+                    self._put_copy(digest, fd)
+                    return
+                fsync_dir(dest.parent)
         finally:
             os.close(fd)
 
@@ -142,26 +150,23 @@ class LocalBlobStore:
         dest = self.path(digest)
         fd, tmp = create_locked_temp(self._tmp, "blob-")
         try:
-            hasher = hashlib.sha256()
-            size = 0
-            for chunk in chunks:
-                if verify:
-                    hasher.update(chunk)
-                write_all(fd, chunk)
-                size += len(chunk)
-            if verify and hasher.hexdigest() != digest:
-                raise DigestMismatch(f"the bytes hash to {hasher.hexdigest()}, not to {digest}", expected=digest,
-                                     actual=hasher.hexdigest())
-            if not self._has(dest, size):
-                os.fchmod(fd, 0o444)
-                os.fsync(fd)
-                dest.parent.mkdir(exist_ok=True)
-                self._link(tmp, dest, size)
-                fsync_dir(dest.parent)
-        except OSError as exc:
-            if is_no_space(exc):
-                raise storage_full(exc) from exc
-            raise
+            with _full_disk():
+                hasher = hashlib.sha256()
+                size = 0
+                for chunk in chunks:
+                    if verify:
+                        hasher.update(chunk)
+                    write_all(fd, chunk)
+                    size += len(chunk)
+                if verify and hasher.hexdigest() != digest:
+                    raise DigestMismatch(f"the bytes hash to {hasher.hexdigest()}, not to {digest}", expected=digest,
+                                         actual=hasher.hexdigest())
+                if not self._has(dest, size):
+                    os.fchmod(fd, 0o444)
+                    os.fsync(fd)
+                    dest.parent.mkdir(exist_ok=True)
+                    self._link(tmp, dest, size)
+                    fsync_dir(dest.parent)
         finally:
             unlink_quietly(tmp)
             os.close(fd)
