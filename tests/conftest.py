@@ -105,7 +105,13 @@ def index_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     try:
         yield url
     finally:
-        _admin(server, f"DROP DATABASE {name} WITH (FORCE)")
+        drop_database(url)
+
+
+def drop_database(url: str) -> None:
+    """Drop a test's PostgreSQL database (if it is still there), cutting its open connections."""
+    server, _, name = url.rpartition("/")
+    _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
