@@ -97,15 +97,19 @@ def index_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
         monkeypatch.delenv("CKPT_DATABASE_URL", raising=False)
         yield None
         return
-    server: str = request.getfixturevalue("postgres_server")
-    name = f"t_{secrets.token_hex(8)}"
-    _admin(server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}")
-    url = f"{server}/{name}"
+    url = create_database(request.getfixturevalue("postgres_server"))
     monkeypatch.setenv("CKPT_DATABASE_URL", url)
     try:
         yield url
     finally:
         drop_database(url)
+
+
+def create_database(server: str) -> str:
+    """A fresh PostgreSQL database on the session's server, made from the migrated template; its URL."""
+    name = f"t_{secrets.token_hex(8)}"
+    _admin(server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}")
+    return f"{server}/{name}"
 
 
 def drop_database(url: str) -> None:

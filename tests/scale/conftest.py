@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import create_database, drop_database
 from tests.scale.cluster import Haproxy, Replica, free_port
 
 # The counts of the end-to-end run, shown at the end of the session (also printed by the test itself).
@@ -17,9 +19,20 @@ REPLICA_ENV = {"CKPT_SANDBOX_WORKERS": "1", "CKPT_SANDBOX_READ_WORKERS": "1"}
 
 
 @pytest.fixture
-def shared_env(tmp_path: Path) -> dict[str, str]:
-    """The settings every replica shares: one artifact store that all of them read and write."""
-    return {**REPLICA_ENV, "CKPT_DATA_DIR": str(tmp_path / "shared-data")}
+def shared_env(tmp_path: Path, postgres_server: str) -> Iterator[dict[str, str]]:
+    """The settings every replica shares: a fresh PostgreSQL database (the index: artifacts, names, architecture
+    specs), the blobs, and the secret that signs download URLs (a URL one replica signs opens on any other)."""
+    url = create_database(postgres_server)
+    try:
+        yield {
+            **REPLICA_ENV,
+            "CKPT_DATABASE_URL": url,
+            "CKPT_URL_SIGNING_SECRET": secrets.token_hex(32),
+            # The blobs: one directory for all (one host) until the store takes CKPT_STORAGE_URL=s3://...
+            "CKPT_DATA_DIR": str(tmp_path / "shared-data"),
+        }
+    finally:
+        drop_database(url)
 
 
 class Cluster:

@@ -9,15 +9,18 @@ live artifact, as `tests/scale/workload.py` defines it.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
+from service.api.signing import DownloadSigner
 from service.client import CheckpointClient
 from tests.factories import MLPBN, make_original, make_trained
 from tests.scale.cluster import Haproxy, Replica, wait_until
@@ -118,6 +121,20 @@ def _slow_push(url: str, ledger: Ledger, path: Path, started: threading.Event) -
             pass
 
 
+def _signed_on_one_opens_on_the_other(replicas: list[Replica], artifact_id: str, secret: str) -> None:
+    """A download URL signed by one replica (with the shared CKPT_URL_SIGNING_SECRET) opens on the other."""
+    signed = httpx.post(f"{replicas[0].url}/checkpoints/{artifact_id}/download-url", timeout=30)
+    assert signed.status_code == 200, signed.text
+    body = signed.json()
+    DownloadSigner(secret.encode()).check(artifact_id, body["format"], str(body["expires"]),
+                                          httpx.URL(body["url"]).params["sig"])  # the configured secret signed it
+    path = httpx.URL(body["url"]).raw_path.decode()  # /checkpoints/{id}/file?format=...&expires=...&sig=...
+    other = httpx.get(f"{replicas[1].url}{path}", timeout=60)
+    assert other.status_code == 200 and hashlib.sha256(other.content).hexdigest() == artifact_id
+    forged = httpx.get(f"{replicas[1].url}{path[:-4]}{'0000' if path[-4:] != '0000' else '1111'}", timeout=60)
+    assert forged.status_code == 403, forged.text
+
+
 class Chaos:
     """Kills the replica that serves the oldest request in flight (the slow push), then restarts it."""
 
@@ -165,6 +182,7 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
         first.register_architecture(SPEC, from_checkpoint=spec_source)
         check = second.merge(spec_source, trained[0][0], architecture=SPEC)
         assert check.report["verification"]["ok"] is True
+    _signed_on_one_opens_on_the_other(replicas, spec_source, cluster.env["CKPT_URL_SIGNING_SECRET"])
 
     chaos = Chaos(haproxy, replicas)
     after_restart = [0] * CLIENTS
