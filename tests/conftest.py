@@ -5,6 +5,12 @@ backend named by ``CKPT_TEST_INDEX`` (``sqlite``, ``postgresql`` or ``both``, th
 server (scripts/services/postgres.sh, started once per session); each test gets a fresh database made from a
 migrated template, named by ``CKPT_DATABASE_URL`` (so `Settings()` and every server a test starts use it too).
 A test marked ``@pytest.mark.index("sqlite")`` runs with that backend only.
+
+The blob store backend comes with it: the parameter is an (index, blobs) pair, ``sqlite`` and ``postgresql`` with
+the local directory, and ``postgresql+s3`` with `S3BlobStore` on a real Ceph RGW (tests/_services.py; a fresh
+bucket per test, named by ``CKPT_STORAGE_URL`` with the ``AWS_*`` settings, so servers a test starts use it too).
+``CKPT_TEST_BLOBS`` (``local``, ``s3`` or ``both``, the default) picks the blob backends; a test marked
+``@pytest.mark.blobs("local")`` (it looks at files of the local layout) runs with that one only.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from tests.factories import make_original, make_trained
 pytest_plugins = ["tests._services"]
 
 _BACKENDS = ("sqlite", "postgresql")
+_BLOBS = ("local", "s3")
+# (index, blobs) pairs: the S3 store runs with PostgreSQL, the index a team's replicas share with it.
+_PAIRS = (("sqlite", "local"), ("postgresql", "local"), ("postgresql", "s3"))
 _ROOT = Path(__file__).resolve().parent.parent
 _TEMPLATE = "ckpt_template"
 
@@ -43,12 +52,28 @@ def _wanted_backends() -> list[str]:
     return [mode]
 
 
+def _wanted_blobs() -> list[str]:
+    mode = os.environ.get("CKPT_TEST_BLOBS", "both").strip().lower()
+    if mode == "both":
+        return list(_BLOBS)
+    if mode not in _BLOBS:
+        raise pytest.UsageError(f"CKPT_TEST_BLOBS must be local, s3 or both, not {mode!r}")
+    return [mode]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "index_backend" not in metafunc.fixturenames:
         return
-    marker = metafunc.definition.get_closest_marker("index")
-    backends = [b for b in _wanted_backends() if marker is None or b in marker.args]
-    metafunc.parametrize("index_backend", backends, indirect=True)
+    index_marker = metafunc.definition.get_closest_marker("index")
+    blobs_marker = metafunc.definition.get_closest_marker("blobs")
+    params = [
+        index if blobs == "local" else f"{index}+{blobs}"
+        for index, blobs in _PAIRS
+        if index in _wanted_backends() and blobs in _wanted_blobs()
+        and (index_marker is None or index in index_marker.args)
+        and (blobs_marker is None or blobs in blobs_marker.args)
+    ]
+    metafunc.parametrize("index_backend", params, indirect=True)
 
 
 def _free_port() -> int:
@@ -93,7 +118,16 @@ def postgres_server() -> Iterator[str]:
 def index_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
     """The database URL of this test's index: None for SQLite in the data directory, else a fresh PostgreSQL
     database (also exported as CKPT_DATABASE_URL)."""
-    if request.param == "sqlite":
+    index, _, blobs = str(request.param).partition("+")
+    if blobs == "s3":
+        bucket: str = request.getfixturevalue("s3_bucket")
+        service = request.getfixturevalue("ceph_s3")
+        for key, value in service.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("CKPT_STORAGE_URL", f"s3://{bucket}/store")
+    else:
+        monkeypatch.delenv("CKPT_STORAGE_URL", raising=False)
+    if index == "sqlite":
         monkeypatch.delenv("CKPT_DATABASE_URL", raising=False)
         yield None
         return
@@ -128,8 +162,17 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, database_url: str | None) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=database_url)
+def storage_url(request: pytest.FixtureRequest) -> str | None:
+    """The blob store of this test: None for the local directory, else `s3://BUCKET/store` (see `index_backend`)."""
+    if "index_backend" in request.fixturenames:
+        request.getfixturevalue("index_backend")
+        return os.environ.get("CKPT_STORAGE_URL")
+    return None
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str | None, storage_url: str | None) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, storage_url=storage_url)
 
 
 @pytest.fixture

@@ -266,6 +266,9 @@ class ArtifactStore:
             inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
         )
         self.tmp_grace_seconds = float(tmp_grace_seconds)
+        # A put holds its lease this long at most (a writer that died is forgotten then); at least an hour, since
+        # a multipart upload of a large blob takes a while.
+        self.lease_seconds = max(self.tmp_grace_seconds, 3600.0)
         self.retention_seconds = retention_seconds
         # Parsed manifests by id. An artifact's manifest never changes (it describes immutable bytes), so a
         # cached one stays right; a diff of two 20k-key checkpoints then parses no JSON at all.
@@ -519,6 +522,28 @@ class ArtifactStore:
         if not isinstance(self.blobs, LocalBlobStore):
             raise StoreError("the blob store is not local; use local_path()")
         return self.blobs.path(artifact_id)
+
+    @property
+    def blobs_are_local(self) -> bool:
+        """Whether the bytes are files of this machine (sent as they are) or remote (streamed, or redirected to)."""
+        return isinstance(self.blobs, LocalBlobStore)
+
+    def presigned_url(self, artifact_id: str, *, expires: int, filename: str | None = None) -> str | None:
+        """A URL on the blob store itself that GETs an artifact's bytes without credentials until it expires.
+
+        Returns:
+            The URL, or None when the blob store cannot sign one (the local directory).
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+        """
+        self._require_meta(artifact_id)
+        sign = getattr(self.blobs, "presigned_url", None)
+        if sign is None:
+            return None
+        url: str = sign(artifact_id, expires=expires, filename=filename)
+        return url
 
     def open_blob(self, artifact_id: str, *, start: int = 0, end: int | None = None) -> BinaryIO:
         """Open an artifact's bytes (or the range `[start, end)`) for streaming. The caller closes the file.
@@ -953,6 +978,9 @@ class ArtifactStore:
             existing = self.index.get(artifact_id)
             if existing is not None:  # another process published the same bytes first
                 return IngestResult(existing, created=False)
+            # A lease, written before the put: orphan GC skips the digest while the bytes are in flight (a
+            # multipart upload to an object store may take minutes), however the replicas share the blob store.
+            lease = self.index.add_lease(artifact_id, seconds=self.lease_seconds)
             try:
                 self.blobs.put_file(artifact_id, src)
                 # the publication point: from here on the artifact exists
@@ -962,6 +990,8 @@ class ArtifactStore:
                 if not self.index.exists(artifact_id):
                     self.blobs.delete(artifact_id)
                 raise
+            finally:
+                self.index.drop_lease(artifact_id, lease)
         if not created:
             return IngestResult(self._require_meta(artifact_id), created=False)
         self._manifests.put(artifact_id, Manifest(dict(inspection.manifest.entries),
@@ -1122,6 +1152,11 @@ class ArtifactStore:
             if remove_if_unlocked(Path(entry.path)):
                 removed += 1
         removed += len(self._remove_orphans(cutoff))
+        self.index.drop_expired_leases()
+        # Multipart uploads of writers that died (an object store's parts cost space and are invisible otherwise).
+        abort_stale_uploads = getattr(self.blobs, "abort_stale_uploads", None)
+        if abort_stale_uploads is not None:
+            removed += int(abort_stale_uploads(older_than_seconds=grace))
         if self.retention_seconds is not None:
             removed += len(self.remove_unreferenced(self.retention_seconds))
         removed += self.conversions.trim(exists=self.exists)
@@ -1132,8 +1167,9 @@ class ArtifactStore:
         batch: dict[str, float] = {}
 
         def flush() -> Iterator[str]:
-            published = self.index.existing(batch)
-            yield from sorted(d for d, m in batch.items() if d not in published and (cutoff is None or m <= cutoff))
+            # Published, or leased by a writer whose put is in flight: not an orphan (whatever its age).
+            kept = self.index.existing(batch) | self.index.leased(batch)
+            yield from sorted(d for d, m in batch.items() if d not in kept and (cutoff is None or m <= cutoff))
             batch.clear()
 
         for info in self.blobs.iter_blobs():

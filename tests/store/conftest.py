@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from service.store import ArtifactStore
+from service.store.blobs import open_blob_store
 from tests.factories import make_original, save_pth, state_dict_of
 
 
@@ -31,8 +32,9 @@ def _per_index_backend(index_backend: str | None) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path, database_url: str | None) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store", database_url=database_url)
+def store(tmp_path: Path, database_url: str | None, storage_url: str | None) -> ArtifactStore:
+    root = tmp_path / "store"
+    return ArtifactStore(root, database_url=database_url, blobs=open_blob_store(storage_url, root))
 
 
 @pytest.fixture
