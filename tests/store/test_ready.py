@@ -18,12 +18,14 @@ from tests._services import S3Service
 from tests.conftest import drop_database
 
 
-def test_a_working_store_is_ready_and_names_what_answered(store: ArtifactStore) -> None:
+def test_a_working_store_is_ready_and_names_what_answered(store: ArtifactStore, storage_url: str | None) -> None:
     health = store.ready()
     assert health.ok, health.detail
-    assert health.detail == f"the store is writable; the index ({store.index.dialect}) and the blob directory answer"
+    blobs = f"the bucket {storage_url.removeprefix('s3://').split('/')[0]!r}" if storage_url else "the blob directory"
+    assert health.detail == f"the store is writable; the index ({store.index.dialect}) and {blobs} answer"
 
 
+@pytest.mark.blobs("local")
 def test_a_missing_blob_directory_is_not_ready(store: ArtifactStore) -> None:
     shutil.rmtree(store.root / "blobs")
     health = store.ready()
@@ -31,6 +33,7 @@ def test_a_missing_blob_directory_is_not_ready(store: ArtifactStore) -> None:
 
 
 @pytest.mark.index("postgresql")
+@pytest.mark.blobs("local")
 def test_a_database_that_is_gone_is_not_ready(store: ArtifactStore, database_url: str) -> None:
     assert store.ready().ok
     drop_database(database_url)  # WITH (FORCE): the store's pooled connections are cut too
@@ -39,6 +42,7 @@ def test_a_database_that_is_gone_is_not_ready(store: ArtifactStore, database_url
 
 
 @pytest.mark.index("postgresql")
+@pytest.mark.blobs("local")  # its own stores on the session's Ceph, whatever the parameter
 def test_a_bucket_that_is_gone_or_refused_is_not_ready(
     tmp_path: Path, database_url: str, ceph_s3: S3Service, s3_bucket: str
 ) -> None:
