@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._services import S3Service
 from tests.conftest import create_database, drop_database
 from tests.scale.cluster import Haproxy, Replica, free_port
 
@@ -19,17 +20,18 @@ REPLICA_ENV = {"CKPT_SANDBOX_WORKERS": "1", "CKPT_SANDBOX_READ_WORKERS": "1"}
 
 
 @pytest.fixture
-def shared_env(tmp_path: Path, postgres_server: str) -> Iterator[dict[str, str]]:
+def shared_env(postgres_server: str, ceph_s3: S3Service, s3_bucket: str) -> Iterator[dict[str, str]]:
     """The settings every replica shares: a fresh PostgreSQL database (the index: artifacts, names, architecture
-    specs), the blobs, and the secret that signs download URLs (a URL one replica signs opens on any other)."""
+    specs), a fresh bucket on Ceph RGW (the blobs), and the secret that signs download URLs (a URL one replica
+    signs opens on any other). Each replica keeps its own data directory (staging, the read-through cache)."""
     url = create_database(postgres_server)
     try:
         yield {
             **REPLICA_ENV,
+            **ceph_s3.env(),
             "CKPT_DATABASE_URL": url,
+            "CKPT_STORAGE_URL": f"s3://{s3_bucket}/scale",
             "CKPT_URL_SIGNING_SECRET": secrets.token_hex(32),
-            # The blobs: one directory for all (one host) until the store takes CKPT_STORAGE_URL=s3://...
-            "CKPT_DATA_DIR": str(tmp_path / "shared-data"),
         }
     finally:
         drop_database(url)

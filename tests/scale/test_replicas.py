@@ -1,10 +1,11 @@
-"""Scale-out end to end: replicas behind haproxy on one shared store, one of them killed mid-run, nothing lost.
+"""Scale-out end to end: replicas behind haproxy on one PostgreSQL index and one Ceph RGW bucket, each with its own
+data directory (staging, read cache), one of them killed mid-run, nothing lost.
 
 Four clients upload, merge, name and diff concurrently through haproxy with our client (its own retries on);
 a fifth pushes a large file slowly, so that a request is certainly in flight on the replica that gets SIGKILL.
 That replica is restarted on its port and haproxy takes it back. At the end a third replica, started afterwards
-on the same store, must see every acknowledged artifact (its bytes hash to its id) and every name pointing to a
-live artifact, as `tests/scale/workload.py` defines it.
+on the same database and bucket with a fresh data directory, must see every acknowledged artifact (its bytes
+hash to its id) and every name pointing to a live artifact, as `tests/scale/workload.py` defines it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from service.api.signing import DownloadSigner
 from service.client import CheckpointClient
+from tests._services import S3Service
 from tests.factories import MLPBN, make_original, make_trained
 from tests.scale.cluster import Haproxy, Replica, wait_until
 from tests.scale.conftest import FIGURES, Cluster
@@ -168,7 +170,9 @@ class Chaos:
 
 
 @pytest.mark.timeout(900)
-def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluster, tmp_path: Path) -> None:
+def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(
+    cluster: Cluster, tmp_path: Path, ceph_s3: S3Service, s3_bucket: str
+) -> None:
     originals, trained, big = _checkpoints(tmp_path / "files")
     replicas = [cluster.replica("replica1"), cluster.replica("replica2")]
     for replica in replicas:
@@ -213,7 +217,8 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
     # The restarted replica took requests again.
     assert int(haproxy.servers()[chaos.victim]["stot"]) > chaos.sessions_at_restart
 
-    # A third replica, started afterwards on the same store, sees everything that was acknowledged.
+    # A third replica, started afterwards on the same index and bucket (a fresh data directory), sees everything
+    # that was acknowledged.
     third = cluster.replica("replica3")
     third.start()
     downloads = tmp_path / "downloads"
@@ -226,6 +231,11 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
             assert sha256_of(pulled.path) == artifact_id
         names = {n.name: n.id for n in ckpt.list_names()}
         assert ckpt.get_architecture(SPEC).name == SPEC
+    # The bytes are in the bucket, not in a replica's data directory (scratch: staging and the read cache).
+    pages = ceph_s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="scale/blobs/")
+    in_bucket = {obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])}
+    assert stored <= in_bucket, sorted(stored - in_bucket)
+    assert not any((r.data_dir / "blobs").glob("*/*") for r in cluster.replicas)
     dangling = {name: target for name, target in names.items() if target not in stored}
     wrong = {name: names.get(name) for name, events in ledger.names.items()
              if not allowed_targets(events).admits(names.get(name))}
