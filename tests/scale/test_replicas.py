@@ -235,7 +235,8 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(
     pages = ceph_s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="scale/blobs/")
     in_bucket = {obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])}
     assert stored <= in_bucket, sorted(stored - in_bucket)
-    assert not any((r.data_dir / "blobs").glob("*/*") for r in cluster.replicas)
+    in_directories = [path for r in cluster.replicas for path in (r.data_dir / "blobs").glob("*/*")]
+    assert not in_directories, in_directories
     dangling = {name: target for name, target in names.items() if target not in stored}
     wrong = {name: names.get(name) for name, events in ledger.names.items()
              if not allowed_targets(events).admits(names.get(name))}
