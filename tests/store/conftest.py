@@ -52,6 +52,28 @@ def ckpt(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def blob_digests(store: ArtifactStore) -> set[str]:
+    """The digests the store's blob store holds (local files or S3 objects)."""
+    return {info.digest for info in store.blobs.iter_blobs()}
+
+
+def put_raw_blob(store: ArtifactStore, digest: str, data: bytes) -> None:
+    """Write bytes under a digest behind the store's back (a crash leftover, damage): no hash check."""
+    from service.store.blobs.local import LocalBlobStore
+    from service.store.blobs.s3 import S3BlobStore
+
+    if isinstance(store.blobs, LocalBlobStore):
+        path = store.blobs.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            os.chmod(path, 0o644)
+        path.write_bytes(data)
+    else:
+        assert isinstance(store.blobs, S3BlobStore)
+        store.blobs._client().put_object(Bucket=store.blobs.bucket, Key=store.blobs.key(digest), Body=data)
+        store.blobs.cache.discard(digest)
+
+
 def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}

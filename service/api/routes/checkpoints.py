@@ -430,6 +430,8 @@ def _stored_format(artifact: ArtifactMeta) -> Format:
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
         304: {"description": "Not modified"},
+        307: {"description": "With CKPT_S3_PRESIGNED_DOWNLOADS: the bytes are at the presigned URL in Location "
+              "(another host: send no Authorization there); X-Checkpoint-Id names them."},
         **problem_responses(400, 401, 404, 416, 422, 503),
     },
 )
