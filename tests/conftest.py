@@ -137,15 +137,25 @@ def index_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
         monkeypatch.delenv("CKPT_DATABASE_URL", raising=False)
         yield None
         return
-    server: str = request.getfixturevalue("postgres_server")
-    name = f"t_{secrets.token_hex(8)}"
-    _admin(server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}")
-    url = f"{server}/{name}"
+    url = create_database(request.getfixturevalue("postgres_server"))
     monkeypatch.setenv("CKPT_DATABASE_URL", url)
     try:
         yield url
     finally:
-        _admin(server, f"DROP DATABASE {name} WITH (FORCE)")
+        drop_database(url)
+
+
+def create_database(server: str) -> str:
+    """A fresh PostgreSQL database on the session's server, made from the migrated template; its URL."""
+    name = f"t_{secrets.token_hex(8)}"
+    _admin(server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}")
+    return f"{server}/{name}"
+
+
+def drop_database(url: str) -> None:
+    """Drop a test's PostgreSQL database (if it is still there), cutting its open connections."""
+    server, _, name = url.rpartition("/")
+    _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -171,9 +171,16 @@ def _label_filter(label: str) -> tuple[str, str | None]:
 
 
 
+def _brief(exc: Exception) -> str:
+    """An exception as a probe shows it: its type, and the S3 error code where there is one (never a URL)."""
+    response = getattr(exc, "response", None)  # botocore's ClientError: {"Error": {"Code": "NoSuchBucket", ...}}
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return f"{type(exc).__name__} {code}" if code else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class StoreHealth:
-    """The store's readiness: can it stage uploads, and does its index answer."""
+    """The store's readiness: can it stage uploads, and do its index and its blob store answer."""
 
     ok: bool
     detail: str
@@ -1206,7 +1213,8 @@ class ArtifactStore:
     # ---- maintenance --------------------------------------------------------------------------------------
 
     def ready(self) -> StoreHealth:
-        """The readiness probe: a temp file can be created in the staging area, and the index answers."""
+        """The readiness probe: a temp file can be created in the staging area, the index answers (a round trip
+        to the database) and so does the blob store (the directory, or a HEAD of the bucket)."""
         try:
             # In tmp/, where garbage collection finds it should the process die right here.
             fd, path = tempfile.mkstemp(dir=self._tmp, prefix="ready-")
@@ -1218,7 +1226,12 @@ class ArtifactStore:
             self.index.ping()
         except Exception as exc:  # any driver error means the same: the index does not answer
             return StoreHealth(False, f"the index ({self.index.dialect}) does not answer: {type(exc).__name__}")
-        return StoreHealth(True, "the store is writable")
+        blobs = type(self.blobs).__name__
+        try:
+            answered = self.blobs.ping()
+        except Exception as exc:  # any backend error means the same: the blobs cannot be read or written
+            return StoreHealth(False, f"the blob store ({blobs}) does not answer: {_brief(exc)}")
+        return StoreHealth(True, f"the store is writable; the index ({self.index.dialect}) and {answered} answer")
 
     def describe(self) -> dict[str, str]:
         """Where the data is, for logs and `ckpt` tools (never a password)."""
