@@ -401,7 +401,6 @@ def test_client_import_url_and_merge_by_reference(
 # ---- the shards of one checkpoint -------------------------------------------------------------------------
 
 
-@pytest.mark.blobs("local")  # TODO(h21c): fails on the S3 blob store (1 artifact where 0 expected); not investigated
 def test_the_shards_of_a_checkpoint_import_as_one_artifact_like_uploaded_shards(
     app: TestClient, make_app: AppFactory, put: Callable[[str, Path], str], tmp_path: Path, s3_bucket: str,
     capsys: pytest.CaptureFixture[str],

@@ -10,7 +10,7 @@ OPERATION_IDS = {
     "diff_checkpoints", "diff_uploaded", "merge_checkpoints", "list_architectures", "get_architecture",
     "register_architecture", "delete_architecture", "healthz", "readyz", "metrics", "sign_download_url",
     "import_checkpoint",
-    "get_shard_index", "download_shard", "fsck",
+    "get_shard_index", "download_shard", "fsck", "update_labels", "gc",
 }
 TAGS = ["checkpoints", "names", "operations", "architectures", "health", "admin"]
 
