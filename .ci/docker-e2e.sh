@@ -152,6 +152,13 @@ wait_healthy
 
 log "docker-compose down (keeping the volume), then up: a new container on the same volume"
 compose down >/dev/null 2>&1 || fail "docker-compose down failed"
+if [ "$SCALE" = 1 ]; then
+    # The replicas' own volumes are scratch (staging, read cache): without them the artifacts must all come back
+    # from PostgreSQL and the bucket.
+    log "removing the replicas' scratch volumes"
+    $DOCKER volume rm "${COMPOSE_PROJECT_NAME}_ckpt-1-scratch" "${COMPOSE_PROJECT_NAME}_ckpt-2-scratch" >/dev/null \
+        || fail "could not remove the scratch volumes"
+fi
 compose up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "docker-compose up failed"; }
 wait_healthy
 "$PY" tests/docker/e2e_compose.py check --base-url "$BASE_URL" --state "$WORK/state.json"

@@ -80,6 +80,29 @@ class Settings(BaseSettings):
         "sqlite:///PATH; unset: SQLite at <data_dir>/index.sqlite3.",
     )
     config: Path | None = Field(None, description="TOML file with [architectures.NAME] factories.")
+    # The blob store (service.store.blobs). Unset: files under <data_dir>/blobs; s3://bucket/prefix: an S3-compatible
+    # object store, with the standard AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Uploads are staged in
+    # the data directory either way.
+    storage_url: str | None = Field(
+        None,
+        description="Where artifact bytes live: s3://BUCKET/PREFIX (endpoint and keys from the standard AWS_* "
+        "settings); unset: files in <data_dir>/blobs. Any other value stops start-up.",
+    )
+    s3_cache_dir: Path | None = Field(
+        None, description="The S3 store's local read-through cache (shared by one replica's workers); unset: "
+        "<data_dir>/cache/blobs.",
+    )
+    s3_cache_bytes: int = Field(
+        16 << 30, ge=0, description="Size bound of the S3 read-through cache (LRU past it; pinned entries stay)."
+    )
+    s3_public_endpoint: str | None = Field(
+        None, description="The S3 endpoint clients can reach, used as the host of presigned download URLs; "
+        "unset: AWS_ENDPOINT_URL.",
+    )
+    s3_presigned_downloads: bool = Field(
+        False, description="With an S3 store, answer GET /checkpoints/{ref}/file with a 307 to a presigned URL "
+        "(valid for download_url_ttl_seconds) instead of streaming the bytes through the service.",
+    )
     host: str = Field(
         "127.0.0.1", description="Bind address; a non-loopback one without CKPT_API_TOKENS logs a warning."
     )

@@ -39,6 +39,7 @@ from service.registry import ArchitectureRegistry
 from service.runtime import tune_gc
 from service.sandbox import ParserSandbox
 from service.store import ArtifactStore, Inspector, inspect_checkpoint
+from service.store.blobs import open_blob_store
 
 log = logging.getLogger("ckpt.service")
 
@@ -93,8 +94,16 @@ def build_services(settings: Settings) -> Services:
         inspector = sandbox.inspect
     else:
         inspector = functools.partial(inspect_checkpoint, safe_globals=safe_globals, limits=limits)
+    blobs = open_blob_store(
+        settings.storage_url,
+        settings.data_dir,
+        cache_dir=settings.s3_cache_dir,
+        cache_bytes=settings.s3_cache_bytes,
+        public_endpoint=settings.s3_public_endpoint,
+    )
     store = ArtifactStore(
         settings.data_dir,
+        blobs=blobs,
         inspector=inspector,
         tmp_grace_seconds=settings.tmp_grace_seconds,
         conversion_cache_bytes=settings.conversion_cache_bytes,

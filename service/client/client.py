@@ -91,6 +91,7 @@ Source = str | os.PathLike[str]
 """A stored artifact (an id or a name, given as `str`), a local file, or a local directory of shards (a `Path`)."""
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_REDIRECTS = 5
 # What a service name may be ([A-Za-z0-9][A-Za-z0-9._-]*): safe as a file name as it is.
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _UMASK_LOCK = threading.Lock()
@@ -454,6 +455,7 @@ class CheckpointClient:
             self._headers["Authorization"] = f"Bearer {token}"
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        self._foreign: httpx.Client | None = None  # for redirects to other hosts (presigned downloads)
 
     @property
     def base_url(self) -> str:
@@ -464,6 +466,8 @@ class CheckpointClient:
         """Close the HTTP client if this object created it."""
         if self._owns_http:
             self._http.close()
+        if self._foreign is not None:
+            self._foreign.close()
 
     def __enter__(self) -> CheckpointClient:
         return self
@@ -487,6 +491,7 @@ class CheckpointClient:
         body: BodyFactory | None = None,
         stream: bool = False,
         ok_statuses: Sequence[int] = (),
+        follow_redirects: bool = False,
     ) -> httpx.Response:
         # Each attempt rebuilds its body (files reopened), so a retried upload sends the bytes from the start.
         attempts = max(1, self.retry.attempts) if idempotent else 1
@@ -499,7 +504,9 @@ class CheckpointClient:
                 request = self._http.build_request(method, self._url(path), params=clean_params,
                                                    json=json_body, headers=headers, **extra)
                 try:
-                    response = self._http.send(request, stream=stream)
+                    response = self._http.send(request, stream=stream, follow_redirects=False)
+                    if follow_redirects and response.has_redirect_location:
+                        response = self._follow(request, response, stream=stream)
                 except httpx.TransportError as exc:
                     if last:
                         raise TransportError(f"{method} {path} failed: {type(exc).__name__}: {exc}") from exc
@@ -517,6 +524,36 @@ class CheckpointClient:
                 response.close()
             raise _error(response)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _follow(self, request: httpx.Request, response: httpx.Response, *, stream: bool) -> httpx.Response:
+        # Follow GET redirects (a download answered with a presigned object-store URL). The bearer token goes only
+        # to the origin it was given for: a hop to another scheme, host or port drops `Authorization` (and is sent
+        # by a plain HTTP client, not the injected one, which may be bound to the service). The artifact id the
+        # service announced stays on the final response, so that the bytes are verified against it.
+        announced = response.headers.get("x-checkpoint-id")
+        origin = (request.url.scheme, request.url.host, request.url.port)
+        for _ in range(_MAX_REDIRECTS):
+            url = request.url.join(response.headers["location"])
+            response.close()
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+            same_origin = (url.scheme, url.host, url.port) == origin
+            if not same_origin:
+                headers.pop("authorization", None)
+                headers.pop("Authorization", None)
+            http = self._http if same_origin else self._foreign_http()
+            request = http.build_request("GET", url, headers=headers)
+            response = http.send(request, stream=stream, follow_redirects=False)
+            if not response.has_redirect_location:
+                if announced and "x-checkpoint-id" not in response.headers:
+                    response.headers["X-Checkpoint-Id"] = announced
+                return response
+        response.close()
+        raise ClientError(f"more than {_MAX_REDIRECTS} redirects from {origin[1]}")
+
+    def _foreign_http(self) -> httpx.Client:
+        if self._foreign is None:
+            self._foreign = httpx.Client(timeout=self._http.timeout)
+        return self._foreign
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -745,7 +782,7 @@ class CheckpointClient:
     def _download_once(self, ref: str, dest: Path, *, format: OutputFormat | None, expected: str | None,
                        progress: Progress | None) -> PullResult:
         response = self._send("GET", f"/checkpoints/{_quote(ref)}/file", idempotent=True,
-                              params={"format": format}, stream=True)
+                              params={"format": format}, stream=True, follow_redirects=True)
         try:
             announced = response.headers.get("x-checkpoint-id") or response.headers.get("etag", "").strip('"')
             announced = announced.lower()

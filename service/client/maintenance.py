@@ -30,6 +30,7 @@ def add_maintenance_parsers(sub: argparse._SubParsersAction) -> None:  # type: i
 def _open_store(args: argparse.Namespace) -> Any:
     from service.config import Settings
     from service.store import ArtifactStore
+    from service.store.blobs import open_blob_store
 
     overrides: dict[str, Any] = {}
     if args.data_dir:
@@ -37,7 +38,9 @@ def _open_store(args: argparse.Namespace) -> Any:
     if args.database_url:
         overrides["database_url"] = args.database_url
     settings = Settings(**overrides)
-    return ArtifactStore(settings.data_dir, database_url=settings.database_url)
+    blobs = open_blob_store(settings.storage_url, settings.data_dir, cache_dir=settings.s3_cache_dir,
+                            cache_bytes=settings.s3_cache_bytes)
+    return ArtifactStore(settings.data_dir, database_url=settings.database_url, blobs=blobs)
 
 
 def _report(args: argparse.Namespace, verb: str, report: Any) -> None:

@@ -171,9 +171,16 @@ def _label_filter(label: str) -> tuple[str, str | None]:
 
 
 
+def _brief(exc: Exception) -> str:
+    """An exception as a probe shows it: its type, and the S3 error code where there is one (never a URL)."""
+    response = getattr(exc, "response", None)  # botocore's ClientError: {"Error": {"Code": "NoSuchBucket", ...}}
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return f"{type(exc).__name__} {code}" if code else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class StoreHealth:
-    """The store's readiness: can it stage uploads, and does its index answer."""
+    """The store's readiness: can it stage uploads, and do its index and its blob store answer."""
 
     ok: bool
     detail: str
@@ -310,6 +317,9 @@ class ArtifactStore:
             inspector if inspector is not None else functools.partial(inspect_checkpoint, limits=self.limits)
         )
         self.tmp_grace_seconds = float(tmp_grace_seconds)
+        # A put holds its blob lease this long at most (a writer that died is forgotten then); at least an hour,
+        # since a multipart upload of a large blob takes a while.
+        self.blob_lease_seconds = max(self.tmp_grace_seconds, 3600.0)
         self.retention_seconds = retention_seconds
         self.retention_keep_last = int(retention_keep_last)
         self.retention_label_keys = tuple(retention_label_keys)
@@ -566,6 +576,28 @@ class ArtifactStore:
         if not isinstance(self.blobs, LocalBlobStore):
             raise StoreError("the blob store is not local; use local_path()")
         return self.blobs.path(artifact_id)
+
+    @property
+    def blobs_are_local(self) -> bool:
+        """Whether the bytes are files of this machine (sent as they are) or remote (streamed, or redirected to)."""
+        return isinstance(self.blobs, LocalBlobStore)
+
+    def presigned_url(self, artifact_id: str, *, expires: int, filename: str | None = None) -> str | None:
+        """A URL on the blob store itself that GETs an artifact's bytes without credentials until it expires.
+
+        Returns:
+            The URL, or None when the blob store cannot sign one (the local directory).
+
+        Raises:
+            InvalidReference: Not a well-formed id.
+            ArtifactNotFound: No such artifact.
+        """
+        self._require_meta(artifact_id)
+        sign = getattr(self.blobs, "presigned_url", None)
+        if sign is None:
+            return None
+        url: str = sign(artifact_id, expires=expires, filename=filename)
+        return url
 
     def open_blob(self, artifact_id: str, *, start: int = 0, end: int | None = None) -> BinaryIO:
         """Open an artifact's bytes (or the range `[start, end)`) for streaming. The caller closes the file.
@@ -999,6 +1031,9 @@ class ArtifactStore:
         created = False
         with self.index.artifact_lock(artifact_id):
             if not self.index.exists(artifact_id):  # else another process published the same bytes first
+                # A lease, written before the put: orphan GC skips the digest while the bytes are in flight (a
+                # multipart upload to an object store may take minutes), however the replicas share the blobs.
+                lease = self.index.add_blob_lease(artifact_id, seconds=self.blob_lease_seconds)
                 try:
                     self.blobs.put_file(artifact_id, src)
                     # the publication point: from here on the artifact exists
@@ -1008,6 +1043,8 @@ class ArtifactStore:
                     if not self.index.exists(artifact_id):
                         self.blobs.delete(artifact_id)
                     raise
+                finally:
+                    self.index.drop_blob_lease(artifact_id, lease)
         if not created:
             return self._existing(self._require_meta(artifact_id), labels)
         self._manifests.put(artifact_id, Manifest(dict(inspection.manifest.entries),
@@ -1176,7 +1213,8 @@ class ArtifactStore:
     # ---- maintenance --------------------------------------------------------------------------------------
 
     def ready(self) -> StoreHealth:
-        """The readiness probe: a temp file can be created in the staging area, and the index answers."""
+        """The readiness probe: a temp file can be created in the staging area, the index answers (a round trip
+        to the database) and so does the blob store (the directory, or a HEAD of the bucket)."""
         try:
             # In tmp/, where garbage collection finds it should the process die right here.
             fd, path = tempfile.mkstemp(dir=self._tmp, prefix="ready-")
@@ -1188,7 +1226,12 @@ class ArtifactStore:
             self.index.ping()
         except Exception as exc:  # any driver error means the same: the index does not answer
             return StoreHealth(False, f"the index ({self.index.dialect}) does not answer: {type(exc).__name__}")
-        return StoreHealth(True, "the store is writable")
+        blobs = type(self.blobs).__name__
+        try:
+            answered = self.blobs.ping()
+        except Exception as exc:  # any backend error means the same: the blobs cannot be read or written
+            return StoreHealth(False, f"the blob store ({blobs}) does not answer: {_brief(exc)}")
+        return StoreHealth(True, f"the store is writable; the index ({self.index.dialect}) and {answered} answer")
 
     def describe(self) -> dict[str, str]:
         """Where the data is, for logs and `ckpt` tools (never a password)."""
@@ -1222,6 +1265,11 @@ class ArtifactStore:
             if remove_if_unlocked(Path(entry.path)):
                 removed += 1
         removed += len(self._remove_orphans(cutoff))
+        self.index.drop_expired_blob_leases()
+        # Multipart uploads of writers that died (an object store's parts cost space and are invisible otherwise).
+        abort_stale_uploads = getattr(self.blobs, "abort_stale_uploads", None)
+        if abort_stale_uploads is not None:
+            removed += int(abort_stale_uploads(older_than_seconds=grace))
         if self.retention_seconds is not None:
             removed += len(self.retain(dry_run=False).removed)
         removed += self.conversions.trim(exists=self.exists)
@@ -1232,8 +1280,9 @@ class ArtifactStore:
         batch: dict[str, float] = {}
 
         def flush() -> Iterator[str]:
-            published = self.index.existing(batch)
-            yield from sorted(d for d, m in batch.items() if d not in published and (cutoff is None or m <= cutoff))
+            # Published, or leased by a writer whose put is in flight: not an orphan (whatever its age).
+            kept = self.index.existing(batch) | self.index.blob_leased(batch)
+            yield from sorted(d for d, m in batch.items() if d not in kept and (cutoff is None or m <= cutoff))
             batch.clear()
 
         for info in self.blobs.iter_blobs():

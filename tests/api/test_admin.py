@@ -13,6 +13,7 @@ from service.client.cli import main
 from service.config import Settings
 
 
+@pytest.mark.blobs("local")  # it damages a blob file of the local layout
 def test_fsck_needs_an_admin_token_and_reports(tmp_path: Path, recipe_files: dict[str, Path],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings(data_dir=tmp_path / "data", api_tokens="read:r1,write:w1,admin:a1", sandbox=False)

@@ -69,7 +69,7 @@ def test_ckpt_serve_refuses_to_start_on_settings_that_fail_open(tmp_path: Path) 
 
 
 def test_an_open_service_on_a_public_address_warns_and_is_degraded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, database_url: str | None, storage_url: str | None
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="ckpt.service"):
         app = create_app(Settings(data_dir=tmp_path / "d", host="0.0.0.0", sandbox=False))
@@ -81,7 +81,10 @@ def test_an_open_service_on_a_public_address_warns_and_is_degraded(
     body = r.json()
     assert body["status"] == "degraded"
     assert body["checks"]["auth"]["status"] == "degraded" and "0.0.0.0" in body["checks"]["auth"]["detail"]
-    assert body["checks"]["store"] == {"status": "ok", "detail": "the store is writable"}
+    index = "postgresql" if database_url else "sqlite"
+    blobs = f"the bucket {storage_url.removeprefix('s3://').split('/')[0]!r}" if storage_url else "the blob directory"
+    assert body["checks"]["store"] == {
+        "status": "ok", "detail": f"the store is writable; the index ({index}) and {blobs} answer"}
 
 
 @pytest.mark.parametrize(("host", "tokens"), [("127.0.0.1", None), ("::1", None), ("0.0.0.0", "read:r")])

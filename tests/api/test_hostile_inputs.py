@@ -191,6 +191,7 @@ def test_an_oversized_multipart_boundary_is_a_400(inproc: TestClient, route: str
     assert_refused(r, status=400, fragment="boundary has 300 characters")
 
 
+@pytest.mark.blobs("local")  # it plants a blob file of the local layout
 def test_a_poison_key_stored_before_the_check_gives_no_5xx(tmp_path: Path) -> None:
     # An artifact stored by an older version, which accepted the key: its manifest is given, so no parse refuses it.
     data = tmp_path / "data"

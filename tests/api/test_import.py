@@ -245,6 +245,7 @@ def test_an_object_over_the_upload_limit_is_413_from_its_head(
     assert_nothing_left(client, tmp_path / "data")
 
 
+@pytest.mark.blobs("local")  # it points the AWS_* settings elsewhere, the S3 blob store with them
 def test_an_unreachable_store_or_bad_keys_are_502(
     app: TestClient, put: Callable[[str, Path], str], recipe_files: dict[str, Path],
     monkeypatch: pytest.MonkeyPatch, make_app: AppFactory, s3_bucket: str, tmp_path: Path,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests._services import S3Service
+from tests.conftest import create_database, drop_database
 from tests.scale.cluster import Haproxy, Replica, free_port
 
 # The counts of the end-to-end run, shown at the end of the session (also printed by the test itself).
@@ -17,9 +20,21 @@ REPLICA_ENV = {"CKPT_SANDBOX_WORKERS": "1", "CKPT_SANDBOX_READ_WORKERS": "1"}
 
 
 @pytest.fixture
-def shared_env(tmp_path: Path) -> dict[str, str]:
-    """The settings every replica shares: one artifact store that all of them read and write."""
-    return {**REPLICA_ENV, "CKPT_DATA_DIR": str(tmp_path / "shared-data")}
+def shared_env(postgres_server: str, ceph_s3: S3Service, s3_bucket: str) -> Iterator[dict[str, str]]:
+    """The settings every replica shares: a fresh PostgreSQL database (the index: artifacts, names, architecture
+    specs), a fresh bucket on Ceph RGW (the blobs), and the secret that signs download URLs (a URL one replica
+    signs opens on any other). Each replica keeps its own data directory (staging, the read-through cache)."""
+    url = create_database(postgres_server)
+    try:
+        yield {
+            **REPLICA_ENV,
+            **ceph_s3.env(),
+            "CKPT_DATABASE_URL": url,
+            "CKPT_STORAGE_URL": f"s3://{s3_bucket}/scale",
+            "CKPT_URL_SIGNING_SECRET": secrets.token_hex(32),
+        }
+    finally:
+        drop_database(url)
 
 
 class Cluster:

@@ -1,24 +1,29 @@
-"""Scale-out end to end: replicas behind haproxy on one shared store, one of them killed mid-run, nothing lost.
+"""Scale-out end to end: replicas behind haproxy on one PostgreSQL index and one Ceph RGW bucket, each with its own
+data directory (staging, read cache), one of them killed mid-run, nothing lost.
 
 Four clients upload, merge, name and diff concurrently through haproxy with our client (its own retries on);
 a fifth pushes a large file slowly, so that a request is certainly in flight on the replica that gets SIGKILL.
 That replica is restarted on its port and haproxy takes it back. At the end a third replica, started afterwards
-on the same store, must see every acknowledged artifact (its bytes hash to its id) and every name pointing to a
-live artifact, as `tests/scale/workload.py` defines it.
+on the same database and bucket with a fresh data directory, must see every acknowledged artifact (its bytes
+hash to its id) and every name pointing to a live artifact, as `tests/scale/workload.py` defines it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
+from service.api.signing import DownloadSigner
 from service.client import CheckpointClient
+from tests._services import S3Service
 from tests.factories import MLPBN, make_original, make_trained
 from tests.scale.cluster import Haproxy, Replica, wait_until
 from tests.scale.conftest import FIGURES, Cluster
@@ -118,6 +123,20 @@ def _slow_push(url: str, ledger: Ledger, path: Path, started: threading.Event) -
             pass
 
 
+def _signed_on_one_opens_on_the_other(replicas: list[Replica], artifact_id: str, secret: str) -> None:
+    """A download URL signed by one replica (with the shared CKPT_URL_SIGNING_SECRET) opens on the other."""
+    signed = httpx.post(f"{replicas[0].url}/checkpoints/{artifact_id}/download-url", timeout=30)
+    assert signed.status_code == 200, signed.text
+    body = signed.json()
+    DownloadSigner(secret.encode()).check(artifact_id, body["format"], str(body["expires"]),
+                                          httpx.URL(body["url"]).params["sig"])  # the configured secret signed it
+    path = httpx.URL(body["url"]).raw_path.decode()  # /checkpoints/{id}/file?format=...&expires=...&sig=...
+    other = httpx.get(f"{replicas[1].url}{path}", timeout=60)
+    assert other.status_code == 200 and hashlib.sha256(other.content).hexdigest() == artifact_id
+    forged = httpx.get(f"{replicas[1].url}{path[:-4]}{'0000' if path[-4:] != '0000' else '1111'}", timeout=60)
+    assert forged.status_code == 403, forged.text
+
+
 class Chaos:
     """Kills the replica that serves the oldest request in flight (the slow push), then restarts it."""
 
@@ -151,7 +170,9 @@ class Chaos:
 
 
 @pytest.mark.timeout(900)
-def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluster, tmp_path: Path) -> None:
+def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(
+    cluster: Cluster, tmp_path: Path, ceph_s3: S3Service, s3_bucket: str
+) -> None:
     originals, trained, big = _checkpoints(tmp_path / "files")
     replicas = [cluster.replica("replica1"), cluster.replica("replica2")]
     for replica in replicas:
@@ -165,6 +186,7 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
         first.register_architecture(SPEC, from_checkpoint=spec_source)
         check = second.merge(spec_source, trained[0][0], architecture=SPEC)
         assert check.report["verification"]["ok"] is True
+    _signed_on_one_opens_on_the_other(replicas, spec_source, cluster.env["CKPT_URL_SIGNING_SECRET"])
 
     chaos = Chaos(haproxy, replicas)
     after_restart = [0] * CLIENTS
@@ -195,7 +217,8 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
     # The restarted replica took requests again.
     assert int(haproxy.servers()[chaos.victim]["stot"]) > chaos.sessions_at_restart
 
-    # A third replica, started afterwards on the same store, sees everything that was acknowledged.
+    # A third replica, started afterwards on the same index and bucket (a fresh data directory), sees everything
+    # that was acknowledged.
     third = cluster.replica("replica3")
     third.start()
     downloads = tmp_path / "downloads"
@@ -208,6 +231,12 @@ def test_replicas_behind_haproxy_lose_nothing_when_one_is_killed(cluster: Cluste
             assert sha256_of(pulled.path) == artifact_id
         names = {n.name: n.id for n in ckpt.list_names()}
         assert ckpt.get_architecture(SPEC).name == SPEC
+    # The bytes are in the bucket, not in a replica's data directory (scratch: staging and the read cache).
+    pages = ceph_s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="scale/blobs/")
+    in_bucket = {obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])}
+    assert stored <= in_bucket, sorted(stored - in_bucket)
+    in_directories = [path for r in cluster.replicas for path in (r.data_dir / "blobs").glob("*/*")]
+    assert not in_directories, in_directories
     dangling = {name: target for name, target in names.items() if target not in stored}
     wrong = {name: names.get(name) for name, events in ledger.names.items()
              if not allowed_targets(events).admits(names.get(name))}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from service.store import ArtifactStore
+from service.store.blobs import open_blob_store
 from tests.factories import make_original, save_pth, state_dict_of
 
 
@@ -31,8 +32,9 @@ def _per_index_backend(index_backend: str | None) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path, database_url: str | None) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "store", database_url=database_url)
+def store(tmp_path: Path, database_url: str | None, storage_url: str | None) -> ArtifactStore:
+    root = tmp_path / "store"
+    return ArtifactStore(root, database_url=database_url, blobs=open_blob_store(storage_url, root))
 
 
 @pytest.fixture
@@ -48,6 +50,28 @@ def ckpt(tmp_path: Path) -> Callable[..., Path]:
         return save_pth(obj, src / name, legacy=legacy)
 
     return make
+
+
+def blob_digests(store: ArtifactStore) -> set[str]:
+    """The digests the store's blob store holds (local files or S3 objects)."""
+    return {info.digest for info in store.blobs.iter_blobs()}
+
+
+def put_raw_blob(store: ArtifactStore, digest: str, data: bytes) -> None:
+    """Write bytes under a digest behind the store's back (a crash leftover, damage): no hash check."""
+    from service.store.blobs.local import LocalBlobStore
+    from service.store.blobs.s3 import S3BlobStore
+
+    if isinstance(store.blobs, LocalBlobStore):
+        path = store.blobs.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            os.chmod(path, 0o644)
+        path.write_bytes(data)
+    else:
+        assert isinstance(store.blobs, S3BlobStore)
+        store.blobs._client().put_object(Bucket=store.blobs.bucket, Key=store.blobs.key(digest), Body=data)
+        store.blobs.cache.discard(digest)
 
 
 def random_state_dict(seed: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from service.errors import StoreError
 from service.registry import ArchitectureRegistry
 from service.store import ArtifactStore, Lineage
 from service.store.backup import MANIFEST_FILE, backup_store, restore_store
+from service.store.blobs import open_blob_store
 
 
 def _populate(store: ArtifactStore, ckpt: Callable[..., Path]) -> dict[str, object]:
@@ -101,7 +102,8 @@ def test_an_incomplete_or_damaged_backup_is_refused(tmp_path: Path, ckpt: Callab
 
 
 def test_ckpt_backup_and_restore_commands(tmp_path: Path, ckpt: Callable[..., Path], store: ArtifactStore,
-                                          database_url: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+                                          database_url: str | None, storage_url: str | None,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     expected = _populate(store, ckpt)
     url = ["--database-url", database_url] if database_url else []
     assert main(["backup", str(tmp_path / "b"), "--data-dir", str(store.root), *url]) == 0
@@ -110,6 +112,7 @@ def test_ckpt_backup_and_restore_commands(tmp_path: Path, ckpt: Callable[..., Pa
     into = ["--data-dir", str(tmp_path / "new"), "--database-url", f"sqlite:///{tmp_path / 'new' / 'index.sqlite3'}"]
     assert main(["restore", str(tmp_path / "b"), *into, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["artifacts"] == 3
-    _check_restored(ArtifactStore(tmp_path / "new"), expected)
+    # (the blobs go to CKPT_STORAGE_URL's store: the same bucket with S3, the new directory otherwise)
+    _check_restored(ArtifactStore(tmp_path / "new", blobs=open_blob_store(storage_url, tmp_path / "new")), expected)
     assert main(["restore", str(tmp_path / "b"), *into]) == 1
     assert "not empty" in capsys.readouterr().err

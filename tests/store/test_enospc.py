@@ -67,6 +67,7 @@ def _fail_after(limit: int, real: Callable[[int, bytes], None]) -> Callable[[int
     return write_all
 
 
+@pytest.mark.blobs("local")  # a full local disk under the blobs
 def test_enospc_while_streaming(store: ArtifactStore, ckpt: Callable[..., Path],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     kept = store.ingest_file(ckpt(0)).artifact.id
@@ -76,6 +77,7 @@ def test_enospc_while_streaming(store: ArtifactStore, ckpt: Callable[..., Path],
     _assert_intact(store, kept)
 
 
+@pytest.mark.blobs("local")  # a full local disk under the blobs
 def test_enospc_while_putting_the_blob(store: ArtifactStore, ckpt: Callable[..., Path],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     kept = store.ingest_file(ckpt(0)).artifact.id

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path as LocalPath
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.deps import ArtifactDep, ReadAuth, ReadOrSignedAuth, RefPath, ServicesDep, StoreDep, WriteAuth
+from service.api.blobresponse import BlobResponse
+from service.api.deps import (
+    ArtifactDep,
+    ReadAuth,
+    ReadOrSignedAuth,
+    RefPath,
+    Services,
+    ServicesDep,
+    StoreDep,
+    WriteAuth,
+)
 from service.api.problems import problem_responses
 from service.api.schemas import (
     ArtifactOut,
@@ -422,6 +434,8 @@ def _stored_format(artifact: ArtifactMeta) -> Format:
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
         304: {"description": "Not modified"},
+        307: {"description": "With CKPT_S3_PRESIGNED_DOWNLOADS: the bytes are at the presigned URL in Location "
+              "(another host: send no Authorization there); X-Checkpoint-Id names them."},
         **problem_responses(400, 401, 404, 416, 422, 503),
     },
 )
@@ -451,6 +465,14 @@ async def download_checkpoint(
     cache_control = "public, max-age=31536000, immutable" if is_id(ref) else "no-cache"
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
+    headers = {
+        "ETag": etag,
+        # The sha256 of the bytes sent, so that `ckpt pull` verifies a converted download too.
+        "X-Checkpoint-Id": digest,
+        "Cache-Control": cache_control,
+    }
+    if path is None and not store.blobs_are_local:
+        return await _remote_blob_response(services, artifact, headers, suffix, media_type)
     pin = ExitStack()
     if path is None:
         # The blob store's local copy, pinned until the response is sent (the file itself, or a cache entry).
@@ -460,12 +482,33 @@ async def download_checkpoint(
         path,
         media_type=media_type,
         filename=f"{digest[:16]}{suffix}",
-        headers={
-            "ETag": etag,
-            # The sha256 of the bytes sent, so that `ckpt pull` verifies a converted download too.
-            "X-Checkpoint-Id": digest,
-            "Cache-Control": cache_control,
-        },
+        headers=headers,
+    )
+
+
+async def _remote_blob_response(
+    services: Services, artifact: ArtifactMeta, headers: dict[str, str], suffix: str, media_type: str
+) -> Response:
+    # An object store's blob: a 307 to a presigned URL on the store (CKPT_S3_PRESIGNED_DOWNLOADS), or the bytes
+    # streamed from ranged GETs (no local copy of a whole blob for one range).
+    store, filename = services.store, f"{artifact.id[:16]}{suffix}"
+    if services.settings.s3_presigned_downloads:
+        url = await anyio.to_thread.run_sync(
+            functools.partial(store.presigned_url, artifact.id, expires=services.settings.download_url_ttl_seconds,
+                              filename=filename)
+        )
+        if url is not None:
+            # No caching of the redirect: the URL expires.
+            redirect_headers = {"ETag": headers["ETag"], "X-Checkpoint-Id": artifact.id, "Cache-Control": "no-store"}
+            return RedirectResponse(url, status_code=307, headers=redirect_headers)
+    created = datetime.fromisoformat(artifact.created.replace("Z", "+00:00")).timestamp()
+    return BlobResponse(
+        lambda start: store.open_blob(artifact.id, start=start),
+        artifact.size,
+        modified=created,
+        media_type=media_type,
+        filename=filename,
+        headers=headers,
     )
 
 

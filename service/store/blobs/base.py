@@ -82,3 +82,11 @@ class BlobStore(Protocol):
     def iter_blobs(self) -> Iterator[BlobInfo]:
         """Every stored blob, in no particular order (GC's orphan listing, fsck)."""
         ...
+
+    def ping(self) -> str:
+        """One cheap round trip to the backend (readiness); what answered, for the probe's detail.
+
+        Raises:
+            Whatever the backend raises when it does not answer (a missing directory or bucket, refused keys).
+        """
+        ...

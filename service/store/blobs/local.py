@@ -240,6 +240,12 @@ class LocalBlobStore:
             return
         fsync_dir(path.parent)
 
+    def ping(self) -> str:
+        """The blob directory is there and writable (readiness); see `BlobStore.ping`."""
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "the blob directory is not writable", str(self.directory))
+        return "the blob directory"
+
     def iter_blobs(self) -> Iterator[BlobInfo]:
         """Every blob file whose name is a valid id in its right shard."""
         try:

@@ -320,6 +320,11 @@ class S3BlobStore:
 
     # -- beyond the contract ----------------------------------------------------------------------------------
 
+    def ping(self) -> str:
+        """HEAD the bucket (readiness): it exists and these keys may use it; see `BlobStore.ping`."""
+        self._client().head_bucket(Bucket=self.bucket)
+        return f"the bucket {self.bucket!r}"
+
     def presigned_url(self, digest: str, *, expires: int, filename: str | None = None) -> str:
         """A URL that GETs the blob without credentials until it expires, on the public endpoint when set.
 

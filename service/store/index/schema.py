@@ -112,6 +112,17 @@ leases = sa.Table(
     sa.Index("ix_leases_artifact_expires", "artifact_id", "expires"),
 )
 
+# Leases on blobs being written: a row (with an expiry) is inserted before a put and deleted at publication, and
+# orphan collection skips a leased digest, so a blob in flight to an object store is never collected.
+blob_leases = sa.Table(
+    "blob_leases",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("token", sa.String(32), primary_key=True),  # one lease per writer (several may put one digest)
+    sa.Column("expires", sa.Float, nullable=False),  # seconds since the epoch
+    sa.Index("ix_blob_leases_expires", "expires"),
+)
+
 schema_migrations = sa.Table(
     "schema_migrations",
     metadata,
@@ -137,9 +148,14 @@ def _create_v2(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[leases], checkfirst=True)
 
 
+def _create_v3(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[blob_leases], checkfirst=True)
+
+
 # Append only: a released step never changes (a database records which ones it ran).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "artifacts, labels, names, manifests, lineage inputs, architecture specs", _create_v1),
     Migration(2, "leases: artifacts in use by operations and uploads, skipped by retention GC", _create_v2),
+    Migration(3, "blob leases: blobs being written, skipped by orphan GC", _create_v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

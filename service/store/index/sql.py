@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -41,6 +42,7 @@ from service.store.index.schema import (
     SCHEMA_VERSION,
     architectures,
     artifacts,
+    blob_leases,
     labels,
     leases,
     lineage_inputs,
@@ -697,6 +699,38 @@ class MetadataIndex:
         """Remove a spec; False when there was none."""
         with self._write() as conn:
             return bool(conn.execute(architectures.delete().where(architectures.c.name == name)).rowcount)
+
+    # ---- leases on blobs being written --------------------------------------------------------------------
+
+    def add_blob_lease(self, digest: str, *, seconds: float) -> str:
+        """Lease a blob about to be written for `seconds` (orphan GC skips it meanwhile). Returns the lease's token."""
+        token = secrets.token_hex(16)
+        with self._write() as conn:
+            conn.execute(blob_leases.insert().values(digest=digest, token=token, expires=time.time() + seconds))
+        return token
+
+    def drop_blob_lease(self, digest: str, token: str) -> None:
+        """End a lease (at publication, or when the write failed); ending a missing one is a no-op."""
+        with self._write() as conn:
+            conn.execute(blob_leases.delete().where(blob_leases.c.digest == digest, blob_leases.c.token == token))
+
+    def blob_leased(self, digests: Iterable[str]) -> set[str]:
+        """The subset of `digests` with a lease that has not expired."""
+        wanted = sorted(set(digests))
+        out: set[str] = set()
+        current = time.time()
+        with self._read() as conn:
+            for chunk in _chunks(wanted):
+                query = sa.select(blob_leases.c.digest).where(
+                    blob_leases.c.digest.in_(chunk), blob_leases.c.expires > current
+                )
+                out.update(conn.execute(query).scalars())
+        return out
+
+    def drop_expired_blob_leases(self) -> int:
+        """Remove the leases of writers that died (expired). Returns how many."""
+        with self._write() as conn:
+            return int(conn.execute(blob_leases.delete().where(blob_leases.c.expires <= time.time())).rowcount)
 
     # ---- dump and load (backup, restore) -----------------------------------------------------------------
 
